@@ -1,0 +1,44 @@
+# cshare: the usual entry points. `scripts/install` (as root) sets up the
+# Debian packages and the virtual environment these targets use.
+PREFIX ?= /usr/local
+VENV ?= /opt/cshare/venv
+PY := $(VENV)/bin/python
+MANDIR := $(PREFIX)/share/man
+PAGES1 := $(wildcard man/*.1)
+PAGES7 := $(wildcard man/*.7)
+
+.PHONY: install install-man test test-fast bench man lint demo clean
+
+install:
+	./scripts/install
+
+install-man:
+	install -d $(MANDIR)/man1 $(MANDIR)/man7
+	install -m 0644 $(PAGES1) $(MANDIR)/man1/
+	$(if $(PAGES7),install -m 0644 $(PAGES7) $(MANDIR)/man7/)
+
+# The whole suite: root, FUSE, second users and podman tests included.
+test:
+	$(VENV)/bin/pytest -q tests
+
+# Only what needs neither root nor FUSE.
+test-fast:
+	$(VENV)/bin/pytest -q tests -m "not root and not fuse and not rootless and not podman"
+
+bench:
+	$(PY) -m bench.overlay_bench
+	$(PY) -m bench.convert_bench
+
+man:
+	$(PY) -m scripts.gen_man man
+
+lint:
+	$(VENV)/bin/ruff check cshare cshare_fuse plugins tests bench
+	$(VENV)/bin/mypy cshare cshare_fuse plugins
+	$(VENV)/bin/lint-imports
+
+demo:
+	$(VENV)/bin/cshare demo
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

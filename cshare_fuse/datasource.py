@@ -1,0 +1,164 @@
+"""How the overlay reads a lower layer: the data-source protocol and its direct form.
+
+Every access the overlay makes to a lower layer goes through a `DataSource`:
+stat, existence, open, readdir, readlink and xattrs, all by layer-relative
+byte paths (b"" is the layer root).  The base class passes straight through to
+a directory, so a plugin overrides only what it needs.  Lower layers are
+read-only here: nothing in this protocol writes.
+
+When `honour_overrides` is set, `stat` reports the original owner, mode and type
+recorded by `cshare convert` (override xattr, see overrides.py) instead of the
+converted inode's own.  The overlay sets it for a plain directory layer whose
+root carries the xattr, as fuse-overlayfs does; the `test` plugin always sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat as statmod
+from dataclasses import dataclass
+
+from . import overrides
+
+#: The xattr namespaces an unprivileged reader can see; listing others is pointless.
+_ENODATA = getattr(errno, "ENODATA", 61)
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The attributes of one layer entry, as the overlay will report them."""
+
+    mode: int
+    ino: int
+    dev: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    blksize: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def from_os(cls, st: os.stat_result) -> Stat:
+        return cls(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                   st.st_rdev, st.st_size, st.st_blocks, st.st_blksize,
+                   st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+
+    def replace(self, **changes: int) -> Stat:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def file_type(self) -> int:
+        return statmod.S_IFMT(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return statmod.S_ISDIR(self.mode)
+
+    def with_override(self, record: overrides.Override) -> Stat:
+        """These attributes as the override record says they really are."""
+        mode = record.st_mode(self.mode)
+        rdev = record.rdev if record.is_device else self.rdev
+        size = self.size
+        if record.file_type is not None and record.file_type != self.file_type:
+            size = 0  # a converted device/fifo/socket is an empty stand-in file
+        return dataclasses.replace(self, mode=mode, uid=record.uid, gid=record.gid,
+                                   rdev=rdev, size=size)
+
+
+def join(root: bytes, path: bytes) -> bytes:
+    return root + b"/" + path if path else root
+
+
+class DataSource:
+    """A lower layer read straight from the directory `root`.
+
+    Methods raise OSError (FileNotFoundError for a missing entry) like the os
+    functions they wrap; the overlay turns those into the same errno for the
+    caller.  Implementations must never follow a symlink in the final component.
+    """
+
+    honour_overrides: bool = False
+
+    def __init__(self, root: str | bytes) -> None:
+        self.root: bytes = os.fsencode(root).rstrip(b"/") or b"/"
+
+    def describe(self) -> str:
+        """How this layer is named in log lines and errors."""
+        return os.fsdecode(self.root)
+
+    # -- notification ------------------------------------------------------------
+    def on_lookup(self, path: bytes) -> None:
+        """Called before the overlay first touches `path` in this layer.
+
+        A plugin that loads data on demand materializes `path` here.  The overlay
+        calls it once per path and mount (results are cached: layers are immutable).
+        """
+
+    # -- metadata ----------------------------------------------------------------
+    def raw_stat(self, path: bytes) -> Stat:
+        """lstat of the entry itself, with no override applied."""
+        return Stat.from_os(os.lstat(join(self.root, path)))
+
+    def stat(self, path: bytes) -> Stat:
+        """The entry's attributes as the overlay should report them."""
+        st = self.raw_stat(path)
+        if self.honour_overrides:
+            record = self.override(path, st)
+            if record is not None:
+                return st.with_override(record)
+        return st
+
+    def override(self, path: bytes, st: Stat | None = None) -> overrides.Override | None:
+        """The entry's override record, or None.  Symlinks and devices carry none.
+
+        A malformed record raises OverrideError: the overlay reports EIO for it
+        rather than showing made-up attributes.
+        """
+        if st is not None and not (statmod.S_ISREG(st.mode) or statmod.S_ISDIR(st.mode)):
+            return None
+
+        def get(name: str) -> bytes | None:
+            try:
+                return self.getxattr(path, name)
+            except OSError as exc:
+                if exc.errno in (_ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                    return None
+                raise
+
+        found = overrides.read_override(get)
+        return found[1] if found else None
+
+    def exists(self, path: bytes) -> bool:
+        try:
+            self.raw_stat(path)
+        except FileNotFoundError:
+            return False
+        except NotADirectoryError:
+            return False
+        return True
+
+    def readlink(self, path: bytes) -> bytes:
+        return os.readlink(join(self.root, path))
+
+    def readdir(self, path: bytes) -> list[bytes]:
+        """Names in the directory, without "." and ".."."""
+        return os.listdir(join(self.root, path))
+
+    # -- data --------------------------------------------------------------------
+    def open(self, path: bytes, flags: int) -> int:
+        """An fd open on the entry for reading (flags are O_RDONLY plus modifiers)."""
+        return os.open(join(self.root, path), flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    # -- xattrs ------------------------------------------------------------------
+    def getxattr(self, path: bytes, name: str) -> bytes:
+        return os.getxattr(join(self.root, path), name, follow_symlinks=False)
+
+    def listxattr(self, path: bytes) -> list[str]:
+        return os.listxattr(join(self.root, path), follow_symlinks=False)

@@ -1,0 +1,71 @@
+"""Errors of the overlay filesystem, and the one boundary where they become replies.
+
+Inside the filesystem an operation fails by raising `OverlayError(errno)` or by
+letting an `OSError` from the backing filesystem propagate.  `fuse_boundary`
+wraps every pyfuse3 handler: it turns both into `pyfuse3.FUSEError`, and turns
+anything else (a bug, a plugin that raised) into EIO plus a log line, because
+pyfuse3 ends the whole mount on any exception that is not a FUSEError.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+log = logging.getLogger("cshare_fuse")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class OverlayError(Exception):
+    """An operation fails with this errno; the message is for the log only."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(err, message or os.strerror(err))
+        self.errno = err
+
+
+class ConfigError(Exception):
+    """The mount cannot start: bad options, missing layers.  One line, for the user."""
+
+
+#: Test hook: "OPNAME" makes that handler raise RuntimeError, to prove the boundary.
+#: Read once at start from CSHARE_OVERLAY_INJECT_FAULT (comma separated names).
+_injected_faults: frozenset[str] = frozenset(
+    n for n in os.environ.get("CSHARE_OVERLAY_INJECT_FAULT", "").split(",") if n
+)
+
+
+def fuse_boundary(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Make `func` a safe pyfuse3 handler: every failure becomes a FUSEError."""
+    name = func.__name__
+
+    @functools.wraps(func)
+    async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            if name in _injected_faults:
+                raise RuntimeError(f"injected fault in {name}")
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OverlayError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%s failed unexpectedly; answering EIO", name, _short(args[1:]))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+def _short(args: tuple[Any, ...]) -> str:
+    text = ", ".join(repr(a) for a in args if not isinstance(a, pyfuse3.RequestContext))
+    return f"({text[:200]})"

@@ -1,0 +1,66 @@
+"""The stable, versioned contract between cshare-overlay and its plugins.
+
+A plugin is a Python module (a .py file given to `-o plugins=`, an importable
+module name, or an entry point in the group `cshare.plugins`) with a top-level
+object `plugin` that has:
+
+- `name`: the NAME used in `lowerdir=//NAME/DATA/PATH`;
+- `api_version`: the `API_VERSION` it was written for;
+- `load(data, path) -> DataSource`: the data source for one layer; `data` is the
+  opaque DATA string, `path` the PATH (relative to the mount's working
+  directory, or absolute).
+
+The data source is a subclass of `DataSource`; its defaults read the layer
+directory directly, so a plugin overrides only what it needs (see
+cshare-plugins(7)).  Everything a plugin may use is exported here; anything else
+in cshare_fuse is private and may change without notice.
+
+Versioning: API_VERSION changes only when a method is added with no default or
+an existing signature changes.  A plugin whose api_version differs is refused
+before mounting.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from .datasource import DataSource, Stat, join
+from .overrides import (
+    ALL_OVERRIDE_XATTRS,
+    OVERRIDE_XATTR,
+    Override,
+    OverrideError,
+    parse_override,
+    read_override,
+)
+
+API_VERSION = 1
+
+#: The group third-party packages register their plugins under.
+ENTRY_POINT_GROUP = "cshare.plugins"
+
+
+@runtime_checkable
+class Plugin(Protocol):
+    """What the top-level `plugin` object of a plugin module must provide."""
+
+    name: str
+    api_version: int
+
+    def load(self, data: str, path: str) -> DataSource: ...
+
+
+__all__ = [
+    "API_VERSION",
+    "ALL_OVERRIDE_XATTRS",
+    "DataSource",
+    "ENTRY_POINT_GROUP",
+    "OVERRIDE_XATTR",
+    "Override",
+    "OverrideError",
+    "Plugin",
+    "Stat",
+    "join",
+    "parse_override",
+    "read_override",
+]

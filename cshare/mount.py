@@ -1,0 +1,452 @@
+"""Mount orchestration: a shared-store image as a private, writable overlay for one user.
+
+`cshare mount IMAGE MOUNTPOINT` resolves IMAGE in the shared store, checks
+everything that would make the mount fail (namespace, /dev/fuse, mountpoint) so
+the user gets one clear line instead of a FUSE error, then runs the overlay
+program (`cshare-overlay`, a drop-in for fuse-overlayfs) with the image's
+layers as lower layers, served by the bundled `test` plugin, which shows every
+file with its original owner and mode.  Each user's changes go to an upper
+directory of their own, kept per image and mountpoint under
+$XDG_DATA_HOME/cshare/mounts/, so a later mount of the same image on the same
+mountpoint finds them again.  The overlay daemonizes and returns only once the
+mount is ready; what was mounted is recorded next to the upper directory so
+`cshare umount` can unmount it and clean up.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import namespaces
+from .console import CshareError
+
+#: Environment variable naming another overlay program (e.g. `fuse-overlayfs`) to run.
+OVERLAY_ENV = "CSHARE_OVERLAY_CMD"
+DEFAULT_OVERLAY = "cshare-overlay"
+#: The bundled plugin that reports the original owners and modes of a converted layer.
+PLUGIN = "test"
+RECORD_NAME = "mount.json"
+LOG_NAME = "overlay.log"
+#: How long the overlay may take to report the mount ready (Python start-up included).
+READY_TIMEOUT = 60.0
+#: How long `umount` waits for the overlay daemon to flush and exit.
+EXIT_TIMEOUT = 10.0
+
+
+# ------------------------------------------------------------------ records
+@dataclass
+class MountRecord:
+    """What `cshare mount` mounted, kept as JSON so `cshare umount` can undo it."""
+
+    image_id: str
+    image: str
+    mountpoint: str
+    upper: str
+    work: str
+    lowers: list[str]
+    command: list[str]
+    state_dir: str
+    own_dirs: bool  # upper/work are ours (not --upper/--work): umount may empty work
+    mount_ns: str
+    pid: int | None = None
+    created: float = field(default_factory=time.time)
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / RECORD_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)  # atomic: umount never reads half a record
+
+    @classmethod
+    def load(cls, path: Path) -> MountRecord:
+        return cls(**json.loads(path.read_text()))
+
+
+def data_home() -> Path:
+    """$XDG_DATA_HOME, else ~/.local/share of the real (host) user."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg)
+    home = os.environ.get("HOME")
+    if not home:
+        # Inside a user namespace our uid is 0: look up the host user instead.
+        uid = namespaces.host_uid()
+        home = pwd.getpwuid(uid if uid is not None else os.geteuid()).pw_dir
+    return Path(home) / ".local" / "share"
+
+
+def mounts_dir() -> Path:
+    return data_home() / "cshare" / "mounts"
+
+
+def mount_key(image_id: str, mountpoint: Path) -> str:
+    """`<image-id-12>-<hash of mountpoint>`: one upper layer per image and mountpoint."""
+    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:12]
+    return f"{image_id[:12]}-{digest}"
+
+
+def records() -> Iterator[tuple[Path, MountRecord]]:
+    base = mounts_dir()
+    if not base.is_dir():
+        return
+    for path in sorted(base.glob(f"*/{RECORD_NAME}")):
+        try:
+            yield path, MountRecord.load(path)
+        except (OSError, ValueError, TypeError):
+            continue  # a damaged record must not stop umount of the others
+
+
+def find_record(mountpoint: Path) -> tuple[Path, MountRecord] | None:
+    for path, record in records():
+        if record.mountpoint == str(mountpoint):
+            return path, record
+    return None
+
+
+# ------------------------------------------------------------------ mount table
+def _unescape(field_text: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    out, i = [], 0
+    while i < len(field_text):
+        if field_text[i] == "\\" and i + 3 < len(field_text) and field_text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field_text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_text[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> dict[str, str]:
+    """Mount points of this mount namespace -> filesystem type (the last mount wins)."""
+    table: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            table[_unescape(fields[4])] = fields[sep + 1]
+    return table
+
+
+def is_mount_point(path: Path) -> bool:
+    return str(path) in mount_table()
+
+
+# ------------------------------------------------------------------ the overlay program
+def overlay_command() -> list[str]:
+    """The overlay program: $CSHARE_OVERLAY_CMD, else cshare-overlay next to Python, else PATH."""
+    configured = os.environ.get(OVERLAY_ENV, "").strip()
+    if configured:
+        return shlex.split(configured)
+    beside = Path(sys.executable).parent / DEFAULT_OVERLAY
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which(DEFAULT_OVERLAY)
+    if found is None:
+        raise CshareError(
+            f"{DEFAULT_OVERLAY} not found next to {sys.executable} or on PATH: run scripts/install"
+        )
+    return [found]
+
+
+def uses_plugins(command: list[str]) -> bool:
+    """fuse-overlayfs (the C reference) has no plugins: it reads the override xattr itself."""
+    return Path(command[0]).name != "fuse-overlayfs"
+
+
+def _escape(path: Path | str) -> str:
+    """Escape the separators of the overlay's -o syntax inside a path."""
+    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def overlay_argv(
+    command: list[str], lowers: list[Path], upper: Path, work: Path, mountpoint: Path
+) -> list[str]:
+    """The full command line: every lower layer through the test plugin, upper and work dirs."""
+    with_plugin = uses_plugins(command)
+    entries = [f"//{PLUGIN}//{_escape(p)}" if with_plugin else _escape(p) for p in lowers]
+    options = [
+        "lowerdir=" + ":".join(entries),
+        f"upperdir={_escape(upper)}",
+        f"workdir={_escape(work)}",
+        # Other ids of the namespace (a container's uid 33) must reach the mount,
+        # and the kernel must check permissions against the modes the plugin reports.
+        "allow_other",
+        "default_permissions",
+    ]
+    if with_plugin:
+        options.insert(0, f"plugins={PLUGIN}")
+    return [*command, "-o", ",".join(options), str(mountpoint)]
+
+
+# ------------------------------------------------------------------ checks
+def check_can_mount() -> None:
+    """One-line errors for the two things no retry fixes: the namespace and /dev/fuse."""
+    problem = namespaces.current().mount_problem()
+    if problem:
+        raise CshareError(problem)
+    problem = namespaces.fuse_problem()
+    if problem:
+        raise CshareError(problem)
+
+
+def check_mountpoint(mountpoint: Path) -> Path:
+    """The absolute mountpoint, which must be an existing, empty directory not mounted on."""
+    path = Path(os.path.abspath(mountpoint))
+    if not path.exists():
+        raise CshareError(f"mountpoint {path} does not exist: create it first (mkdir -p {path})")
+    if not path.is_dir():
+        raise CshareError(f"mountpoint {path} is not a directory")
+    path = path.resolve()
+    if is_mount_point(path):
+        raise CshareError(
+            f"mountpoint {path} is busy: something is already mounted there "
+            f"(cshare umount {path} first)"
+        )
+    try:
+        with os.scandir(path) as entries:
+            if any(True for _ in entries):
+                raise CshareError(
+                    f"mountpoint {path} is busy: it is not an empty directory; use an empty one"
+                )
+    except PermissionError:
+        raise CshareError(f"mountpoint {path} cannot be read by you") from None
+    return path
+
+
+def _check_dirs(upper: Path | None, work: Path | None) -> None:
+    if (upper is None) != (work is None):
+        raise CshareError("--upper and --work go together: give both or neither")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has finished its work
+
+
+def find_daemon(mountpoint: Path) -> int | None:
+    """Best effort: the pid of our process serving `mountpoint` (to wait for it at umount)."""
+    me = os.getuid()
+    target = str(mountpoint).encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != me:
+                continue
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[-1] == b"":
+            argv = argv[:-1]
+        if argv and argv[-1] == target and any(b"overlay" in a for a in argv[:2]):
+            if _pid_alive(int(entry.name)):
+                return int(entry.name)
+    return None
+
+
+# ------------------------------------------------------------------ mount / umount
+def _prepare_dir(path: Path, mode: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(mode)
+
+
+def _log_tail(log: Path, offset: int) -> str:
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else ""
+
+
+def mount_image(
+    image: str,
+    mountpoint: Path,
+    store_root: Path,
+    upper: Path | None = None,
+    work: Path | None = None,
+    debug: Callable[[str], None] | None = None,
+) -> MountRecord:
+    """Mount IMAGE from the shared store on MOUNTPOINT; return once the mount is ready."""
+    from .store import SharedStore  # the store module is heavy: only mount needs it
+
+    note = debug or (lambda _msg: None)
+    _check_dirs(upper, work)
+    check_can_mount()
+    mnt = check_mountpoint(mountpoint)
+    if not store_root.is_dir():
+        raise CshareError(
+            f"no shared store at {store_root}: root creates it with `cshare make-shared IMAGE` "
+            "(or give --store)"
+        )
+    command = overlay_command()
+    store = SharedStore(store_root)
+    # Hold the store's read lock until the overlay has opened the layers, so a
+    # concurrent `cshare rm` cannot pull a layer from under a starting mount.
+    with store.read_lock():
+        record_image = store.resolve(image)
+        lowers = [Path(p) for p in store.lower_dirs(record_image)]
+        key = mount_key(record_image.id, mnt)
+        state = mounts_dir() / key
+        previous = state / RECORD_NAME
+        if previous.exists():
+            try:
+                old = MountRecord.load(previous)
+            except (OSError, ValueError, TypeError):
+                old = None
+            if old is not None and _pid_alive(old.pid):
+                raise CshareError(
+                    f"{image} is already mounted on {mnt} in another mount namespace "
+                    f"(overlay pid {old.pid}): run `cshare umount {mnt}` there first"
+                )
+        state.parent.mkdir(parents=True, exist_ok=True)
+        for p in (data_home() / "cshare", state.parent):
+            p.chmod(0o700)  # other users must not read each other's changes
+        _prepare_dir(state, 0o700)
+        own = upper is None
+        upper_dir = (state / "upper") if upper is None else Path(os.path.abspath(upper))
+        work_dir = (state / "work") if work is None else Path(os.path.abspath(work))
+        if own:
+            # The upper root becomes the container's "/": every uid must traverse it.
+            _prepare_dir(upper_dir, 0o755)
+            _prepare_dir(work_dir, 0o700)
+        else:
+            upper_dir.mkdir(parents=True, exist_ok=True)
+            work_dir.mkdir(parents=True, exist_ok=True)
+        argv = overlay_argv(command, lowers, upper_dir, work_dir, mnt)
+        note("running: " + shlex.join(argv))
+        log = state / LOG_NAME
+        with open(log, "ab") as log_file:
+            offset = log_file.tell()
+            # Output goes to a file, not a pipe: the daemon keeps its stderr open
+            # long after the launcher has exited, and a pipe would never close.
+            try:
+                result = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    timeout=READY_TIMEOUT,
+                    check=False,
+                )
+            except FileNotFoundError:
+                raise CshareError(f"overlay program {argv[0]} not found: run scripts/install") from None
+            except subprocess.TimeoutExpired:
+                raise CshareError(
+                    f"{Path(argv[0]).name} did not report the mount of {mnt} ready within "
+                    f"{READY_TIMEOUT:.0f} s (log: {log})"
+                ) from None
+        if result.returncode != 0:
+            reason = _log_tail(log, offset) or f"exit status {result.returncode}"
+            raise CshareError(
+                f"{Path(argv[0]).name} could not mount {image} on {mnt}: {reason} (log: {log})"
+            )
+        if not is_mount_point(mnt):
+            raise CshareError(
+                f"{Path(argv[0]).name} exited without error but {mnt} is not mounted (log: {log})"
+            )
+    name = record_image.names[0] if getattr(record_image, "names", None) else record_image.id
+    record = MountRecord(
+        image_id=record_image.id,
+        image=name,
+        mountpoint=str(mnt),
+        upper=str(upper_dir),
+        work=str(work_dir),
+        lowers=[str(p) for p in lowers],
+        command=argv,
+        state_dir=str(state),
+        own_dirs=own,
+        mount_ns=namespaces.mount_namespace_id(),
+        pid=find_daemon(mnt),
+    )
+    record.save()
+    note(f"overlay pid {record.pid}; record {state / RECORD_NAME}; log {log}")
+    return record
+
+
+def _run_quiet(argv: list[str]) -> tuple[int, str]:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError:
+        return 127, f"{argv[0]} not found"
+    except subprocess.TimeoutExpired:
+        return 124, f"{argv[0]} timed out"
+    lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+    return done.returncode, (lines[-1] if lines else "")
+
+
+def _wait_exit(pid: int | None, timeout: float = EXIT_TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def unmount(mountpoint: Path, debug: Callable[[str], None] | None = None) -> MountRecord | None:
+    """Unmount MOUNTPOINT, wait for its overlay to exit, and drop what mount recorded."""
+    note = debug or (lambda _msg: None)
+    mnt = Path(os.path.abspath(mountpoint))
+    if mnt.exists():
+        mnt = mnt.resolve()
+    found = find_record(mnt)
+    path, record = found if found else (None, None)
+    situation = namespaces.current()
+    if not is_mount_point(mnt):
+        if path is not None and record is not None and not _pid_alive(record.pid):
+            path.unlink(missing_ok=True)  # stale: its namespace or daemon is gone
+            raise CshareError(f"{mnt} is not mounted (a stale cshare record for it was removed)")
+        hint = ""
+        if situation.euid != 0 and not situation.in_userns:
+            hint = ": cshare mounts made inside `podman unshare` are seen only there; run it inside `podman unshare`"
+        raise CshareError(f"{mnt} is not mounted{hint}")
+    fstype = mount_table().get(str(mnt), "")
+    if record is None and not fstype.startswith("fuse"):
+        raise CshareError(f"{mnt} is a {fstype} mount that cshare did not make; leaving it alone")
+    code, message = _run_quiet(["fusermount3", "-u", str(mnt)])
+    note(f"fusermount3 -u: exit {code} {message}")
+    if code != 0 and (situation.in_userns or situation.euid == 0):
+        # fusermount3 keeps its own table of user mounts; a mount made with
+        # mount(2) inside a namespace is not in it, so umount(8) does the work.
+        code, message = _run_quiet(["umount", str(mnt)])
+        note(f"umount: exit {code} {message}")
+    if code != 0 or is_mount_point(mnt):
+        if "busy" in message.lower():
+            raise CshareError(f"{mnt} is busy: stop the containers or shells using it, then retry")
+        raise CshareError(f"could not unmount {mnt}: {message or 'unknown error'}")
+    if record is not None and path is not None:
+        if not _wait_exit(record.pid):
+            note(f"overlay pid {record.pid} still running after unmount; sending SIGTERM")
+            try:
+                os.kill(record.pid or 0, signal.SIGTERM)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+            _wait_exit(record.pid, 2.0)
+        if record.own_dirs:
+            # The work directory is scratch space the overlay empties at start anyway.
+            shutil.rmtree(record.work, ignore_errors=True)
+        path.unlink(missing_ok=True)
+    return record

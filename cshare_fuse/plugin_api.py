@@ -7,8 +7,10 @@ object `plugin` that has:
 - `name`: the NAME used in `lowerdir=//NAME/DATA/PATH`;
 - `api_version`: the `API_VERSION` it was written for;
 - `load(data, path) -> DataSource`: the data source for one layer; `data` is the
-  opaque DATA string, `path` the PATH (relative to the mount's working
-  directory, or absolute).
+  opaque DATA string (may be empty, never holds '/'), `path` the PATH made
+  absolute against the directory cshare-overlay was started in (it may not
+  exist: checking is the plugin's job).  Raising OSError or ValueError refuses
+  the layer with that message; the mount does not start.
 
 The data source is a subclass of `DataSource`; its defaults read the layer
 directory directly, so a plugin overrides only what it needs (see

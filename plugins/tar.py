@@ -1,0 +1,434 @@
+"""The `tar` plugin: a lower layer served from a tar archive, extracted on demand.
+
+Usage: `lowerdir=//tar/ARCHIVE/PATH`.  PATH is a directory (the cache) that
+holds the archive; ARCHIVE is the archive's file name inside it (DATA cannot
+hold a '/'), and empty DATA means `layer.tar`.  So `//tar//cache` serves
+`cache/layer.tar` and `//tar/base.tar.gz//srv/cache` serves
+`/srv/cache/base.tar.gz`.  Uncompressed archives are read by seeking straight
+to a member; compressed ones (gzip, bzip2, xz) work but each extraction may
+decompress from the start.
+
+How it loads on demand:
+- `load` reads only the archive's headers and builds an index (names, types,
+  owners, modes, times, symlink targets, hardlinks, xattrs from PAX
+  `SCHILY.xattr.*` records).  Nothing is extracted.
+- Directory listings, symlink targets, xattrs and existence are answered from
+  the index.
+- An entry is extracted into `PATH/root/` when the overlay first looks it up
+  (`on_lookup`), or failing that on its first stat or open: its parent
+  directories first, a file by writing it in `PATH/tmp/` and renaming it into
+  place (a crash never leaves a partial file in the tree).  A hardlink also
+  extracts the first name of its inode in the archive and links to it.
+- Owner, group, mode, type and times are reported from the archive, not from
+  the extracted copy: that copy is owned by whoever runs the mount and always
+  readable and writable by it (a 0555 directory must still take its children
+  later).  Devices, fifos and sockets are extracted as empty regular files and
+  reported with their real type and device number.
+- `PATH/stamp` records which archive (name, size, mtime) `root/` was
+  extracted from; a different archive empties `root/` at the next load.  Use
+  one cache directory per archive.
+
+Safety: an archive with an absolute member name, a `..` component, a member
+below a non-directory, or a hardlink to something that is not an earlier
+non-directory member is refused as a whole when loading.  Extraction walks
+directories with O_NOFOLLOW, so nothing is ever written outside `PATH/root`.
+
+If the archive's root entry carries an override xattr (a converted tree packed
+with `tar --xattrs`), the layer honours overrides like a converted directory.
+DATA must not contain ',' or ':' (the option syntax uses them).
+
+Written only against cshare_fuse.plugin_api, exactly as a third party would.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import stat
+import tarfile
+import threading
+from dataclasses import dataclass, field
+
+from cshare_fuse.plugin_api import ALL_OVERRIDE_XATTRS, API_VERSION, DataSource, Stat
+
+DEFAULT_ARCHIVE = "layer.tar"
+_XATTR_PREFIX = "SCHILY.xattr."
+_ENODATA = getattr(errno, "ENODATA", 61)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ArchiveError(ValueError):
+    """The archive is unsafe or inconsistent: it is refused before mounting."""
+
+
+@dataclass
+class Entry:
+    """One name of the archive, as the layer reports it."""
+
+    mode: int  # type bits | permission bits
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    symlink: bytes = b""  # target, for a symlink
+    link_to: bytes | None = None  # for a hardlink: the first name of the inode
+    member: tarfile.TarInfo | None = None  # None for a directory the archive only implies
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    children: dict[bytes, None] = field(default_factory=dict)  # ordered set of names
+    nlink: int = 1
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+def _normalize(name: str, what: str) -> bytes:
+    """A member name as a layer-relative path; b"" is the root.  Refuses escapes."""
+    raw = os.fsencode(name)
+    if raw.startswith(b"/"):
+        raise ArchiveError(f"{what} {name!r} is an absolute path")
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise ArchiveError(f"{what} {name!r} contains '..'")
+    return b"/".join(parts)
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0]
+
+
+def _basename(path: bytes) -> bytes:
+    return path.rpartition(b"/")[2]
+
+
+def _type_bits(member: tarfile.TarInfo) -> int:
+    if member.isdir():
+        return stat.S_IFDIR
+    if member.issym():
+        return stat.S_IFLNK
+    if member.ischr():
+        return stat.S_IFCHR
+    if member.isblk():
+        return stat.S_IFBLK
+    if member.isfifo():
+        return stat.S_IFIFO
+    if member.isreg():
+        return stat.S_IFREG
+    raise ArchiveError(f"member {member.name!r} has unsupported tar type {member.type!r}")
+
+
+def _entry_of(member: tarfile.TarInfo) -> Entry:
+    xattrs = {
+        key[len(_XATTR_PREFIX):]: value.encode("utf-8", "surrogateescape")
+        for key, value in member.pax_headers.items()
+        if key.startswith(_XATTR_PREFIX)
+    }
+    ftype = _type_bits(member)
+    is_dev = ftype in (stat.S_IFCHR, stat.S_IFBLK)
+    return Entry(
+        mode=ftype | (member.mode & 0o7777),
+        uid=member.uid,
+        gid=member.gid,
+        size=member.size if ftype == stat.S_IFREG else 0,
+        mtime_ns=int(round(member.mtime * 1_000_000_000)),
+        rdev=os.makedev(member.devmajor, member.devminor) if is_dev else 0,
+        symlink=os.fsencode(member.linkname) if ftype == stat.S_IFLNK else b"",
+        member=member,
+        xattrs=xattrs,
+    )
+
+
+def build_index(members: list[tarfile.TarInfo], default_mtime_ns: int) -> dict[bytes, Entry]:
+    """Every name of the archive (and the directories it implies), by layer path."""
+    index: dict[bytes, Entry] = {b"": Entry(mode=stat.S_IFDIR | 0o755, mtime_ns=default_mtime_ns)}
+
+    def directory(path: bytes, member_name: str) -> Entry:
+        """The directory `path`, created (implied) if the archive has not named it yet."""
+        found = index.get(path)
+        if found is None:
+            parent = directory(_parent(path), member_name)
+            found = Entry(mode=stat.S_IFDIR | 0o755, mtime_ns=default_mtime_ns)
+            index[path] = found
+            parent.children[_basename(path)] = None
+        elif not found.is_dir:
+            raise ArchiveError(f"member {member_name!r} is below {os.fsdecode(path)!r}, "
+                               "which is not a directory")
+        return found
+
+    for member in members:
+        path = _normalize(member.name, "member")
+        if member.islnk():
+            target = _normalize(member.linkname, f"hardlink {member.name!r} ->")
+            first = index.get(target)
+            if first is None or first.is_dir or first.member is None:
+                raise ArchiveError(f"hardlink {member.name!r} points to {member.linkname!r}, "
+                                   "which is not an earlier non-directory member")
+            canonical = first.link_to if first.link_to is not None else target
+            if canonical == path:
+                continue  # a link to itself changes nothing
+            origin = index[canonical]
+            entry = Entry(mode=origin.mode, uid=origin.uid, gid=origin.gid, size=origin.size,
+                          mtime_ns=origin.mtime_ns, rdev=origin.rdev, symlink=origin.symlink,
+                          link_to=canonical, member=member, xattrs=origin.xattrs)
+        else:
+            entry = _entry_of(member)
+        if path == b"":
+            if not entry.is_dir:
+                raise ArchiveError(f"member {member.name!r} names the root but is not a directory")
+            entry.children = index[b""].children
+            index[b""] = entry
+            continue
+        parent = directory(_parent(path), member.name)
+        old = index.get(path)
+        if old is not None and old.is_dir:
+            if not entry.is_dir:
+                if old.children:
+                    raise ArchiveError(f"member {member.name!r} replaces a directory that "
+                                       "has members below it")
+            else:
+                entry.children = old.children  # a directory named twice keeps its members
+        index[path] = entry
+        parent.children[_basename(path)] = None
+
+    # nlink: a directory has its "." and each subdirectory's ".."; a file its names.
+    for entry in index.values():
+        if entry.is_dir:
+            entry.nlink = 2
+    for path, entry in index.items():
+        if entry.is_dir and path:
+            index[_parent(path)].nlink += 1
+        elif entry.link_to is not None:
+            index[entry.link_to].nlink += 1
+    for entry in index.values():
+        if entry.link_to is not None:
+            entry.nlink = index[entry.link_to].nlink
+    return index
+
+
+class TarSource(DataSource):
+    """A layer whose tree is the index of a tar archive, extracted into `cache/root`."""
+
+    def __init__(self, archive: str, cache: str) -> None:
+        self.archive = archive
+        self.cache = cache
+        root = os.path.join(cache, "root")
+        self._tmp = os.path.join(cache, "tmp")
+        self._prepare_cache(root)
+        super().__init__(root)
+        self._tar = tarfile.open(archive, "r:*")  # noqa: SIM115  (open for the mount's life)
+        try:
+            members = self._tar.getmembers()
+            self.index = build_index(members, os.stat(archive).st_mtime_ns)
+        except tarfile.TarError as exc:
+            self._tar.close()
+            raise ArchiveError(f"{archive}: not a readable tar archive ({exc})") from None
+        except ArchiveError as exc:
+            self._tar.close()
+            raise ArchiveError(f"{archive}: {exc}") from None
+        root_xattrs = self.index[b""].xattrs
+        self.honour_overrides = any(name in root_xattrs for name in ALL_OVERRIDE_XATTRS)
+        self._done: set[bytes] = {b""}
+        self._lock = threading.RLock()  # one TarFile position; extraction is recursive
+        self._counter = itertools.count()
+
+    def describe(self) -> str:
+        return f"//tar/{os.path.basename(self.archive)}/{self.cache}"
+
+    # -- the cache ------------------------------------------------------------------
+    def _prepare_cache(self, root: str) -> None:
+        st = os.stat(self.archive)
+        stamp = f"{os.path.basename(self.archive)} {st.st_size} {st.st_mtime_ns}\n"
+        stamp_path = os.path.join(self.cache, "stamp")
+        try:
+            with open(stamp_path) as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != stamp:
+            # Extracted from another archive (or an unfinished first load): start again.
+            for stale in (root, self._tmp):
+                if os.path.lexists(stale):
+                    shutil.rmtree(stale)
+        os.makedirs(root, mode=0o755, exist_ok=True)
+        os.makedirs(self._tmp, mode=0o700, exist_ok=True)
+        if current != stamp:
+            with open(stamp_path + ".new", "w") as f:
+                f.write(stamp)
+            os.replace(stamp_path + ".new", stamp_path)
+
+    def extracted(self) -> set[bytes]:
+        """Layer paths extracted by this data source so far (for tests and logs)."""
+        return set(self._done)
+
+    # -- lookup of the index -----------------------------------------------------------
+    def _entry(self, path: bytes) -> Entry:
+        entry = self.index.get(path)
+        if entry is None:
+            parent = self.index.get(_parent(path)) if path else None
+            if parent is not None and not parent.is_dir:
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                         os.fsdecode(path))
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(path))
+        return entry
+
+    # -- materialization -----------------------------------------------------------------
+    def _open_dir(self, path: bytes) -> int:
+        """An fd on the extracted directory `path`, walked without following symlinks."""
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for part in path.split(b"/") if path else ():
+                next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = next_fd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _temp_name(self) -> str:
+        return f"{os.getpid()}-{next(self._counter)}-{os.urandom(4).hex()}"
+
+    def _ensure(self, path: bytes) -> None:
+        """Extract `path` (and its parents) unless already done."""
+        if path in self._done:
+            return
+        entry = self._entry(path)
+        with self._lock:
+            if path in self._done:
+                return
+            self._ensure(_parent(path))
+            if entry.link_to is not None:
+                self._ensure(entry.link_to)
+            self._extract(path, entry)
+            self._done.add(path)
+
+    def _extract(self, path: bytes, entry: Entry) -> None:
+        name = _basename(path)
+        dir_fd = self._open_dir(_parent(path))
+        try:
+            try:
+                os.lstat(name, dir_fd=dir_fd)
+                return  # extracted by an earlier mount of this cache: creation is atomic
+            except FileNotFoundError:
+                pass
+            if entry.is_dir:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+                return
+            if entry.link_to is not None:
+                source_fd = self._open_dir(_parent(entry.link_to))
+                try:
+                    os.link(_basename(entry.link_to), name, src_dir_fd=source_fd,
+                            dst_dir_fd=dir_fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+                finally:
+                    os.close(source_fd)
+                return
+            tmp_fd = os.open(self._tmp, _DIR_FLAGS)
+            try:
+                tmp_name = self._temp_name()
+                if stat.S_ISLNK(entry.mode):
+                    os.symlink(entry.symlink, tmp_name, dir_fd=tmp_fd)
+                else:
+                    self._write_file(entry, tmp_name, tmp_fd)
+                os.rename(tmp_name, name, src_dir_fd=tmp_fd, dst_dir_fd=dir_fd)
+            finally:
+                os.close(tmp_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _write_file(self, entry: Entry, tmp_name: str, tmp_fd: int) -> None:
+        # Owner-writable so a later mount can replace it; what is reported comes from the index.
+        mode = 0o755 if entry.mode & 0o111 else 0o644
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode,
+                     dir_fd=tmp_fd)
+        try:
+            if stat.S_ISREG(entry.mode) and entry.member is not None and entry.size:
+                source = self._tar.extractfile(entry.member)
+                if source is None:
+                    raise OSError(errno.EIO, f"{self.archive}: no data for {entry.member.name}")
+                with source, os.fdopen(os.dup(fd), "wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp_name, dir_fd=tmp_fd)
+            raise
+        os.close(fd)
+
+    # -- the DataSource methods ----------------------------------------------------------
+    def on_lookup(self, path: bytes) -> None:
+        if path in self.index:
+            self._ensure(path)
+
+    def raw_stat(self, path: bytes) -> Stat:
+        self._ensure(path)
+        entry = self.index[path]
+        disk = os.lstat(os.path.join(self.root, path) if path else self.root)
+        size = entry.size
+        if stat.S_ISLNK(entry.mode):
+            size = len(entry.symlink)
+        elif entry.is_dir:
+            size = disk.st_size
+        return Stat(mode=entry.mode, ino=disk.st_ino, dev=disk.st_dev, nlink=entry.nlink,
+                    uid=entry.uid, gid=entry.gid, rdev=entry.rdev, size=size,
+                    blocks=disk.st_blocks, blksize=disk.st_blksize, atime_ns=entry.mtime_ns,
+                    mtime_ns=entry.mtime_ns, ctime_ns=entry.mtime_ns)
+
+    def exists(self, path: bytes) -> bool:
+        return path in self.index
+
+    def readdir(self, path: bytes) -> list[bytes]:
+        entry = self._entry(path)
+        if not entry.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fsdecode(path))
+        return list(entry.children)
+
+    def readlink(self, path: bytes) -> bytes:
+        entry = self._entry(path)
+        if not stat.S_ISLNK(entry.mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), os.fsdecode(path))
+        return entry.symlink
+
+    def open(self, path: bytes, flags: int) -> int:
+        self._ensure(path)
+        return super().open(path, flags)
+
+    def getxattr(self, path: bytes, name: str) -> bytes:
+        entry = self._entry(path)
+        try:
+            return entry.xattrs[name]
+        except KeyError:
+            raise OSError(_ENODATA, os.strerror(_ENODATA), os.fsdecode(path)) from None
+
+    def listxattr(self, path: bytes) -> list[str]:
+        return list(self._entry(path).xattrs)
+
+
+class TarPlugin:
+    """The `plugin` object: name, API version, and one data source per layer."""
+
+    name = "tar"
+    api_version = API_VERSION
+
+    def load(self, data: str, path: str) -> DataSource:
+        archive_name = data or DEFAULT_ARCHIVE
+        if archive_name in (".", "..", "root", "tmp", "stamp"):
+            raise ValueError(f"DATA {data!r} is not an archive file name")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such cache directory (it holds the archive)")
+        archive = os.path.join(path, archive_name)
+        if not os.path.isfile(archive):
+            raise FileNotFoundError(f"{archive}: no such archive")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable: the tar plugin extracts into "
+                                  f"{path}/root")
+        return TarSource(archive, path)
+
+
+plugin = TarPlugin()

@@ -1,0 +1,249 @@
+"""Copy one layer tree exactly: the first step of making a layer shared.
+
+What "exactly" means for a container layer:
+
+- every entry keeps its type, owner, mode (setuid/setgid/sticky included),
+  timestamps and xattrs (`trusted.*` too when run as root: the kernel-style
+  opaque marker `trusted.overlay.opaque` lives there);
+- hard links stay hard links (within the tree), sparse files stay sparse;
+- device nodes, fifos, sockets and whiteouts (char 0/0) are recreated with
+  mknod; `.wh.` files and `.wh..wh..opq` markers are plain files and copied as such;
+- symlinks are copied as symlinks and never followed: the walk goes through
+  directory file descriptors with O_NOFOLLOW, so a symlink (or a race that puts
+  one in place of a directory) can never lead the copy out of the tree.
+
+Regular file contents are cloned with a reflink (FICLONE) when the filesystem
+can share extents; otherwise they are copied in the kernel with
+copy_file_range, data segment by data segment (SEEK_DATA/SEEK_HOLE), which
+keeps holes.  The destination must not exist; the caller publishes it
+atomically once complete (cshare.store).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .console import CshareError
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
+_CHUNK = 1 << 30
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Errors meaning "this filesystem (pair) cannot clone": fall back to copying.
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
+
+
+@dataclass
+class CopyStats:
+    """What one copy did."""
+
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    reflinked: int = 0
+    hardlinks: int = 0
+    specials: int = 0  # devices, fifos, sockets, whiteouts
+    skipped_xattrs: list[str] = field(default_factory=list)
+
+
+class _Copier:
+    def __init__(self, on_entry: Callable[[str], None] | None):
+        self.stats = CopyStats()
+        self.on_entry = on_entry
+        self.links: dict[tuple[int, int], str] = {}  # (dev, ino) -> path below the destination root
+        self.reflink_ok: bool | None = None  # learnt on the first regular file
+        self.dst_root_fd = -1
+
+    # ---------------------------------------------------------------- walking
+    def copy_dir(self, src_fd: int, dst_fd: int, rel: str) -> None:
+        with os.scandir(src_fd) as it:
+            entries = sorted(e.name for e in it)
+        for name in entries:
+            self.copy_entry(src_fd, dst_fd, name, f"{rel}/{name}" if rel else name)
+
+    def copy_entry(self, src_dir: int, dst_dir: int, name: str, rel: str) -> None:
+        st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        mode = st.st_mode
+        self.stats.entries += 1
+        if self.on_entry is not None:
+            self.on_entry(rel)
+        if stat.S_ISDIR(mode):
+            os.mkdir(name, 0o700, dir_fd=dst_dir)
+            sfd = os.open(name, _DIR_FLAGS, dir_fd=src_dir)
+            try:
+                dfd = os.open(name, _DIR_FLAGS, dir_fd=dst_dir)
+                try:
+                    self.copy_dir(sfd, dfd, rel)
+                    self.finish_fd(sfd, dfd, st)
+                finally:
+                    os.close(dfd)
+            finally:
+                os.close(sfd)
+            os.utime(
+                name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False
+            )
+            return
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.links:
+            os.link(
+                self.links[key],
+                name,
+                src_dir_fd=self.dst_root_fd,
+                dst_dir_fd=dst_dir,
+                follow_symlinks=False,
+            )
+            self.stats.hardlinks += 1
+            return
+        if stat.S_ISREG(mode):
+            self.copy_file(src_dir, dst_dir, name, st)
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(name, dir_fd=src_dir)
+            os.symlink(target, name, dir_fd=dst_dir)
+            self.finish_path(src_dir, dst_dir, name, st, chmod=False)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            # mknod makes all four; a whiteout is simply char 0/0.
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_dir)
+            self.stats.specials += 1
+            self.finish_path(src_dir, dst_dir, name, st, chmod=True)
+        else:
+            raise CshareError(f"{rel}: unknown file type {stat.S_IFMT(mode):o}; cannot copy it")
+        if st.st_nlink > 1:
+            self.links[key] = rel
+
+    # ---------------------------------------------------------------- contents
+    def copy_file(self, src_dir: int, dst_dir: int, name: str, st: os.stat_result) -> None:
+        sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        try:
+            if not stat.S_ISREG(os.fstat(sfd).st_mode):
+                raise CshareError(f"{name} changed type while being copied; is the source in use?")
+            dfd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dst_dir,
+            )
+            try:
+                if st.st_size:
+                    self.copy_data(sfd, dfd, st.st_size)
+                self.finish_fd(sfd, dfd, st)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+        self.stats.files += 1
+        self.stats.bytes += st.st_size
+
+    def copy_data(self, sfd: int, dfd: int, size: int) -> None:
+        if self.reflink_ok is not False:
+            try:
+                fcntl.ioctl(dfd, FICLONE, sfd)
+                self.reflink_ok = True
+                self.stats.reflinked += 1
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_REFLINK:
+                    raise
+                self.reflink_ok = False
+        offset = 0
+        while offset < size:
+            try:
+                data = os.lseek(sfd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    break
+                raise
+            hole = os.lseek(sfd, data, os.SEEK_HOLE)
+            pos = data
+            while pos < hole:
+                n = os.copy_file_range(sfd, dfd, min(hole - pos, _CHUNK), pos, pos)
+                if n == 0:  # the file shrank under us
+                    break
+                pos += n
+            offset = hole
+        os.ftruncate(dfd, size)  # a trailing hole
+
+    # ---------------------------------------------------------------- metadata
+    def copy_xattrs_fd(self, sfd: int, dfd: int) -> None:
+        for attr in os.listxattr(sfd):
+            self.set_xattr(
+                lambda a=attr: os.getxattr(sfd, a), lambda v, a=attr: os.setxattr(dfd, a, v), attr
+            )
+
+    def copy_xattrs_path(self, src: str, dst: str) -> None:
+        for attr in os.listxattr(src, follow_symlinks=False):
+            self.set_xattr(
+                lambda a=attr: os.getxattr(src, a, follow_symlinks=False),
+                lambda v, a=attr: os.setxattr(dst, a, v, follow_symlinks=False),
+                attr,
+            )
+
+    def set_xattr(self, get: Callable[[], bytes], put: Callable[[bytes], None], attr: str) -> None:
+        try:
+            put(get())
+        except OSError as exc:
+            # security.* labels belong to the host's policy (SELinux, IMA) and may
+            # be refused on the destination; everything else must come across.
+            if attr.startswith("security.") and exc.errno in (
+                errno.EOPNOTSUPP,
+                errno.EPERM,
+                errno.EACCES,
+            ):
+                self.stats.skipped_xattrs.append(attr)
+                return
+            raise
+
+    def finish_fd(self, sfd: int, dfd: int, st: os.stat_result) -> None:
+        # chown first: it clears setuid/setgid and security.capability.
+        os.fchown(dfd, st.st_uid, st.st_gid)
+        os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+        self.copy_xattrs_fd(sfd, dfd)
+
+    def finish_path(
+        self, src_dir: int, dst_dir: int, name: str, st: os.stat_result, chmod: bool
+    ) -> None:
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_dir, follow_symlinks=False)
+        if chmod:
+            os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)
+        # l*xattr through /proc/self/fd/N: the directory is pinned by its fd and
+        # the last component is not followed.
+        self.copy_xattrs_path(f"/proc/self/fd/{src_dir}/{name}", f"/proc/self/fd/{dst_dir}/{name}")
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+
+
+def copy_tree(src: Path, dst: Path, *, on_entry: Callable[[str], None] | None = None) -> CopyStats:
+    """Copy the directory `src` to the new directory `dst` (which must not exist).
+
+    `on_entry(relative_path)` is called for every entry below the root, for
+    progress.  Raises CshareError on anything that cannot be copied exactly;
+    the partial `dst` is then left for the caller to remove.
+    """
+    copier = _Copier(on_entry)
+    try:
+        src_fd = os.open(src, _DIR_FLAGS)
+    except OSError as exc:
+        raise CshareError(f"cannot open layer directory {src}: {exc.strerror}") from None
+    try:
+        st = os.fstat(src_fd)
+        os.mkdir(dst, 0o700)
+        dst_fd = os.open(dst, _DIR_FLAGS)
+        copier.dst_root_fd = dst_fd
+        try:
+            copier.copy_dir(src_fd, dst_fd, "")
+            copier.finish_fd(src_fd, dst_fd, st)
+        finally:
+            os.close(dst_fd)
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    except OSError as exc:
+        where = exc.filename or src
+        raise CshareError(
+            f"copying {src} to {dst} failed at {where}: {exc.strerror or exc}"
+        ) from None
+    finally:
+        os.close(src_fd)
+    return copier.stats

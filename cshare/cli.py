@@ -89,7 +89,62 @@ def verify(
 
 
 # ---------------------------------------------------------------- store family
-# (make-shared, images, inspect, rm: added by the store work)
+@app.command("make-shared")
+def make_shared(
+    image: str = typer.Argument(..., help="The image in podman's store: id, id prefix, name or short name."),
+    storage_root: Path = typer.Option(
+        DEFAULT_STORAGE_ROOT, "--storage-root", help="podman's containers/storage graph root (overlay driver)."
+    ),
+    store: Path = StoreOption,
+    group: str | None = typer.Option(
+        None, "--group", help="Make the whole shared store readable by this group only (0750 root:GROUP)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Copy IMAGE from podman's store into the shared store, converted for every user (root only)."""
+    from .store_cmd import run_make_shared
+
+    _guard(
+        lambda: run_make_shared(
+            image, storage_root=storage_root, store=store, group=group, json_out=json_out, quiet=quiet
+        )
+    )
+
+
+@app.command()
+def images(
+    store: Path = StoreOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the images as a JSON list."),
+) -> None:
+    """List the images of the shared store."""
+    from .store_cmd import run_images
+
+    _guard(lambda: run_images(store=store, json_out=json_out))
+
+
+@app.command()
+def inspect(
+    image: str = typer.Argument(..., help="The image in the shared store: id, id prefix, name or short name."),
+    store: Path = StoreOption,
+) -> None:
+    """Print everything the shared store knows about IMAGE as a JSON document."""
+    from .store_cmd import run_inspect
+
+    _guard(lambda: run_inspect(image, store=store))
+
+
+@app.command()
+def rm(
+    image: str = typer.Argument(..., help="The image in the shared store: id, id prefix, name or short name."),
+    store: Path = StoreOption,
+    json_out: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
+) -> None:
+    """Remove IMAGE from the shared store; layers other images use are kept (root only)."""
+    from .store_cmd import run_rm
+
+    _guard(lambda: run_rm(image, store=store, json_out=json_out))
+
 
 # ---------------------------------------------------------------- mount family
 @app.command()

@@ -169,40 +169,27 @@ class _Copier:
         os.ftruncate(dfd, size)  # a trailing hole
 
     # ---------------------------------------------------------------- metadata
-    def copy_xattrs_fd(self, sfd: int, dfd: int) -> None:
-        for attr in os.listxattr(sfd):
-            self.set_xattr(
-                lambda a=attr: os.getxattr(sfd, a), lambda v, a=attr: os.setxattr(dfd, a, v), attr
-            )
-
-    def copy_xattrs_path(self, src: str, dst: str) -> None:
-        for attr in os.listxattr(src, follow_symlinks=False):
-            self.set_xattr(
-                lambda a=attr: os.getxattr(src, a, follow_symlinks=False),
-                lambda v, a=attr: os.setxattr(dst, a, v, follow_symlinks=False),
-                attr,
-            )
-
-    def set_xattr(self, get: Callable[[], bytes], put: Callable[[bytes], None], attr: str) -> None:
-        try:
-            put(get())
-        except OSError as exc:
-            # security.* labels belong to the host's policy (SELinux, IMA) and may
-            # be refused on the destination; everything else must come across.
-            if attr.startswith("security.") and exc.errno in (
-                errno.EOPNOTSUPP,
-                errno.EPERM,
-                errno.EACCES,
-            ):
-                self.stats.skipped_xattrs.append(attr)
-                return
-            raise
+    def copy_xattrs(self, src: int | str, dst: int | str) -> None:
+        """Copy every xattr; paths are never followed (l*xattr), fds are used as they are."""
+        follow = not isinstance(src, str)
+        for attr in os.listxattr(src, follow_symlinks=follow):
+            try:
+                value = os.getxattr(src, attr, follow_symlinks=follow)
+                os.setxattr(dst, attr, value, follow_symlinks=follow)
+            except OSError as exc:
+                # security.* labels belong to the host's policy (SELinux, IMA) and
+                # may be refused here; everything else must come across.
+                refused = exc.errno in (errno.EOPNOTSUPP, errno.EPERM, errno.EACCES)
+                if attr.startswith("security.") and refused:
+                    self.stats.skipped_xattrs.append(attr)
+                    continue
+                raise
 
     def finish_fd(self, sfd: int, dfd: int, st: os.stat_result) -> None:
         # chown first: it clears setuid/setgid and security.capability.
         os.fchown(dfd, st.st_uid, st.st_gid)
         os.fchmod(dfd, stat.S_IMODE(st.st_mode))
-        self.copy_xattrs_fd(sfd, dfd)
+        self.copy_xattrs(sfd, dfd)
 
     def finish_path(
         self, src_dir: int, dst_dir: int, name: str, st: os.stat_result, chmod: bool
@@ -212,7 +199,7 @@ class _Copier:
             os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)
         # l*xattr through /proc/self/fd/N: the directory is pinned by its fd and
         # the last component is not followed.
-        self.copy_xattrs_path(f"/proc/self/fd/{src_dir}/{name}", f"/proc/self/fd/{dst_dir}/{name}")
+        self.copy_xattrs(f"/proc/self/fd/{src_dir}/{name}", f"/proc/self/fd/{dst_dir}/{name}")
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
 

@@ -1,0 +1,440 @@
+"""What both benchmarks share: timing, medians and ratios, cached data, cache dropping, the report.
+
+The report model is deliberately plain: a benchmark has *metrics* (rows), each
+measured on several *systems* (columns); each (metric, system) cell keeps its
+raw run times or the one-line reason it failed.  Ratios compare one system
+with the others per metric, and a metric is flagged when the subject system
+is worse than a limit times the reference.  The same model renders the rich
+table and the JSON file, so the two cannot disagree.
+
+Everything here except the functions that touch the machine (drop_caches,
+run_timed, prepared_data, require_root) is pure and unit-tested in
+tests/test_bench_common.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+DATA_ROOT = Path("/var/tmp/cshare-bench")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+JSON_VERSION = 1
+
+console = Console(stderr=True)
+if not console.is_terminal:  # a log file: long progress lines stay on one line
+    console = Console(stderr=True, width=160)
+
+
+class BenchFailure(Exception):
+    """One measurement could not be taken; the message is the one-line reason shown."""
+
+
+# ------------------------------------------------------------------ pure helpers
+def median(values: Iterable[float]) -> float | None:
+    """The median of `values`, or None when there are none."""
+    vals = list(values)
+    if not vals:
+        return None
+    return float(statistics.median(vals))
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator/denominator, or None when either is missing or the denominator is not positive."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def format_ratio(value: float | None) -> str:
+    """`1.23x`, `12.3x`, `123x`; an em dash when there is no ratio."""
+    if value is None:
+        return "—"
+    if value < 10:
+        return f"{value:.2f}x"
+    if value < 100:
+        return f"{value:.1f}x"
+    return f"{value:.0f}x"
+
+
+def format_seconds(value: float | None) -> str:
+    """A duration with a unit that keeps three significant figures readable."""
+    if value is None:
+        return "—"
+    if value < 1e-3:
+        return f"{value * 1e6:.0f} µs"
+    if value < 1:
+        return f"{value * 1e3:.1f} ms"
+    if value < 100:
+        return f"{value:.2f} s"
+    return f"{value:.0f} s"
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """Collapse whitespace so a failure reason fits a table cell and a JSON string."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def parse_systems(text: str, known: Sequence[str]) -> list[str]:
+    """`a,b` -> ["a", "b"], in the order of `known`; ValueError names an unknown system."""
+    wanted = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in known]
+    if unknown:
+        raise ValueError(f"unknown system {', '.join(unknown)}; choose from {','.join(known)}")
+    if not wanted:
+        raise ValueError(f"no system given; choose from {','.join(known)}")
+    return [s for s in known if s in wanted]
+
+
+# ------------------------------------------------------------------ the report
+@dataclass
+class Cell:
+    """The runs of one metric on one system, or why it could not be measured."""
+
+    runs: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def median(self) -> float | None:
+        # A cell that failed in any run has no median: a median of the runs
+        # that happened to succeed would hide the failure.
+        return None if self.error else median(self.runs)
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    cells: dict[str, Cell]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """subject/reference per metric; flagged when above `limit` (if a limit is set)."""
+
+    subject: str
+    reference: str
+    limit: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.subject}/{self.reference}"
+
+
+class Report:
+    """Metrics x systems, filled as the benchmark runs; rendered as a table and as JSON."""
+
+    def __init__(
+        self,
+        benchmark: str,
+        systems: Sequence[str],
+        metrics: Sequence[tuple[str, str]],
+        comparisons: Sequence[Comparison],
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        self.benchmark = benchmark
+        self.systems = list(systems)
+        self.metrics = {
+            key: Metric(key, label, {s: Cell() for s in self.systems}) for key, label in metrics
+        }
+        # Only comparisons whose both sides are being measured make sense.
+        self.comparisons = [
+            c for c in comparisons if c.subject in self.systems and c.reference in self.systems
+        ]
+        self.params: dict[str, Any] = dict(params or {})
+        self.system_info: dict[str, dict[str, Any]] = {s: {} for s in self.systems}
+        self.notes: list[str] = []
+        self.started = datetime.now(UTC)
+        self.finished: datetime | None = None
+
+    # -- filling
+    def record(self, metric: str, system: str, seconds: float) -> None:
+        self.metrics[metric].cells[system].runs.append(seconds)
+
+    def fail(self, metric: str, system: str, reason: str) -> None:
+        cell = self.metrics[metric].cells[system]
+        if cell.error is None:  # the first reason is the informative one
+            cell.error = one_line(reason)
+
+    def failed(self, metric: str, system: str) -> bool:
+        return self.metrics[metric].cells[system].error is not None
+
+    def fail_all(self, metrics: Iterable[str], system: str, reason: str) -> None:
+        for m in metrics:
+            self.fail(m, system, reason)
+
+    # -- reading
+    def ratio(self, metric: str, comparison: Comparison) -> float | None:
+        cells = self.metrics[metric].cells
+        return ratio(cells[comparison.subject].median, cells[comparison.reference].median)
+
+    def flags(self) -> list[str]:
+        """One sentence per metric where a subject is worse than its limit allows."""
+        out = []
+        for metric in self.metrics.values():
+            for comp in self.comparisons:
+                r = self.ratio(metric.key, comp)
+                if comp.limit is not None and r is not None and r > comp.limit:
+                    out.append(
+                        f"{metric.label}: {comp.subject} takes {format_ratio(r)} "
+                        f"the time of {comp.reference} (limit {format_ratio(comp.limit)})"
+                    )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        for metric in self.metrics.values():
+            metrics[metric.key] = {
+                "label": metric.label,
+                "unit": "s",
+                "results": {
+                    s: {"runs": list(c.runs), "median": c.median, "error": c.error}
+                    for s, c in metric.cells.items()
+                },
+                "ratios": {c.name: self.ratio(metric.key, c) for c in self.comparisons},
+            }
+        return {
+            "benchmark": self.benchmark,
+            "version": JSON_VERSION,
+            "started": self.started.isoformat(timespec="seconds"),
+            "finished": self.finished.isoformat(timespec="seconds") if self.finished else None,
+            "host": host_info(),
+            "params": self.params,
+            "systems": {s: self.system_info[s] for s in self.systems},
+            "metrics": metrics,
+            "comparisons": [
+                {"name": c.name, "subject": c.subject, "reference": c.reference, "limit": c.limit}
+                for c in self.comparisons
+            ],
+            "flags": self.flags(),
+            "notes": list(self.notes),
+        }
+
+    def table(self, title: str) -> tuple[Table, list[str]]:
+        """The rich table, and the footnotes that give each distinct failure reason once."""
+        table = Table(title=title, title_justify="left")
+        table.add_column("metric (median)", no_wrap=True)
+        for s in self.systems:
+            table.add_column(s, justify="right", no_wrap=True)
+        for c in self.comparisons:
+            table.add_column(c.name, justify="right", no_wrap=True)
+        footnotes: list[str] = []
+        for metric in self.metrics.values():
+            row = [metric.label]
+            for s in self.systems:
+                cell = metric.cells[s]
+                if cell.error:
+                    # The same reason usually fails a whole column: give it once, below.
+                    note = f"{s}: failed: {cell.error}"
+                    if note not in footnotes:
+                        footnotes.append(note)
+                    row.append(f"[red]failed [{footnotes.index(note) + 1}][/red]")
+                else:
+                    row.append(format_seconds(cell.median))
+            for c in self.comparisons:
+                r = self.ratio(metric.key, c)
+                text = format_ratio(r)
+                if c.limit is not None and r is not None and r > c.limit:
+                    text = f"[bold red]{text} ![/bold red]"
+                row.append(text)
+            table.add_row(*row)
+        return table, [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
+
+
+def host_info() -> dict[str, Any]:
+    return {
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` atomically (temp file + rename) so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def show(report: Report, title: str, json_path: Path) -> None:
+    """Print the table and the flags, and write the JSON."""
+    report.finished = datetime.now(UTC)
+    # Piped into a file or CI log, rich would wrap at 80 columns: keep rows whole.
+    probe = Console()
+    out = probe if probe.is_terminal else Console(width=160)
+    table, footnotes = report.table(title)
+    out.print(table)
+    for footnote in footnotes:
+        out.print(footnote, markup=False, highlight=False)
+    for note in report.notes:
+        out.print(f"note: {note}")
+    for flag in report.flags():
+        out.print(f"[bold red]flag[/bold red]: {flag}")
+    write_json(json_path, report.to_json())
+    out.print(f"JSON written to {json_path}")
+
+
+# ------------------------------------------------------------------ command line
+def argument_parser(prog: str, description: str, systems: Sequence[str], json_name: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--quick", action="store_true", help="smaller data and one repeat: a smoke run")
+    p.add_argument("--repeat", type=int, default=None, metavar="N", help="runs per metric (default 3; 1 with --quick)")
+    p.add_argument(
+        "--systems",
+        default=",".join(systems),
+        help=f"comma-separated subset of {','.join(systems)} (default: all)",
+    )
+    p.add_argument(
+        "--json", type=Path, default=RESULTS_DIR / json_name, metavar="PATH",
+        help=f"where to write the JSON results (default bench/results/{json_name})",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS",
+        help="give up on one timed operation after this long (default 120; 60 with --quick)",
+    )
+    return p
+
+
+def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, systems: Sequence[str]) -> None:
+    """Apply --quick defaults and check values, exiting with argparse's usage error if bad."""
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    if args.timeout is None:
+        args.timeout = 60.0 if args.quick else 120.0
+    try:
+        args.systems = parse_systems(args.systems, systems)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def require_root(prog: str) -> None:
+    if os.geteuid() != 0:
+        print(f"{prog}: must run as root (it mounts overlays and drops the page cache)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def run_main(prog: str, body: Callable[[], int]) -> None:
+    """Run `body` so that Ctrl-C and SIGTERM unwind through every finally (cleanup), then exit."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        code = body()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; mounts and temporary data were cleaned up", file=sys.stderr)
+        code = 130
+    raise SystemExit(code)
+
+
+# ------------------------------------------------------------------ the machine
+def drop_caches() -> None:
+    """Write back dirty data, then drop page cache, dentries and inodes (cold start)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def run_timed(
+    cmd: Sequence[str],
+    timeout: float,
+    *,
+    what: str | None = None,
+    capture_stdout: bool = False,
+) -> tuple[float, bytes, bytes]:
+    """Run `cmd`, return (seconds from start to exit, stdout if captured, stderr).
+
+    A non-zero exit, a missing program or a timeout raises BenchFailure with
+    one line naming the command and the last line of its error output.
+    """
+    name = what or Path(cmd[0]).name
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+        )
+    except FileNotFoundError:
+        raise BenchFailure(f"{name}: command not found") from None
+    except subprocess.TimeoutExpired:
+        raise BenchFailure(f"{name}: timed out after {timeout:.0f} s") from None
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchFailure(f"{name} exited {proc.returncode}: {last_line(proc.stderr)}")
+    return elapsed, proc.stdout or b"", proc.stderr or b""
+
+
+def last_line(output: bytes | str | None) -> str:
+    """The last non-empty line of a command's error output (usually the reason)."""
+    if not output:
+        return "no error output"
+    text = output.decode(errors="replace") if isinstance(output, bytes) else output
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return one_line(lines[-1]) if lines else "no error output"
+
+
+def stamp_matches(stamp: Path, params: dict[str, Any]) -> bool:
+    """True when `stamp` records exactly these generation parameters (the data is complete)."""
+    try:
+        return bool(json.loads(stamp.read_text()) == params)
+    except (OSError, ValueError):
+        return False
+
+
+def prepared_data(name: str, params: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """DATA_ROOT/name, generated by `build` unless a stamp says it is already there and complete.
+
+    `build` fills a fresh directory; the stamp (the parameters as JSON) is written
+    last, so an interrupted generation is never mistaken for a complete one.
+    """
+    target = DATA_ROOT / name
+    stamp = DATA_ROOT / f"{name}.stamp"
+    if target.is_dir() and stamp_matches(stamp, params):
+        console.print(f"[dim]reusing generated data in {target}[/dim]")
+        return target
+    stamp.unlink(missing_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    DATA_ROOT.mkdir(parents=True, exist_ok=True)
+    target.mkdir()
+    start = time.perf_counter()
+    with console.status(f"generating {target} …"):
+        build(target)
+    os.sync()
+    stamp.write_text(json.dumps(params, sort_keys=True))
+    console.print(f"[dim]generated {target} in {time.perf_counter() - start:.1f} s[/dim]")
+    return target
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that tolerates a missing path (cleanup must never fail halfway)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():  # e.g. a directory made read-only by a test tree
+            subprocess.run(["rm", "-rf", "--one-file-system", str(path)], capture_output=True)

@@ -1,0 +1,150 @@
+"""The pure helpers of the benchmarks (bench/common.py): medians, ratios, formatting, report shape.
+
+The benchmarks themselves are never run as tests (timings are not assertions);
+this checks only the arithmetic and the JSON they write.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+# bench/ is not an installed package: it runs from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    Comparison,
+    Report,
+    format_ratio,
+    format_seconds,
+    median,
+    one_line,
+    parse_systems,
+    ratio,
+    stamp_matches,
+    write_json,
+)
+
+
+def test_median_odd_even_and_empty() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert median([]) is None
+
+
+def test_ratio_handles_missing_and_zero() -> None:
+    assert ratio(3.0, 1.5) == 2.0
+    assert ratio(None, 1.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(None, "—"), (0.5, "0.50x"), (1.234, "1.23x"), (12.34, "12.3x"), (123.4, "123x")],
+)
+def test_format_ratio(value: float | None, text: str) -> None:
+    assert format_ratio(value) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(None, "—"), (0.0000425, "42 µs"), (0.0123, "12.3 ms"), (1.5, "1.50 s"), (250.0, "250 s")],
+)
+def test_format_seconds(value: float | None, text: str) -> None:
+    assert format_seconds(value) == text
+
+
+def test_one_line_collapses_and_truncates() -> None:
+    assert one_line("a\n  b\tc") == "a b c"
+    long = one_line("x" * 500, limit=20)
+    assert len(long) == 20 and long.endswith("…")
+
+
+def test_parse_systems_keeps_known_order_and_rejects_unknown() -> None:
+    known = ("cshare", "fuse-overlayfs", "kernel")
+    assert parse_systems("kernel,cshare", known) == ["cshare", "kernel"]
+    with pytest.raises(ValueError, match="nosuch"):
+        parse_systems("cshare,nosuch", known)
+    with pytest.raises(ValueError):
+        parse_systems(" , ", known)
+
+
+def make_report() -> Report:
+    report = Report(
+        "overlay",
+        ["cshare", "fuse-overlayfs", "kernel"],
+        [("walk", "walk"), ("read", "read")],
+        [Comparison("cshare", "fuse-overlayfs", limit=2.0), Comparison("cshare", "kernel")],
+        params={"repeat": 3},
+    )
+    for seconds in (3.0, 1.0, 2.0):
+        report.record("walk", "cshare", seconds)
+    for seconds in (0.5, 0.8, 0.6):
+        report.record("walk", "fuse-overlayfs", seconds)
+        report.record("walk", "kernel", seconds / 2)
+    report.record("read", "fuse-overlayfs", 1.0)
+    report.record("read", "kernel", 0.5)
+    report.fail("read", "cshare", "cshare mount exited 1:\n boom")
+    report.fail("read", "cshare", "a later reason")
+    return report
+
+
+def test_report_json_shape_ratios_and_flags(tmp_path: Path) -> None:
+    report = make_report()
+    path = tmp_path / "sub" / "out.json"
+    write_json(path, report.to_json())
+    data = json.loads(path.read_text())
+
+    assert data["benchmark"] == "overlay"
+    assert data["params"] == {"repeat": 3}
+    assert set(data["metrics"]) == {"walk", "read"}
+    walk = data["metrics"]["walk"]
+    assert walk["results"]["cshare"] == {"runs": [3.0, 1.0, 2.0], "median": 2.0, "error": None}
+    assert walk["ratios"]["cshare/fuse-overlayfs"] == pytest.approx(2.0 / 0.6)
+    assert walk["ratios"]["cshare/kernel"] == pytest.approx(2.0 / 0.3)
+    read = data["metrics"]["read"]
+    # The first reason is kept, on one line; a failed cell has no median and no ratio.
+    assert read["results"]["cshare"]["error"] == "cshare mount exited 1: boom"
+    assert read["results"]["cshare"]["median"] is None
+    assert read["ratios"]["cshare/fuse-overlayfs"] is None
+    # Only the limited comparison flags, and only where the ratio exceeds it.
+    assert len(data["flags"]) == 1 and data["flags"][0].startswith("walk: cshare takes 3.33x")
+    assert [c["name"] for c in data["comparisons"]] == ["cshare/fuse-overlayfs", "cshare/kernel"]
+
+
+def test_failure_in_any_run_hides_the_median() -> None:
+    report = make_report()
+    report.fail("walk", "kernel", "timed out")
+    assert report.metrics["walk"].cells["kernel"].median is None
+    assert report.to_json()["metrics"]["walk"]["ratios"]["cshare/kernel"] is None
+
+
+def test_comparisons_need_both_systems() -> None:
+    report = Report("overlay", ["cshare", "kernel"], [("walk", "walk")],
+                    [Comparison("cshare", "fuse-overlayfs", limit=2.0), Comparison("cshare", "kernel")])
+    assert [c.name for c in report.comparisons] == ["cshare/kernel"]
+
+
+def test_table_gives_each_failure_reason_once() -> None:
+    report = make_report()
+    report.fail("walk", "kernel", "timed out")
+    table, footnotes = report.table("t")
+    assert len(table.rows) == 2
+    assert footnotes == [
+        "[1] kernel: failed: timed out",
+        "[2] cshare: failed: cshare mount exited 1: boom",
+    ]
+
+
+def test_stamp_must_match_parameters_exactly(tmp_path: Path) -> None:
+    stamp = tmp_path / "data.stamp"
+    assert not stamp_matches(stamp, {"a": 1})
+    stamp.write_text(json.dumps({"a": 1, "b": [1, 2]}))
+    assert stamp_matches(stamp, {"b": [1, 2], "a": 1})
+    assert not stamp_matches(stamp, {"a": 2, "b": [1, 2]})
+    stamp.write_text("{half")
+    assert not stamp_matches(stamp, {"a": 1})

@@ -52,6 +52,8 @@ def fuse_boundary(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         try:
             if name in _injected_faults:
                 raise RuntimeError(f"injected fault in {name}")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s%s", name, _short(args[1:]))
             return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise

@@ -1,0 +1,130 @@
+"""The node table: one `Node` per inode the kernel knows, numbered stably.
+
+pyfuse3 uses the reported st_ino as the FUSE node id, so a node's number is
+both.  Numbers come from the backing inode (hardlinks in a layer share one
+node, as they share one st_ino), are kept across copy-up, and are never reused
+while the kernel may still hold the old node: a collision gets a synthetic
+number instead.  No I/O here.
+"""
+
+from __future__ import annotations
+
+import stat as statmod
+
+import pyfuse3
+
+from .datasource import Stat
+
+_SYNTHETIC_BASE = 1 << 62  # far above anything a filesystem hands out
+_DEVICE_SHIFT = 48
+
+
+class Node:
+    """One merged entry: where it lives, how it is named, how often the kernel knows it."""
+
+    __slots__ = ("ino", "parent", "name", "aliases", "layer", "file_type", "dir_layers",
+                 "has_lower", "lookups", "children", "listing", "unlinked", "open_fds", "backing_key",
+                 "lower_stat", "lock", "__weakref__")
+
+    def __init__(self, ino: int, parent: Node | None, name: bytes, layer: int,
+                 file_type: int) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.name = name
+        #: Other (parent, name) pairs of a hardlinked file.
+        self.aliases: set[tuple[Node, bytes]] = set()
+        #: Index of the layer whose entry this node shows (0 is the upper layer if any).
+        self.layer = layer
+        self.file_type = file_type
+        #: Directories: the layers merged into this one, top first.
+        self.dir_layers: tuple[int, ...] = ()
+        #: A lower layer shows this name: removing it needs a whiteout.
+        self.has_lower = False
+        self.lookups = 0
+        #: Directories: resolved children by name (positive cache, kept coherent by us).
+        self.children: dict[bytes, Node] = {}
+        #: Directories: merged listing, rebuilt after any change in the directory.
+        self.listing: list[tuple[bytes, Node]] | None = None
+        self.unlinked = False
+        #: File descriptors open on this node (for fstat after unlink).
+        self.open_fds: set[int] = set()
+        self.backing_key: tuple[int, int] | None = None
+        #: The attributes from a lower layer (immutable while mounted).
+        self.lower_stat: Stat | None = None
+        self.lock: object | None = None  # a trio.Lock, created on first copy-up
+
+    @property
+    def is_dir(self) -> bool:
+        return self.file_type == statmod.S_IFDIR
+
+    def path(self) -> bytes:
+        """The layer-relative path of the primary name."""
+        parts: list[bytes] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"/".join(reversed(parts))
+
+    def __repr__(self) -> str:
+        return f"<Node {self.ino} {self.path()!r} layer={self.layer}>"
+
+
+class NodeTable:
+    """Maps node numbers to nodes and hands out stable numbers."""
+
+    def __init__(self, primary_dev: int) -> None:
+        self.nodes: dict[int, Node] = {}
+        self._primary_dev = primary_dev
+        self._device_slots: dict[int, int] = {}
+        self._next_synthetic = _SYNTHETIC_BASE
+        #: (st_dev, st_ino) of hardlinked backing files -> their node.
+        self.by_backing: dict[tuple[int, int], Node] = {}
+
+    def make_root(self, layer: int) -> Node:
+        root = Node(pyfuse3.ROOT_INODE, None, b"", layer, statmod.S_IFDIR)
+        root.lookups = 1  # the kernel never forgets the root
+        self.nodes[root.ino] = root
+        return root
+
+    def _synthetic(self) -> int:
+        self._next_synthetic += 1
+        return self._next_synthetic
+
+    def number_for(self, st: Stat) -> int:
+        """A number derived from the backing inode, or a fresh one on any collision."""
+        if st.dev == self._primary_dev:
+            candidate = st.ino
+        elif st.ino < (1 << _DEVICE_SHIFT):
+            slot = self._device_slots.setdefault(st.dev, len(self._device_slots) + 1)
+            candidate = (slot << _DEVICE_SHIFT) | st.ino
+        else:
+            return self._synthetic()
+        if candidate <= pyfuse3.ROOT_INODE or candidate in self.nodes:
+            return self._synthetic()
+        return candidate
+
+    def add(self, node: Node) -> Node:
+        self.nodes[node.ino] = node
+        return node
+
+    def get(self, ino: int) -> Node | None:
+        return self.nodes.get(ino)
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None or ino == pyfuse3.ROOT_INODE:
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            node.lookups = 0
+            # A node still reachable by name stays: its number must not change
+            # when the kernel looks it up again.  Only detached nodes go.
+            if node.unlinked and not node.open_fds:
+                self.drop(node)
+
+    def drop(self, node: Node) -> None:
+        if self.nodes.get(node.ino) is node:
+            del self.nodes[node.ino]
+        if node.backing_key is not None and self.by_backing.get(node.backing_key) is node:
+            del self.by_backing[node.backing_key]

@@ -218,7 +218,10 @@ class TarSource(DataSource):
         self._tmp = os.path.join(cache, "tmp")
         self._prepare_cache(root)
         super().__init__(root)
-        self._tar = tarfile.open(archive, "r:*")  # noqa: SIM115  (open for the mount's life)
+        try:
+            self._tar = tarfile.open(archive, "r:*")  # open for the mount's life
+        except tarfile.TarError as exc:
+            raise ArchiveError(f"{archive}: not a readable tar archive ({exc})") from None
         try:
             members = self._tar.getmembers()
             self.index = build_index(members, os.stat(archive).st_mtime_ns)

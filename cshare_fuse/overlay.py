@@ -11,6 +11,7 @@ syscalls cost less than a thread hop.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -33,7 +34,6 @@ from .overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, Override
 
 log = logging.getLogger("cshare_fuse")
 
-UPPER = 0
 #: Copies larger than this go to a worker thread so other requests keep flowing.
 _THREAD_COPY_BYTES = 1 << 20
 _CREATE_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC
@@ -47,15 +47,19 @@ class Overlay:
         self.layers: list[Layer] = []
         self.upper: UpperLayer | None = None
         if upperdir is not None:
-            self.upper = UpperLayer(UPPER, upperdir, honour_overrides=honour)
+            self.upper = UpperLayer(0, upperdir, honour_overrides=honour)
             self.layers.append(self.upper)
         for source in lowers:
             self.layers.append(LowerLayer(len(self.layers), source))
+        #: Index of the upper layer in self.layers; -1 (matching no node) without one.
+        self.upper_index = 0 if self.upper is not None else -1
         self.workdir = os.fsencode(workdir) if workdir else None
         primary = self.upper.root if self.upper else os.fsencode(lowers[0].root)
         self.table = NodeTable(os.stat(primary).st_dev)
         self.root = self.table.make_root(0)
         self.root.dir_layers = self._root_layers()
+        if self.upper is None:
+            self.root.lower_stat = self.layers[0].stat(b"")
         self.policy = AttrPolicy.from_config(config)
         override_name = {0: None, 1: FUSE_OVERLAYFS_XATTR, 2: OVERRIDE_XATTR}[config.xattr_permissions]
         self.copy_policy = CopyPolicy(override_name, can_chown=os.geteuid() == 0)
@@ -124,7 +128,7 @@ class Overlay:
         return node
 
     def stat_of(self, node: Node) -> Stat:
-        if node.lower_stat is not None and node.layer != UPPER:
+        if node.lower_stat is not None and node.layer != self.upper_index:
             return node.lower_stat
         st: Stat | None = None
         if not node.unlinked and self.upper is not None:
@@ -165,7 +169,7 @@ class Overlay:
     async def ensure_upper(self, node: Node) -> None:
         """Make sure `node`'s entry exists in the upper layer (parents first)."""
         upper = self._writable()
-        if node.layer == UPPER:
+        if node.layer == self.upper_index:
             return
         if node.unlinked:
             # Its name is gone: a copy would bring a deleted file back.
@@ -176,7 +180,7 @@ class Overlay:
             node.lock = trio.Lock()
         assert isinstance(node.lock, trio.Lock)
         async with node.lock:
-            if node.layer == UPPER:
+            if node.layer == self.upper_index:
                 return
             assert self.workdir is not None
             source = self.layers[node.layer]
@@ -193,11 +197,11 @@ class Overlay:
             self._now_in_upper(node)
 
     def _now_in_upper(self, node: Node) -> None:
-        node.layer = UPPER
+        node.layer = self.upper_index
         node.lower_stat = None
         node.has_lower = True
         if node.is_dir:
-            node.dir_layers = (UPPER, *node.dir_layers)
+            node.dir_layers = (self.upper_index, *node.dir_layers)
         if node.backing_key is not None and self.table.by_backing.get(node.backing_key) is node:
             del self.table.by_backing[node.backing_key]
         # Other names of a lower hardlink still show the lower file: copy-up breaks
@@ -409,7 +413,7 @@ class Overlay:
         assert self.upper is not None
         parent_real = self.upper.real(parent.path())
         real = parent_real + b"/" + name
-        in_upper = node.layer == UPPER and (node.parent is parent and node.name == name
+        in_upper = node.layer == self.upper_index and (node.parent is parent and node.name == name
                                             or (parent, name) in node.aliases)
         if in_upper:
             if node.is_dir:
@@ -428,10 +432,11 @@ class Overlay:
     async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
                      new_name: bytes, flags: int) -> None:
         self._writable()
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise OverlayError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         old_parent = self.node(old_parent_ino)
         new_parent = self.node(new_parent_ino)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            await self._exchange(old_parent, old_name, new_parent, new_name)
+            return
         if whiteout.is_reserved_name(new_name):
             raise OverlayError(errno.EINVAL)
         src = self.child(old_parent, old_name)
@@ -442,7 +447,7 @@ class Overlay:
             return  # two names of one file: rename(2) does nothing
         if dst is not None and flags & pyfuse3.RENAME_NOREPLACE:
             raise OverlayError(errno.EEXIST)
-        if src.is_dir and any(i != UPPER for i in src.dir_layers):
+        if src.is_dir and any(i != self.upper_index for i in src.dir_layers):
             # redirect_dir=off: a directory with lower parts cannot move; tools fall
             # back to copying, exactly as with the kernel's overlay.
             raise OverlayError(errno.EXDEV)
@@ -463,7 +468,7 @@ class Overlay:
         new_has_lower = self._remove_upper_whiteout(new_parent, new_name)
         if dst is not None:
             new_has_lower = new_has_lower or dst.has_lower
-            if dst.layer == UPPER and dst.is_dir:
+            if dst.layer == self.upper_index and dst.is_dir:
                 _clear_markers(new_real)
         os.rename(old_real, new_real)
         if src.has_lower:
@@ -488,6 +493,48 @@ class Overlay:
             src.aliases.add((new_parent, new_name))
         src.has_lower = new_has_lower
         new_parent.children[new_name] = src
+        new_parent.listing = None
+
+    async def _exchange(self, old_parent: Node, old_name: bytes, new_parent: Node,
+                        new_name: bytes) -> None:
+        """renameat2(RENAME_EXCHANGE): both names exist and swap what they show."""
+        first = self.child(old_parent, old_name)
+        second = self.child(new_parent, new_name)
+        if first is None or second is None:
+            raise OverlayError(errno.ENOENT)
+        if first is second:
+            return
+        for node in (first, second):
+            if node.is_dir and any(i != self.upper_index for i in node.dir_layers):
+                raise OverlayError(errno.EXDEV)
+        if (first.is_dir and _is_ancestor(first, new_parent)) or (
+                second.is_dir and _is_ancestor(second, old_parent)):
+            raise OverlayError(errno.EINVAL)
+        await self.ensure_upper(first)
+        await self.ensure_upper(second)
+        assert self.upper is not None
+        old_real = self.upper.real(merge.child_path(old_parent.path(), old_name))
+        new_real = self.upper.real(merge.child_path(new_parent.path(), new_name))
+        renameat2(old_real, new_real, RENAME_EXCHANGE)
+        # Each name keeps hiding what it hid below; a directory arriving where a
+        # lower entry is hidden must not merge with it.
+        first_hides, second_hides = first.has_lower, second.has_lower
+        if first.is_dir and second_hides:
+            whiteout.mark_opaque(new_real)
+        if second.is_dir and first_hides:
+            whiteout.mark_opaque(old_real)
+        for node, parent, name, new_p, new_n, hides in (
+                (first, old_parent, old_name, new_parent, new_name, second_hides),
+                (second, new_parent, new_name, old_parent, old_name, first_hides)):
+            if node.parent is parent and node.name == name:
+                node.parent, node.name = new_p, new_n
+            else:
+                node.aliases.discard((parent, name))
+                node.aliases.add((new_p, new_n))
+            node.has_lower = hides
+        old_parent.children[old_name] = second
+        new_parent.children[new_name] = first
+        old_parent.listing = None
         new_parent.listing = None
 
     # ------------------------------------------------------------------ attributes
@@ -552,7 +599,7 @@ class Overlay:
                           fields: pyfuse3.SetattrFields, fh: int | None) -> pyfuse3.EntryAttributes:
         """A removed but still open file: change it through its descriptor, if it has one."""
         fds = [self.handles.file(fh).fd] if fh else list(node.open_fds)
-        if node.layer != UPPER or not fds:
+        if node.layer != self.upper_index or not fds:
             return self.attributes(node)  # nothing of it is left to change
         fd = fds[0]
         if fields.update_mode:
@@ -599,7 +646,7 @@ class Overlay:
         writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writing:
             await self.ensure_upper(node)
-        if node.layer == UPPER:
+        if node.layer == self.upper_index:
             assert self.upper is not None
             fd = self.upper.open(node.path(), self._open_flags(flags)
                                  | (flags & os.O_TRUNC if writing else 0))
@@ -690,6 +737,18 @@ class Overlay:
         await self.ensure_upper(node)
         assert self.upper is not None
         os.removexattr(self.upper.real(node.path()), name, follow_symlinks=False)
+
+
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: bytes, new: bytes, flags: int) -> None:
+    """renameat2(2), which the os module does not offer."""
+    AT_FDCWD = -100
+    if _libc.renameat2(AT_FDCWD, old, AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old)
 
 
 def _is_ancestor(node: Node, other: Node) -> bool:

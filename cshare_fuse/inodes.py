@@ -24,7 +24,7 @@ class Node:
 
     __slots__ = ("ino", "parent", "name", "aliases", "layer", "file_type", "dir_layers",
                  "has_lower", "lookups", "children", "listing", "unlinked", "open_fds", "backing_key",
-                 "lower_stat", "lock", "__weakref__")
+                 "lower_stat", "entry", "lock", "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layer: int,
                  file_type: int) -> None:
@@ -51,6 +51,8 @@ class Node:
         self.backing_key: tuple[int, int] | None = None
         #: The attributes from a lower layer (immutable while mounted).
         self.lower_stat: Stat | None = None
+        #: The kernel-facing attributes of a lower entry, built once (they cannot change).
+        self.entry: pyfuse3.EntryAttributes | None = None
         self.lock: object | None = None  # a trio.Lock, created on first copy-up
 
     @property

@@ -140,9 +140,14 @@ class Overlay:
         return st
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        if node.entry is not None:
+            return node.entry
         st = self.stat_of(node)
         merged = node.is_dir and len(node.dir_layers) > 1
-        return entry_attributes(node.ino, st, self.policy, merged_dir=merged)
+        entry = entry_attributes(node.ino, st, self.policy, merged_dir=merged)
+        if node.lower_stat is not None and node.layer != self.upper_index:
+            node.entry = entry
+        return entry
 
     def listing(self, node: Node) -> list[tuple[bytes, Node]]:
         if node.listing is None:
@@ -199,6 +204,7 @@ class Overlay:
     def _now_in_upper(self, node: Node) -> None:
         node.layer = self.upper_index
         node.lower_stat = None
+        node.entry = None
         node.has_lower = True
         if node.is_dir:
             node.dir_layers = (self.upper_index, *node.dir_layers)

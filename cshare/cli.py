@@ -31,7 +31,12 @@ DEFAULT_STORE = Path("/var/lib/cshare")
 DEFAULT_STORAGE_ROOT = Path("/var/lib/containers/storage")
 
 StoreOption = typer.Option(
-    DEFAULT_STORE, "--store", help="The shared store cshare keeps converted images in."
+    DEFAULT_STORE,
+    "--store",
+    help="The shared store cshare keeps converted images in.",
+    # The commands check access themselves and say so in one line; click's
+    # own check would print a usage box instead.
+    readable=False,
 )
 
 

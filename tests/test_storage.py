@@ -6,6 +6,7 @@ cases podman will not produce on demand (incomplete layers, volatile layers,
 parent cycles).
 """
 
+# ruff: noqa: F811  (fixtures imported from podman_support are parameters here)
 from __future__ import annotations
 
 import base64
@@ -133,7 +134,7 @@ def test_config_under_encoded_key(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- real podman
-def test_images_match_podman(podman_images: PodmanImages) -> None:  # noqa: F811
+def test_images_match_podman(podman_images: PodmanImages) -> None:
     store = podman_images.store
     listed = store.podman(
         "images", "--no-trunc", "--format", "{{.ID}} {{.Repository}}:{{.Tag}}"
@@ -152,7 +153,7 @@ def test_images_match_podman(podman_images: PodmanImages) -> None:  # noqa: F811
     assert snap.resolve(BASE).id == podman_images.base_id
 
 
-def test_layer_chain_and_config_match_podman(podman_images: PodmanImages) -> None:  # noqa: F811
+def test_layer_chain_and_config_match_podman(podman_images: PodmanImages) -> None:
     store = podman_images.store
     source = SourceStore(store.root)
     with source.read_lock():
@@ -190,7 +191,7 @@ def probe(lock: Path) -> str:
     ).stdout.strip()
 
 
-def test_read_lock_keeps_podman_writers_out(podman_images: PodmanImages) -> None:  # noqa: F811
+def test_read_lock_keeps_podman_writers_out(podman_images: PodmanImages) -> None:
     root = podman_images.store.root
     locks = [root / "overlay-layers" / "layers.lock", root / "overlay-images" / "images.lock"]
     assert [probe(lock) for lock in locks] == ["free", "free"]
@@ -199,7 +200,7 @@ def test_read_lock_keeps_podman_writers_out(podman_images: PodmanImages) -> None
     assert [probe(lock) for lock in locks] == ["free", "free"]
 
 
-def test_read_lock_waits_for_a_writer(podman_images: PodmanImages) -> None:  # noqa: F811
+def test_read_lock_waits_for_a_writer(podman_images: PodmanImages) -> None:
     lock = podman_images.store.root / "overlay-images" / "images.lock"
     fd = os.open(lock, os.O_RDWR)
     try:

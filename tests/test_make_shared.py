@@ -1,0 +1,514 @@
+"""make-shared end to end: a private podman store -> the shared store.
+
+Covers issue 5 points 1 and 2: resolving, copying, converting, atomic publish,
+locking, dedupe, metadata, safety of what the store exposes, --group, and that
+whiteouts and opaque directories still hide what they hide (checked through a
+kernel overlay mount and through the FUSE overlay).
+"""
+
+# ruff: noqa: F811  (fixtures imported from podman_support are parameters here)
+from __future__ import annotations
+
+import grp
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ensure_user, tool, unmount_all_below
+from overlay_support import LayerDirs, mounted
+from podman_support import (  # noqa: F401
+    BASE,
+    CHANGED,
+    DEMO,
+    PodmanImages,
+    podman_images,
+    podman_store,
+)
+
+from cshare.make_shared import make_shared, unsafe_entries
+from cshare.storage import SourceStore
+from cshare.store import SharedStore
+from cshare_fuse.overrides import OVERRIDE_XATTR, parse_override
+
+pytestmark = [pytest.mark.root, pytest.mark.podman, pytest.mark.timeout(180)]
+
+TEST_GROUP = "cshare-readers"
+
+
+# ---------------------------------------------------------------- helpers
+def new_store_dir() -> Path:
+    """A parent every user can traverse, and a store path below it (not created)."""
+    parent = Path(tempfile.mkdtemp(prefix="cshare-store-", dir="/var/tmp"))
+    parent.chmod(0o755)
+    return parent / "store"
+
+
+def drop_store(store: Path) -> None:
+    unmount_all_below(store.parent)
+    shutil.rmtree(store.parent, ignore_errors=True)
+
+
+def cshare(
+    *args: str, user: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    argv = [tool("cshare"), *args]
+    if user is not None:
+        argv = ["runuser", "-u", user, "--", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def as_user(user: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["runuser", "-u", user, "--", *argv], capture_output=True, text=True, timeout=60
+    )
+
+
+def checksum(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Content and metadata of every entry below root (the store itself included)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        names = dirnames + filenames + ([""] if dirpath == str(root) else [])
+        for name in names:
+            path = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(path)
+            xattrs = tuple(
+                sorted(
+                    (a, os.getxattr(path, a, follow_symlinks=False))
+                    for a in os.listxattr(path, follow_symlinks=False)
+                )
+            )
+            content: str | None = None
+            if stat.S_ISREG(st.st_mode):
+                content = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            out[os.path.relpath(path, root)] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_ctime_ns,
+                st.st_ino,
+                st.st_rdev,
+                xattrs,
+                content,
+            )
+    return out
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("cshare: error: ")
+    return lines[0]
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def shared(podman_images: PodmanImages) -> Iterator[SharedStore]:
+    """A shared store holding the changed (two-layer) image and the demo image."""
+    path = new_store_dir()
+    for ref in (CHANGED, DEMO):
+        make_shared(ref, storage_root=podman_images.store.root, store_root=path)
+    yield SharedStore(path)
+    drop_store(path)
+
+
+@pytest.fixture
+def fresh_store() -> Iterator[Path]:
+    path = new_store_dir()
+    yield path
+    drop_store(path)
+
+
+# ---------------------------------------------------------------- content and metadata
+def test_record_matches_podman(shared: SharedStore, podman_images: PodmanImages) -> None:
+    source = SourceStore(podman_images.store.root)
+    with source.read_lock():
+        snap = source.snapshot()
+        image = snap.resolve(CHANGED)
+        chain = [layer.id for layer in snap.chain(image)]
+        config = snap.config(image).as_dict()
+    with shared.read_lock():
+        record = shared.resolve("tinybb-changed")
+        lowers = shared.lower_dirs(record)
+    assert record.id == podman_images.changed_id
+    assert list(record.names) == [CHANGED]
+    assert list(record.layers) == chain  # top first
+    assert record.config == config
+    assert record.config["cmd"] == json.loads(
+        podman_images.store.inspect(CHANGED, "{{json .Config.Cmd}}")
+    )
+    assert lowers == [shared.root / "layers" / lid / "diff" for lid in chain]
+    info = shared.layer_info(chain[0])
+    assert info["parent"] == chain[1] and info["id"] == chain[0]
+
+
+def test_demo_layer_keeps_owners_and_modes_in_overrides(shared: SharedStore) -> None:
+    with shared.read_lock():
+        (diff,) = shared.lower_dirs(shared.resolve("cshare-demo"))
+
+    def override(rel: str) -> tuple[int, int, int, int | None]:
+        o = parse_override(os.getxattr(diff / rel, OVERRIDE_XATTR, follow_symlinks=False))
+        return o.uid, o.gid, o.mode, o.file_type
+
+    assert override("etc/secret") == (0, 0, 0o600, stat.S_IFREG)
+    assert override("root/private") == (0, 0, 0o700, stat.S_IFDIR)
+    assert override("var/www/index.html") == (33, 33, 0o640, stat.S_IFREG)
+    assert override("usr/bin/su-demo") == (0, 0, 0o4755, stat.S_IFREG)
+    assert override("dev/null")[3] == stat.S_IFCHR
+    assert stat.S_ISREG(os.lstat(diff / "dev" / "null").st_mode)  # no device node on the host
+    assert os.path.islink(diff / "bin" / "sh")
+
+
+def test_store_exposes_no_more_than_it_must(shared: SharedStore) -> None:
+    root = shared.root
+    st = os.lstat(root)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
+    assert stat.S_IMODE(os.lstat(root / "tmp").st_mode) == 0o700
+    assert os.listdir(root / "tmp") == []
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            m = os.lstat(path).st_mode
+            if stat.S_ISLNK(m):
+                continue
+            if stat.S_ISCHR(m) and os.lstat(path).st_rdev == 0:
+                continue  # a whiteout
+            if not (stat.S_ISREG(m) or stat.S_ISDIR(m)):
+                bad.append(f"{path}: special")
+            if m & 0o022 or m & 0o6000:
+                bad.append(f"{path}: {stat.S_IMODE(m):o}")
+    assert bad == []
+    for layer_id in shared.layer_ids():
+        assert unsafe_entries(shared.layer_diff(layer_id)) == []
+
+
+def test_users_can_read_every_layer(shared: SharedStore) -> None:
+    ensure_user("alice")
+    with shared.read_lock():
+        (diff,) = shared.lower_dirs(shared.resolve("cshare-demo"))
+    secret = as_user("alice", "cat", str(diff / "etc" / "secret"))
+    assert secret.returncode == 0 and "only root" in secret.stdout
+    # everything but whiteouts (char 0/0, never opened) is readable by an ordinary user
+    unreadable = as_user(
+        "alice", "find", str(shared.root / "layers"), "!", "-type", "c", "!", "-readable"
+    )
+    assert unreadable.returncode == 0 and unreadable.stdout.strip() == ""
+
+
+def test_verify_passes_on_every_layer(shared: SharedStore) -> None:
+    layers = shared.layer_ids()
+    assert len(layers) == 3
+    for layer_id in layers:
+        proc = cshare("verify", str(shared.layer_diff(layer_id)))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- whiteouts and opaque dirs
+def assert_changed_image_view(mnt: Path) -> None:
+    assert not os.path.lexists(mnt / "f"), "the deleted file is visible"
+    assert sorted(os.listdir(mnt / "d")) == ["new"], "the replaced directory shows old content"
+    assert (mnt / "bin" / "busybox").is_file()  # the base layer is there
+
+
+def overlay_dirs(shared: SharedStore, base: Path) -> LayerDirs:
+    with shared.read_lock():
+        lowers = shared.lower_dirs(shared.resolve(CHANGED))
+    mnt = base / "mnt"
+    mnt.mkdir()
+    return LayerDirs(lowers=lowers, upper=base / "upper", work=base / "work", mnt=mnt)
+
+
+def test_whiteout_and_opaque_kernel_overlay(shared: SharedStore, tmp_path: Path) -> None:
+    dirs = overlay_dirs(shared, tmp_path)
+    # the source layer really has the kernel-style markers this test is about
+    top = dirs.lowers[0]
+    assert stat.S_ISCHR(os.lstat(top / "f").st_mode) and os.lstat(top / "f").st_rdev == 0
+    assert os.getxattr(top / "d", "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(top / "d", "user.overlay.opaque") == b"y"
+    try:
+        with mounted(dirs, "kernel", upper=False) as mnt:
+            assert_changed_image_view(mnt)
+    finally:
+        unmount_all_below(dirs.mnt)
+
+
+def test_whiteout_and_opaque_fuse_overlay(shared: SharedStore, tmp_path: Path) -> None:
+    dirs = overlay_dirs(shared, tmp_path)
+    try:
+        with mounted(dirs, "fuse", upper=False) as mnt:
+            assert_changed_image_view(mnt)
+    finally:
+        unmount_all_below(dirs.mnt)
+
+
+# ---------------------------------------------------------------- idempotence and dedupe
+def test_running_again_changes_nothing(shared: SharedStore, podman_images: PodmanImages) -> None:
+    before = checksum(shared.root)
+    proc = cshare(
+        "make-shared",
+        "tinybb-changed",
+        "--storage-root",
+        str(podman_images.store.root),
+        "--store",
+        str(shared.root),
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["changed"] is False
+    assert [x["status"] for x in result["layers"]] == ["reused", "reused"]
+    assert checksum(shared.root) == before
+
+
+def test_shared_layers_are_stored_once(fresh_store: Path, podman_images: PodmanImages) -> None:
+    root = podman_images.store.root
+    first = make_shared(CHANGED, storage_root=root, store_root=fresh_store)
+    assert [o.status for o in first.layers] == ["added", "added"]
+    base_layer = first.image.layers[-1]
+    inode = os.stat(fresh_store / "layers" / base_layer / "diff" / "bin" / "busybox").st_ino
+    second = make_shared(BASE, storage_root=root, store_root=fresh_store)
+    assert [o.status for o in second.layers] == ["reused"]
+    assert second.image.layers == (base_layer,)
+    assert sorted(os.listdir(fresh_store / "layers")) == sorted(first.image.layers)
+    assert os.stat(fresh_store / "layers" / base_layer / "diff" / "bin" / "busybox").st_ino == inode
+
+
+# ---------------------------------------------------------------- commands and errors
+def test_unknown_image_is_one_line_and_creates_nothing(
+    fresh_store: Path,
+    podman_images: PodmanImages,
+) -> None:
+    proc = cshare(
+        "make-shared",
+        "nosuchimage",
+        "--storage-root",
+        str(podman_images.store.root),
+        "--store",
+        str(fresh_store),
+    )
+    line = one_line_error(proc)
+    assert "nosuchimage" in line and "localhost/tinybb:latest" in line
+    assert not fresh_store.exists()
+    proc = cshare(
+        "make-shared",
+        "tinybb",
+        "--storage-root",
+        str(fresh_store.parent / "nothere"),
+        "--store",
+        str(fresh_store),
+    )
+    assert "--storage-root" in one_line_error(proc)
+
+
+def test_images_inspect_and_rm(fresh_store: Path, podman_images: PodmanImages) -> None:
+    root = str(podman_images.store.root)
+    for ref in ("tinybb-changed", "tinybb"):
+        proc = cshare("make-shared", ref, "--storage-root", root, "--store", str(fresh_store), "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert "shared" in proc.stdout
+    listed = json.loads(cshare("images", "--store", str(fresh_store), "--json").stdout)
+    assert sorted(n for i in listed for n in i["names"]) == sorted([BASE, CHANGED])
+    assert all(i["size"] > 1_000_000 for i in listed)  # busybox is in both
+    table = cshare("images", "--store", str(fresh_store))
+    assert (
+        table.returncode == 0
+        and "tinybb-changed" in table.stdout
+        and podman_images.base_id[:12] in table.stdout
+    )
+
+    doc = json.loads(cshare("inspect", "tinybb-changed", "--store", str(fresh_store)).stdout)
+    assert doc["id"] == podman_images.changed_id
+    lowers = doc["lowerdir"].split(":")
+    assert lowers == [str(fresh_store / "layers" / lid / "diff") for lid in doc["layers"]]
+    assert [d["id"] for d in doc["layer_details"]] == doc["layers"]
+    top, base = doc["layers"]
+
+    removed = cshare("rm", "tinybb-changed", "--store", str(fresh_store), "--json")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout)["removed_layers"] == [top]
+    assert json.loads(removed.stdout)["kept_layers"] == [base]
+    assert os.listdir(fresh_store / "layers") == [base]
+    assert (fresh_store / "layers" / base / "diff" / "bin" / "busybox").is_file()
+    listed = json.loads(cshare("images", "--store", str(fresh_store), "--json").stdout)
+    assert [i["names"] for i in listed] == [[BASE]]
+    assert "tinybb-changed" in one_line_error(
+        cshare("inspect", "tinybb-changed", "--store", str(fresh_store))
+    )
+
+    assert cshare("rm", podman_images.base_id[:8], "--store", str(fresh_store)).returncode == 0
+    assert os.listdir(fresh_store / "layers") == [] and os.listdir(fresh_store / "images") == []
+    assert os.listdir(fresh_store / "tmp") == []
+    assert "nothere" in one_line_error(cshare("rm", "nothere", "--store", str(fresh_store)))
+
+
+def test_group_restricts_the_store(fresh_store: Path, podman_images: PodmanImages) -> None:
+    alice, bob = ensure_user("alice"), ensure_user("bob")
+    try:
+        grp.getgrnam(TEST_GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", TEST_GROUP], check=True)
+    subprocess.run(["usermod", "-a", "-G", TEST_GROUP, alice.pw_name], check=True)
+    gid = grp.getgrnam(TEST_GROUP).gr_gid
+    assert bob.pw_name not in grp.getgrnam(TEST_GROUP).gr_mem and bob.pw_gid != gid
+    proc = cshare(
+        "make-shared", "tinybb", "--storage-root", str(podman_images.store.root), "--store", str(fresh_store),
+        "--group", TEST_GROUP,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    st = os.lstat(fresh_store)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, gid, 0o750)
+    record = next((fresh_store / "images").iterdir())
+    assert as_user("alice", "cat", str(record)).returncode == 0
+    assert as_user("bob", "cat", str(record)).returncode != 0
+    assert as_user("bob", "ls", str(fresh_store)).returncode != 0
+    assert cshare("images", "--store", str(fresh_store), "--json", user="alice").returncode == 0
+    assert "permission denied" in one_line_error(
+        cshare("images", "--store", str(fresh_store), user="bob")
+    )
+    assert "no group" in one_line_error(
+        cshare(
+            "make-shared",
+            "tinybb",
+            "--storage-root",
+            str(podman_images.store.root),
+            "--store",
+            str(fresh_store),
+            "--group",
+            "no-such-group-x",
+        )  # fmt: skip
+    )
+
+
+# ---------------------------------------------------------------- locking and atomicity
+def test_writers_are_serialized_and_readers_wait(
+    fresh_store: Path, podman_images: PodmanImages
+) -> None:
+    root = str(podman_images.store.root)
+    store = SharedStore(fresh_store)
+    with store.write_lock():
+        writer = subprocess.Popen(
+            [
+                tool("cshare"),
+                "make-shared",
+                "tinybb",
+                "--storage-root",
+                root,
+                "--store",
+                str(fresh_store),
+                "-q",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        reader = subprocess.Popen(
+            [tool("cshare"), "images", "--store", str(fresh_store), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.0)
+        assert writer.poll() is None, "make-shared did not wait for the store lock"
+        assert reader.poll() is None, "images did not wait for the store lock"
+        assert os.listdir(fresh_store / "images") == []
+    out, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err
+    out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    # the reader ran after the writer or before it, never in between
+    assert len(json.loads(out)) in (0, 1)
+
+    # two writers at once: both succeed, one after the other
+    procs = [
+        subprocess.Popen(
+            [
+                tool("cshare"),
+                "make-shared",
+                ref,
+                "--storage-root",
+                root,
+                "--store",
+                str(fresh_store),
+                "-q",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for ref in ("tinybb-changed", "cshare-demo")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    with store.read_lock():
+        assert sorted(n for r in store.images() for n in r.names) == sorted([BASE, CHANGED, DEMO])
+        for record in store.images():
+            assert all(p.is_dir() for p in store.lower_dirs(record))
+    assert os.listdir(fresh_store / "tmp") == []
+
+
+KILLED_RUN = """
+import os, sys, time
+from pathlib import Path
+from cshare.make_shared import make_shared
+
+class Stall:
+    # A real make-shared that stops in the middle of copying a layer.
+    count = 0
+    def layer_start(self, *a): pass
+    def layer_end(self, *a): pass
+    def entry(self):
+        Stall.count += 1
+        if Stall.count == 10:
+            Path(sys.argv[3]).write_text("copying")
+            time.sleep(600)
+
+make_shared("cshare-demo", storage_root=Path(sys.argv[1]), store_root=Path(sys.argv[2]), reporter=Stall())
+"""
+
+
+def test_killed_make_shared_publishes_nothing(
+    fresh_store: Path, podman_images: PodmanImages
+) -> None:
+    marker = fresh_store.parent / "marker"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLED_RUN,
+            str(podman_images.store.root),
+            str(fresh_store),
+            str(marker),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "make-shared ended before it was interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert os.listdir(fresh_store / "layers") == []
+    assert os.listdir(fresh_store / "images") == []
+    assert os.listdir(fresh_store / "tmp") != []  # the half-copied layer is only in staging
+    result = make_shared(DEMO, storage_root=podman_images.store.root, store_root=fresh_store)
+    assert [o.status for o in result.layers] == ["added"]
+    assert os.listdir(fresh_store / "tmp") == []
+    assert unsafe_entries(fresh_store / "layers" / result.image.layers[0] / "diff") == []

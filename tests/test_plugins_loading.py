@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import stat
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -357,3 +358,34 @@ def test_plugins_use_only_the_public_api(module: str) -> None:
                  for alias in node.names}
     ours = {m for m in imported if m.split(".")[0] in ("cshare", "cshare_fuse", "plugins")}
     assert ours == {"cshare_fuse.plugin_api"}
+
+
+# -- the same errors from the command line: one line, exit 1, nothing mounted ----------------
+
+@pytest.mark.parametrize("case", ["unknown", "import", "version", "duplicate", "layer"])
+def test_cshare_overlay_reports_plugin_errors_in_one_line(tmp_path: Path, case: str) -> None:
+    from conftest import tool
+
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "layer").mkdir()
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise ImportError('cannot find libfoo')\n")
+    old = write_plugin(tmp_path, "old.py", "old", version="99")
+    dup = write_plugin(tmp_path, "dup.py", "test")
+    plugins, expected = {
+        "unknown": ("nosuchplugin", "unknown plugin"),
+        "import": (str(broken), "failed to import: ImportError: cannot find libfoo"),
+        "version": (str(old), "written for plugin API version 99"),
+        "duplicate": (f"test:{dup}", "two plugins are named test"),
+        "layer": ("tar", "no plugin test loaded; loaded: tar"),
+    }[case]
+    r = subprocess.run(
+        [tool("cshare-overlay"), "-o", f"plugins={plugins},lowerdir=//test//layer",
+         str(tmp_path / "mnt")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cshare-overlay: error: "), r.stderr
+    assert expected in lines[0]
+    with open("/proc/self/mountinfo") as f:
+        assert str(tmp_path / "mnt") not in f.read()

@@ -393,3 +393,21 @@ def test_tar_layer_extracts_only_what_is_touched(root_fuse_dirs: Path) -> None:
         assert extracted == {"etc", "etc/f07"}  # 1 of 200 files
     finally:
         overlay.close()
+
+
+def test_relative_plugin_path_is_taken_from_where_the_mount_started(root_fuse_dirs: Path) -> None:
+    """`//test//layer` (empty DATA, relative PATH) through the daemonizing command."""
+    base = root_fuse_dirs
+    (base / "layer").mkdir()
+    (base / "layer" / "f").write_text("relative\n")
+    os.setxattr(base / "layer" / "f", OVERRIDE_XATTR, b"33:33:0600:file")
+    r = subprocess.run([tool("cshare-overlay"), "-o",
+                        "plugins=test,lowerdir=//test//layer,upperdir=up,workdir=work", "mnt"],
+                       cwd=base, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    try:
+        st = os.stat(base / "mnt" / "f")
+        assert (st.st_uid, st.st_mode) == (33, stat.S_IFREG | 0o600)
+        assert (base / "mnt" / "f").read_text() == "relative\n"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(base / "mnt")], capture_output=True)

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -418,7 +417,7 @@ def prepared_data(name: str, params: dict[str, Any], build: Callable[[Path], Non
         return target
     stamp.unlink(missing_ok=True)
     if target.exists():
-        shutil.rmtree(target)
+        remove_tree(target)
     DATA_ROOT.mkdir(parents=True, exist_ok=True)
     target.mkdir()
     start = time.perf_counter()
@@ -431,10 +430,10 @@ def prepared_data(name: str, params: dict[str, Any], build: Callable[[Path], Non
 
 
 def remove_tree(path: Path) -> None:
-    """rm -rf that tolerates a missing path (cleanup must never fail halfway)."""
+    """rm -rf that tolerates a missing path and never crosses into a mount below it."""
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists():  # e.g. a directory made read-only by a test tree
-            subprocess.run(["rm", "-rf", "--one-file-system", str(path)], capture_output=True)
+        # rm is several times faster than shutil.rmtree on 100k entries, and
+        # --one-file-system leaves alone anything still mounted underneath.
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], capture_output=True)

@@ -286,6 +286,11 @@ class Source(DataSource):
             raise ZeroDivisionError("plugin bug in stat")
         return super().stat(path)
 
+    def readdir(self, path):
+        if path.endswith(b"unlistable"):
+            raise KeyError("plugin bug in readdir")
+        return super().readdir(path)
+
     def open(self, path, flags):
         if path.endswith(b"explode"):
             raise RuntimeError("plugin bug in open")
@@ -308,6 +313,7 @@ def test_a_plugin_that_raises_gives_eio_and_the_mount_keeps_serving(root_fuse_di
     (layer / "sub" / "crash").write_text("never seen")
     (layer / "explode").write_text("never read")
     (layer / "fine").write_text("fine\n")
+    (layer / "sub" / "unlistable").mkdir()
     plugin_file = base / "raising.py"
     plugin_file.write_text(RAISING_PLUGIN)
     overlay = Foreground(base, f"plugins={plugin_file},lowerdir=//raising//{layer}")
@@ -319,6 +325,9 @@ def test_a_plugin_that_raises_gives_eio_and_the_mount_keeps_serving(root_fuse_di
         with pytest.raises(OSError) as info:
             (mnt / "explode").read_text()
         assert info.value.errno == errno.EIO
+        with pytest.raises(OSError) as info:
+            os.listdir(mnt / "sub" / "unlistable")
+        assert info.value.errno == errno.EIO
         # Still serving, including the entries next to the failed ones.
         assert (mnt / "fine").read_text() == "fine\n"
         assert os.stat(mnt / "explode").st_size == len("never read")
@@ -327,6 +336,7 @@ def test_a_plugin_that_raises_gives_eio_and_the_mount_keeps_serving(root_fuse_di
         log = overlay.close()
     assert "ZeroDivisionError" in log and "plugin bug in stat" in log
     assert "RuntimeError" in log and "plugin bug in open" in log
+    assert "KeyError" in log and "plugin bug in readdir" in log
 
 
 def test_malformed_override_gives_eio_for_that_entry_only(root_fuse_dirs: Path) -> None:

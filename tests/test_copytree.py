@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +171,34 @@ def test_hardlinked_special_files(tmp_path: Path) -> None:
     copy_tree(src, dst)
     assert os.lstat(dst / "wh1").st_ino == os.lstat(dst / "wh2").st_ino
     assert describe(dst) == describe(src)
+
+
+def test_reflink_when_the_filesystem_can(tmp_path: Path) -> None:
+    """On XFS (reflink=1) file data is shared with the source, not copied."""
+    require(is_root(), "root (loop mount)")
+    require(shutil.which("mkfs.xfs") is not None, "mkfs.xfs (Debian package xfsprogs)")
+    image, mnt = tmp_path / "xfs.img", tmp_path / "mnt"
+    with open(image, "wb") as f:
+        f.truncate(320 << 20)  # XFS's minimum size; sparse, so nearly free
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True
+    )
+    require(mounted.returncode == 0, f"loop mounts ({mounted.stderr.strip()})")
+    try:
+        src = mnt / "src"
+        (src / "d").mkdir(parents=True)
+        payload = os.urandom(16 << 20)
+        (src / "d" / "big").write_bytes(payload)
+        (src / "small").write_bytes(b"x")
+        os.sync()
+        free_before = os.statvfs(mnt).f_bfree * os.statvfs(mnt).f_frsize
+        stats = copy_tree(src, mnt / "dst")
+        os.sync()
+        free_after = os.statvfs(mnt).f_bfree * os.statvfs(mnt).f_frsize
+        assert stats.reflinked == stats.files == 2
+        assert (mnt / "dst" / "d" / "big").read_bytes() == payload
+        assert free_before - free_after < 4 << 20  # 16 MiB of data, far less used
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -234,3 +234,23 @@ def test_images_inspect_and_rm(root_store: SharedStore, podman_images: PodmanIma
     assert "nothere" in one_line_error(cshare("rm", "nothere", "--store", str(store)))
     empty = cshare("images", "--store", str(store))
     assert empty.returncode == 0 and "no images" in empty.stdout
+
+
+def test_modes_do_not_depend_on_the_umask(root_store: SharedStore) -> None:
+    old = os.umask(0o077)
+    try:
+        with root_store.write_lock():
+            add_layer(root_store, ID_A)
+            root_store.write_image(record(IMG_1, ["localhost/one:latest"], [ID_A]))
+    finally:
+        os.umask(old)
+    root = root_store.root
+    modes = {
+        p: os.stat(root / p).st_mode & 0o777
+        for p in ("", "store.lock", "layers", "images", "tmp", f"layers/{ID_A}", f"layers/{ID_A}/layer.json",
+                  f"images/{IMG_1}.json")
+    }  # fmt: skip
+    assert modes == {
+        "": 0o755, "store.lock": 0o644, "layers": 0o755, "images": 0o755, "tmp": 0o700,
+        f"layers/{ID_A}": 0o755, f"layers/{ID_A}/layer.json": 0o644, f"images/{IMG_1}.json": 0o644,
+    }  # fmt: skip

@@ -14,16 +14,24 @@ How it loads on demand:
   `SCHILY.xattr.*` records).  Nothing is extracted.
 - Directory listings, symlink targets, xattrs and existence are answered from
   the index.
-- An entry is extracted into `PATH/root/` when the overlay first looks it up
-  (`on_lookup`), or failing that on its first stat or open: its parent
-  directories first, a file by writing it in `PATH/tmp/` and renaming it into
-  place (a crash never leaves a partial file in the tree).  A hardlink also
-  extracts the first name of its inode in the archive and links to it.
-- Owner, group, mode, type and times are reported from the archive, not from
-  the extracted copy: that copy is owned by whoever runs the mount and always
-  readable and writable by it (a 0555 directory must still take its children
-  later).  Devices, fifos and sockets are extracted as empty regular files and
-  reported with their real type and device number.
+- An entry is created in `PATH/root/` when the overlay first looks it up
+  (`on_lookup`, or failing that its first stat or open): its parent directories
+  first; directories, symlinks and hardlinks as themselves; a regular file as
+  an empty file of its own (created in `PATH/tmp/` and renamed into place, so
+  its inode number is fixed from then on).  Its data is extracted into it only
+  when it is first opened.  So listing a directory with attributes (`ls -l`,
+  which looks up every entry) costs no file data; reading a file extracts that
+  file alone.  A hardlink shares the inode of the first name of its file in the
+  archive, which is created with it.
+- A file counts as extracted when its size is the archive's: data is written
+  under an exclusive flock (another mount of the same cache may be at it too)
+  and synced before anyone reads it, and a file found shorter is extracted
+  again.
+- Owner, group, mode, type, size and times are reported from the archive, not
+  from the extracted copy: that copy is owned by whoever runs the mount and
+  always readable and writable by it (a 0555 directory must still take its
+  children later).  Devices, fifos and sockets are created as empty regular
+  files and reported with their real type and device number.
 - `PATH/stamp` records which archive (name, size, mtime) `root/` was
   extracted from; a different archive empties `root/` at the next load.  Use
   one cache directory per archive.
@@ -43,6 +51,7 @@ Written only against cshare_fuse.plugin_api, exactly as a third party would.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
 import shutil
@@ -233,7 +242,8 @@ class TarSource(DataSource):
             raise ArchiveError(f"{archive}: {exc}") from None
         root_xattrs = self.index[b""].xattrs
         self.honour_overrides = any(name in root_xattrs for name in ALL_OVERRIDE_XATTRS)
-        self._done: set[bytes] = {b""}
+        self._done: set[bytes] = {b""}  # paths created in root/
+        self._filled: set[bytes] = set()  # first names of files whose data is in place
         self._lock = threading.RLock()  # one TarFile position; extraction is recursive
         self._counter = itertools.count()
 
@@ -263,8 +273,12 @@ class TarSource(DataSource):
             os.replace(stamp_path + ".new", stamp_path)
 
     def extracted(self) -> set[bytes]:
-        """Layer paths extracted by this data source so far (for tests and logs)."""
+        """Layer paths created in root/ by this data source so far (for tests and logs)."""
         return set(self._done)
+
+    def filled(self) -> set[bytes]:
+        """Files whose data this data source extracted or found complete (for tests)."""
+        return set(self._filled)
 
     # -- lookup of the index -----------------------------------------------------------
     def _entry(self, path: bytes) -> Entry:
@@ -347,22 +361,54 @@ class TarSource(DataSource):
             os.close(dir_fd)
 
     def _write_file(self, entry: Entry, tmp_name: str, tmp_fd: int) -> None:
-        # Owner-writable so a later mount can replace it; what is reported comes from the index.
+        """The file's own inode, empty: its data comes on first open (`_fill`)."""
+        # Owner-writable so its data can be written later; what is reported comes
+        # from the index.
         mode = 0o755 if entry.mode & 0o111 else 0o644
         fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode,
                      dir_fd=tmp_fd)
-        try:
-            if stat.S_ISREG(entry.mode) and entry.member is not None and entry.size:
-                source = self._tar.extractfile(entry.member)
-                if source is None:
-                    raise OSError(errno.EIO, f"{self.archive}: no data for {entry.member.name}")
-                with source, os.fdopen(os.dup(fd), "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp_name, dir_fd=tmp_fd)
-            raise
         os.close(fd)
+
+    def _fill(self, path: bytes) -> None:
+        """Put the data of the regular file `path` into its extracted inode."""
+        entry = self.index[path]
+        if not stat.S_ISREG(entry.mode) or entry.size == 0:
+            return
+        first = entry.link_to if entry.link_to is not None else path
+        if first in self._filled:
+            return
+        with self._lock:
+            if first in self._filled:
+                return
+            self._ensure(first)
+            member = self.index[first].member
+            assert member is not None  # a regular file always comes from a member
+            dir_fd = self._open_dir(_parent(first))
+            try:
+                fd = os.open(_basename(first), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_size != entry.size:
+                    os.ftruncate(fd, 0)
+                    self._copy_member(member, fd)
+                    # Synced before the size can be trusted as "complete" after a crash.
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)  # releases the flock
+            self._filled.add(first)
+
+    def _copy_member(self, member: tarfile.TarInfo, fd: int) -> None:
+        source = self._tar.extractfile(member)
+        if source is None:
+            raise OSError(errno.EIO, f"{self.archive}: no data for {member.name}")
+        with source:
+            while chunk := source.read(1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
 
     # -- the DataSource methods ----------------------------------------------------------
     def on_lookup(self, path: bytes) -> None:
@@ -373,14 +419,16 @@ class TarSource(DataSource):
         self._ensure(path)
         entry = self.index[path]
         disk = os.lstat(os.path.join(self.root, path) if path else self.root)
-        size = entry.size
+        size, blocks = entry.size, disk.st_blocks
         if stat.S_ISLNK(entry.mode):
             size = len(entry.symlink)
         elif entry.is_dir:
             size = disk.st_size
+        else:
+            blocks = max(blocks, (size + 511) // 512)  # what it will take once read
         return Stat(mode=entry.mode, ino=disk.st_ino, dev=disk.st_dev, nlink=entry.nlink,
                     uid=entry.uid, gid=entry.gid, rdev=entry.rdev, size=size,
-                    blocks=disk.st_blocks, blksize=disk.st_blksize, atime_ns=entry.mtime_ns,
+                    blocks=blocks, blksize=disk.st_blksize, atime_ns=entry.mtime_ns,
                     mtime_ns=entry.mtime_ns, ctime_ns=entry.mtime_ns)
 
     def exists(self, path: bytes) -> bool:
@@ -400,6 +448,7 @@ class TarSource(DataSource):
 
     def open(self, path: bytes, flags: int) -> int:
         self._ensure(path)
+        self._fill(path)
         return super().open(path, flags)
 
     def getxattr(self, path: bytes, name: str) -> bytes:

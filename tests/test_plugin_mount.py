@@ -401,6 +401,14 @@ def test_tar_layer_extracts_only_what_is_touched(root_fuse_dirs: Path) -> None:
         assert (st.st_uid, st.st_mode) == (33, stat.S_IFREG | 0o640)
         extracted = {str(p.relative_to(cache / "root")) for p in (cache / "root").rglob("*")}
         assert extracted == {"etc", "etc/f07"}  # 1 of 200 files
+        # `ls -l usr`: every entry looked up and stat'ed, yet no file data extracted.
+        listing = {name: os.lstat(overlay.mnt / "usr" / name) for name in
+                   os.listdir(overlay.mnt / "usr")}
+        assert len(listing) == 100 and {st.st_uid for st in listing.values()} == {33}
+        assert all(st.st_size == len(f"usr/{int(n[1:])}\n") for n, st in listing.items())
+        with_data = {str(p.relative_to(cache / "root")) for p in (cache / "root").rglob("*")
+                     if p.is_file() and p.stat().st_size}
+        assert with_data == {"etc/f07"}
     finally:
         overlay.close()
 

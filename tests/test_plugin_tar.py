@@ -119,12 +119,47 @@ def test_only_looked_up_entries_are_extracted(big: Path) -> None:
     assert on_disk(big) == set()  # listings come from the index
     lookup(source, b"etc/f007")
     assert on_disk(big) == {"etc", "etc/f007"}
+    assert (big / "root" / "etc" / "f007").stat().st_size == 0  # the data waits for open
+    assert source.stat(b"etc/f007").size == len(b"etc 7\n" * 8)  # reported from the archive
     assert read_all(source, b"etc/f007") == b"etc 7\n" * 8
+    assert (big / "root" / "etc" / "f007").read_bytes() == b"etc 7\n" * 8
     lookup(source, b"usr/f199")
     assert read_all(source, b"usr/f199") == b"usr 199\n" * 200
     assert on_disk(big) == {"etc", "etc/f007", "usr", "usr/f199"}
     extracted_files = [p for p in on_disk(big) if (big / "root" / p).is_file()]
     assert len(extracted_files) == 2  # of 406 in the archive
+
+
+def data_on_disk(cache: Path) -> dict[str, int]:
+    """Extracted regular files that hold data, with their sizes."""
+    root = cache / "root"
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink() and p.stat().st_size}
+
+
+def test_looking_up_every_entry_extracts_no_file_data(big: Path) -> None:
+    """What `ls -l` costs: every entry of a directory is looked up and stat'ed."""
+    source = serve(big)
+    names = source.readdir(b"etc")
+    for name in names:
+        lookup(source, b"etc/" + name)
+        source.stat(b"etc/" + name)
+    assert len(on_disk(big)) == 1 + len(names)
+    assert data_on_disk(big) == {}
+    assert read_all(source, b"etc/f100") == b"etc 100\n" * 101
+    assert data_on_disk(big) == {"etc/f100": len(b"etc 100\n") * 101}
+
+
+def test_a_file_found_incomplete_is_extracted_again(big: Path) -> None:
+    source = serve(big)
+    lookup(source, b"etc/f050")
+    expected = b"etc 50\n" * 51
+    assert read_all(source, b"etc/f050") == expected
+    # As a crash in the middle of writing would leave it:
+    os.truncate(big / "root" / "etc" / "f050", 10)
+    again = serve(big)
+    lookup(again, b"etc/f050")
+    assert read_all(again, b"etc/f050") == expected
 
 
 def test_attributes_come_from_the_archive(big: Path) -> None:

@@ -206,16 +206,17 @@ def check_can_mount() -> None:
 def check_mountpoint(mountpoint: Path) -> Path:
     """The absolute mountpoint, which must be an existing, empty directory not mounted on."""
     path = Path(os.path.abspath(mountpoint))
+    # Asked before exists(): a mount whose daemon died answers stat() with ENOTCONN.
+    if is_mount_point(path) or (path.exists() and is_mount_point(path.resolve())):
+        raise CshareError(
+            f"mountpoint {path} is busy: something is already mounted there "
+            f"(cshare umount {path} first)"
+        )
     if not path.exists():
         raise CshareError(f"mountpoint {path} does not exist: create it first (mkdir -p {path})")
     if not path.is_dir():
         raise CshareError(f"mountpoint {path} is not a directory")
     path = path.resolve()
-    if is_mount_point(path):
-        raise CshareError(
-            f"mountpoint {path} is busy: something is already mounted there "
-            f"(cshare umount {path} first)"
-        )
     try:
         with os.scandir(path) as entries:
             if any(True for _ in entries):

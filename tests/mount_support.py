@@ -110,9 +110,10 @@ class RootlessUser:
             list(argv), capture_output=True, timeout=timeout, check=False, **self._kwargs()  # type: ignore[call-overload]
         )
 
-    def popen(self, argv: Sequence[str]) -> subprocess.Popen[str]:
+    def popen(self, argv: Sequence[str], stdin: int | None = None) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **self._kwargs()  # type: ignore[call-overload]
+            list(argv), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            **self._kwargs(),  # type: ignore[call-overload]
         )
 
     def sh(self, script: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:

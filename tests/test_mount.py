@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 from conftest import is_root, require, unmount_all_below
-from mount_support import SharedDemo, cshare_cmd, rootless_user, shared_demo, user_dir
+from mount_support import (
+    SharedDemo,
+    cshare_cmd,
+    kill_overlays_below,
+    rootless_user,
+    shared_demo,
+    user_dir,
+)
 from podman_support import DEMO, PodmanImages, podman_images
 
 from cshare.namespaces import in_user_namespace, is_identity_map, parse_id_map
@@ -248,3 +255,39 @@ def test_root_mounts_without_a_namespace(
         assert work.is_dir()  # --work was given: cshare leaves the caller's directory alone
     finally:
         unmount_all_below(world_tmp)
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.rootless
+@pytest.mark.timeout(90)
+def test_second_namespace_cannot_mount_the_same_upper(
+    alice, world_tmp: Path, shared_demo: SharedDemo  # type: ignore[no-untyped-def]
+) -> None:
+    """Two live mounts must never share one upper directory, even from different namespaces."""
+    cshare, store = cshare_cmd(), shlex.quote(str(shared_demo.store))
+    mnt = user_dir(alice, world_tmp / "mnt")
+    m = shlex.quote(str(mnt))
+    first = alice.popen(
+        [*UNSHARE, "sh", "-c", f"{cshare} mount {DEMO} {m} --store {store} && echo ready && "
+                               f"read answer && {cshare} umount {m}"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        assert first.stdout is not None and first.stdin is not None
+        lines = [first.stdout.readline() for _ in range(2)]  # "mounted ...", then "ready"
+        assert lines[-1] == "ready\n", lines
+        second = alice.run([*UNSHARE, cshare, "mount", DEMO, str(mnt), "--store", str(shared_demo.store)])
+        assert "another mount namespace" in _one_line_error(second)
+        first.stdin.write("go\n")
+        first.stdin.flush()
+        _out, err = first.communicate(timeout=30)
+        assert first.returncode == 0, err
+        # Unmounted there, the same mount is allowed again.
+        third = alice.run([*UNSHARE, "sh", "-c", f"{cshare} mount {DEMO} {m} --store {store} && "
+                                                 f"{cshare} umount {m}"])
+        assert third.returncode == 0, third.stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+        kill_overlays_below([alice], world_tmp, [mnt])

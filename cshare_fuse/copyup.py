@@ -152,7 +152,13 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
         if ftype != statmod.S_IFLNK or os.geteuid() == 0:
             copy_xattrs(source, path, staged)
         apply_attributes(staged, want, policy, record_type=record_type)
-        os.rename(staged, upper.real(path))
+        destination = upper.real(path)
+        parent = os.path.dirname(destination)
+        # A copy-up is not a change the user made to the directory: keep its times,
+        # as the kernel's overlay does.
+        before = os.lstat(parent)
+        os.rename(staged, destination)
+        os.utime(parent, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
     except BaseException:
         _remove_quietly(staged)
         raise

@@ -130,9 +130,13 @@ class LowerLayer(Layer):
             return self._opaque[path]
         except KeyError:
             pass
-        result = OPAQUE_MARKER in self.names(path) or any(
-            self._xattr_is_yes(path, name) for name in OPAQUE_XATTRS
-        )
+        try:
+            listed = OPAQUE_MARKER in self.names(path)
+        except PermissionError:
+            # A directory the daemon may not list cannot show it a marker; reading
+            # it will fail on its own, its parent's listing must not.
+            listed = False
+        result = listed or any(self._xattr_is_yes(path, name) for name in OPAQUE_XATTRS)
         self._opaque[path] = result
         return result
 

@@ -152,6 +152,8 @@ def _mount_and_serve(config: MountConfig, ready_fd: int | None) -> int:
     import pyfuse3
     import trio
 
+    # The kernel already applied the caller's umask to every mode it sends us.
+    os.umask(0)
     try:
         ops = prepare(config)
         try:

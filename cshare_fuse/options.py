@@ -56,7 +56,7 @@ FUSE_PASSTHROUGH = frozenset(
      "exec", "noexec", "noatime", "atime", "relatime", "ro", "rw", "auto_unmount"}
 )
 #: Accepted for compatibility; they change nothing here (each says why in the man page).
-ACCEPTED_NOOPS = frozenset({"volatile", "noacl", "redirect_dir", "xino", "fast_ino", "nofail",
+ACCEPTED_NOOPS = frozenset({"noacl", "redirect_dir", "xino", "fast_ino", "nofail",
                             "_netdev", "user", "users", "auto", "noauto", "defaults"})
 
 
@@ -288,6 +288,8 @@ def parse_command_line(argv: list[str]) -> MountConfig:
             if name == "ro":
                 values["read_only"] = True
             fuse_opts.add(name)
+        elif name == "volatile":
+            values["fsync"] = False  # fuse-overlayfs: volatile means no fsync at all
         elif name in ACCEPTED_NOOPS:
             if name == "xino" and value not in (None, "off", "auto", "on"):
                 raise ConfigError(f"xino={value!r}: expected off, auto or on")

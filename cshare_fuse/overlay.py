@@ -264,13 +264,24 @@ class Overlay:
             gid = parent_st.gid
         return uid, gid, inherit
 
-    def _give(self, real: bytes, uid: int, gid: int) -> None:
-        if self.copy_policy.can_chown:
-            try:
-                os.chown(real, uid, gid, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EPERM):
-                    raise
+    def _give(self, target: bytes | int, uid: int, gid: int, mode: int | None = None) -> None:
+        """Hand a new entry to its creator; `mode` is set again when chown cleared bits."""
+        if not self.copy_policy.can_chown:
+            return
+        try:
+            if isinstance(target, int):
+                os.fchown(target, uid, gid)
+            else:
+                os.chown(target, uid, gid, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+        if mode is not None and mode & (statmod.S_ISUID | statmod.S_ISGID):
+            # chown(2) drops setuid/setgid; the creator asked for them.
+            if isinstance(target, int):
+                os.fchmod(target, statmod.S_IMODE(mode))
+            else:
+                os.chmod(target, statmod.S_IMODE(mode))
 
     def _added(self, parent: Node, name: bytes, whiteout_removed: bool) -> Node:
         parent.children.pop(name, None)
@@ -292,10 +303,11 @@ class Overlay:
         assert self.upper is not None
         real = self.upper.real(merge.child_path(parent.path(), name))
         owner_uid, owner_gid, inherit = self._owner_for_new(parent, uid, gid)
-        os.mkdir(real, statmod.S_IMODE(mode))
-        self._give(real, owner_uid, owner_gid)
-        if inherit:
-            os.chmod(real, statmod.S_IMODE(mode) | statmod.S_ISGID)
+        dir_mode = statmod.S_IMODE(mode) | (statmod.S_ISGID if inherit else 0)
+        os.mkdir(real, dir_mode)
+        self._give(real, owner_uid, owner_gid, dir_mode)
+        if inherit or dir_mode & statmod.S_ISVTX:
+            os.chmod(real, dir_mode)  # mkdir(2) may drop bits; set exactly what was asked
         if removed:
             whiteout.mark_opaque(real)
         return self._added(parent, name, removed)
@@ -312,7 +324,7 @@ class Overlay:
         real = self.upper.real(merge.child_path(parent.path(), name))
         owner_uid, owner_gid, _ = self._owner_for_new(parent, uid, gid)
         os.mknod(real, mode, rdev)
-        self._give(real, owner_uid, owner_gid)
+        self._give(real, owner_uid, owner_gid, mode)
         return self._added(parent, name, removed)
 
     async def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int,
@@ -340,12 +352,7 @@ class Overlay:
         fd = os.open(real, self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, statmod.S_IMODE(mode))
         try:
-            if self.copy_policy.can_chown:
-                try:
-                    os.fchown(fd, owner_uid, owner_gid)
-                except OSError as exc:
-                    if exc.errno not in (errno.EINVAL, errno.EPERM):
-                        raise
+            self._give(fd, owner_uid, owner_gid, mode)
             node = self._added(parent, name, removed)
         except BaseException:
             os.close(fd)
@@ -547,8 +554,11 @@ class Overlay:
     async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None) -> pyfuse3.EntryAttributes:
         node = self.node(ino)
+        # Even a setattr that changes nothing visible (chown(f, -1, -1): ctime only)
+        # copies up, as with the kernel's overlay: the file was "changed".
         changing = (fields.update_mode or fields.update_uid or fields.update_gid
-                    or fields.update_size or fields.update_atime or fields.update_mtime)
+                    or fields.update_size or fields.update_atime or fields.update_mtime
+                    or fields.update_ctime)
         if not changing:
             return self.attributes(node)
         if node.unlinked:
@@ -699,7 +709,8 @@ class Overlay:
         self.handles.pop(fh)
 
     def statfs(self) -> pyfuse3.StatvfsData:
-        root = self.upper.root if self.upper else os.fsencode(self.layers[0].describe())
+        top = self.layers[0]
+        root = top.root if isinstance(top, UpperLayer) else os.fsencode(top.source.root) if isinstance(top, LowerLayer) else b"/"
         vfs = os.statvfs(root)
         data = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
@@ -740,6 +751,9 @@ class Overlay:
         self._xattr_layer(node)
         if whiteout.is_internal_xattr(name):
             raise OverlayError(errno.EPERM, f"{name} belongs to the overlay")
+        if node.layer != self.upper_index:
+            # Nothing to remove is no reason to copy up (the kernel checks first too).
+            self.layers[node.layer].getxattr(node.path(), name)
         await self.ensure_upper(node)
         assert self.upper is not None
         os.removexattr(self.upper.real(node.path()), name, follow_symlinks=False)

@@ -7,9 +7,10 @@ The steps, for IMAGE in podman's store (cshare.storage) and the shared store
 2. under podman's read locks, resolve IMAGE, walk its layer chain and copy
    every layer the shared store does not hold yet into the store's tmp/
    (cshare.copytree; reflink when possible); then release podman's locks;
-3. convert each copied layer (cshare.convert.convert_tree), check that it is
-   safe to show to every user (`unsafe_entries`), then publish it with one
-   rename, base layer first;
+3. convert each copied layer (cshare.convert.convert_tree), make it root-owned
+   with no file capabilities (`secure_tree`), check that it is safe to show to
+   every user (`unsafe_entries` and cshare verify's `verify_tree`), then publish
+   it with one rename, base layer first;
 4. write the image record last (names, layer order, run config).
 
 A layer already in the store is reused, so running make-shared twice for the
@@ -83,7 +84,7 @@ class _Silent:
         pass
 
 
-def _convert(tree: Path, on_entry: Callable[[object], None]) -> None:
+def _convert(tree: Path, on_entry: Callable[[], None]) -> None:
     try:
         from .convert import convert_tree
     except ImportError as exc:
@@ -93,10 +94,62 @@ def _convert(tree: Path, on_entry: Callable[[object], None]) -> None:
     report = convert_tree(tree, dry_run=False, on_entry=on_entry)
     errors = list(getattr(report, "errors", []) or [])
     if errors:
-        shown = "; ".join(str(e) for e in errors[:3])
+        shown = "; ".join(
+            ": ".join(map(str, e)) if isinstance(e, tuple) else str(e) for e in errors[:3]
+        )
         raise CshareError(
             f"converting layer {tree.parent.name} failed: {len(errors)} error(s): {shown}"
         )
+
+
+CAPABILITY_XATTR = "security.capability"
+#: Where a layer's file capabilities are kept once removed from the host file.
+STASHED_CAPABILITY_XATTR = "user.cshare.capability"
+
+
+def secure_tree(tree: Path) -> int:
+    """Make a converted layer safe on the host; return how many entries changed.
+
+    convert keeps host owners, but in the shared store a file owned by, say,
+    uid 33 could be rewritten (or its override xattr forged) by whoever has
+    uid 33 on the host.  So every entry but symlinks (which nobody can modify)
+    becomes root:root.  File capabilities would let any host user run the file
+    with privileges, like setuid: they move to `user.cshare.capability`.
+    """
+    changed = 0
+
+    def fix(path: str) -> None:
+        nonlocal changed
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return
+        if stat.S_ISREG(st.st_mode) and CAPABILITY_XATTR in os.listxattr(
+            path, follow_symlinks=False
+        ):
+            value = os.getxattr(path, CAPABILITY_XATTR, follow_symlinks=False)
+            os.setxattr(path, STASHED_CAPABILITY_XATTR, value, follow_symlinks=False)
+            os.removexattr(path, CAPABILITY_XATTR, follow_symlinks=False)
+            changed += 1
+        if st.st_uid != 0 or st.st_gid != 0:
+            mode = stat.S_IMODE(st.st_mode)
+            os.chown(path, 0, 0, follow_symlinks=False)
+            if not stat.S_ISCHR(st.st_mode) and stat.S_IMODE(os.lstat(path).st_mode) != mode:
+                os.chmod(path, mode)  # chown may drop bits; keep the converted mode
+            changed += 1
+
+    fix(str(tree))
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in dirnames + filenames:
+            fix(os.path.join(dirpath, name))
+    return changed
+
+
+def _verify(tree: Path) -> list[str]:
+    """cshare verify's findings on a layer, as `path: kind (detail)`."""
+    from .verify import verify_tree
+
+    report = verify_tree(tree)
+    return [f"{f.path}: {f.kind} ({f.detail})" for f in report.findings]
 
 
 def unsafe_entries(tree: Path, limit: int = 20) -> list[str]:
@@ -104,7 +157,8 @@ def unsafe_entries(tree: Path, limit: int = 20) -> list[str]:
 
     Every user may read the shared store, so a layer may hold nothing writable
     by anyone but root, no setuid/setgid/sticky bits, no device nodes, fifos or
-    sockets (a whiteout, char 0/0, is fine), and nothing users cannot read.
+    sockets (a whiteout, char 0/0, is fine), no file capabilities, and
+    nothing users cannot read.  Symlinks may keep any owner: nobody can change one.
     """
     problems: list[str] = []
 
@@ -112,11 +166,11 @@ def unsafe_entries(tree: Path, limit: int = 20) -> list[str]:
         mode = st.st_mode
         rel = os.path.relpath(path, tree)
         if stat.S_ISLNK(mode):
-            if st.st_uid != 0:
-                problems.append(f"{rel}: symlink not owned by root")
             return
         if stat.S_ISCHR(mode) and st.st_rdev == 0:
-            return  # whiteout
+            if st.st_uid != 0:
+                problems.append(f"{rel}: whiteout owned by uid {st.st_uid}, not root")
+            return
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             problems.append(f"{rel}: special file (type {stat.S_IFMT(mode):o})")
             return
@@ -126,6 +180,8 @@ def unsafe_entries(tree: Path, limit: int = 20) -> list[str]:
             problems.append(f"{rel}: writable by group or others ({stat.S_IMODE(mode):04o})")
         if mode & 0o7000:
             problems.append(f"{rel}: setuid/setgid/sticky ({stat.S_IMODE(mode):04o})")
+        if stat.S_ISREG(mode) and CAPABILITY_XATTR in os.listxattr(path, follow_symlinks=False):
+            problems.append(f"{rel}: has file capabilities")
         needed = 0o005 if stat.S_ISDIR(mode) else 0o004
         if mode & needed != needed:
             problems.append(f"{rel}: not readable by users ({stat.S_IMODE(mode):04o})")
@@ -205,8 +261,9 @@ def _make_shared_locked(
         rep.layer_start(index, total, layer.id, "convert")
         started = time.monotonic()
         diff = staged[layer.id] / "diff"
-        _convert(diff, lambda _e: rep.entry())
-        problems = unsafe_entries(diff)
+        _convert(diff, rep.entry)
+        secure_tree(diff)
+        problems = unsafe_entries(diff) + _verify(diff)
         if problems:
             raise CshareError(
                 f"layer {layer.id[:12]} is not safe to share after conversion: {'; '.join(problems[:3])}"

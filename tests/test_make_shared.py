@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ensure_user, tool, unmount_all_below
+from conftest import ensure_user, is_root, require, tool, unmount_all_below
 from overlay_support import LayerDirs, mounted
 from podman_support import (  # noqa: F401
     BASE,
@@ -36,7 +37,7 @@ from podman_support import (  # noqa: F401
     podman_store,
 )
 
-from cshare.make_shared import make_shared, unsafe_entries
+from cshare.make_shared import STASHED_CAPABILITY_XATTR, make_shared, secure_tree, unsafe_entries
 from cshare.storage import SourceStore
 from cshare.store import SharedStore
 from cshare_fuse.overrides import OVERRIDE_XATTR, parse_override
@@ -471,3 +472,31 @@ def test_killed_make_shared_publishes_nothing(
     assert [o.status for o in result.layers] == ["added"]
     assert os.listdir(fresh_store / "tmp") == []
     assert unsafe_entries(fresh_store / "layers" / result.image.layers[0] / "diff") == []
+
+
+def test_secure_tree_takes_layers_away_from_host_users(tmp_path: Path) -> None:
+    """A converted entry owned by uid 33 could be rewritten by uid 33 of the host."""
+    require(is_root(), "root (chown, security.capability)")
+    tree = tmp_path / "layer"
+    (tree / "www").mkdir(parents=True)
+    ping = tree / "www" / "ping"
+    ping.write_bytes(b"\x7fELF")
+    os.setxattr(ping, OVERRIDE_XATTR, b"33:33:0750:file")
+    # VFS_CAP_REVISION_2 with the effective flag; permitted = CAP_NET_RAW (13)
+    capability = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+    (tree / "www" / "link").symlink_to("ping")
+    for path in (tree / "www", ping):
+        os.chown(path, 33, 33)
+        os.chmod(path, 0o755)
+    os.setxattr(ping, "security.capability", capability)  # after chown, which drops it
+    os.chown(tree / "www" / "link", 33, 33, follow_symlinks=False)
+    assert unsafe_entries(tree) != []
+    assert secure_tree(tree) == 3  # the dir, the file's owner, the file's capability
+    assert (os.stat(ping).st_uid, os.stat(ping).st_mode & 0o7777) == (0, 0o755)
+    assert os.stat(tree / "www").st_uid == 0
+    assert "security.capability" not in os.listxattr(ping)
+    assert os.getxattr(ping, STASHED_CAPABILITY_XATTR) == capability
+    assert os.getxattr(ping, OVERRIDE_XATTR) == b"33:33:0750:file"
+    assert os.lstat(tree / "www" / "link").st_uid == 33  # nobody can change a symlink
+    assert unsafe_entries(tree) == []
+    assert secure_tree(tree) == 0

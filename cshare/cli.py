@@ -107,7 +107,17 @@ def make_shared(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Copy IMAGE from podman's store into the shared store, converted for every user (root only)."""
+    """Copy IMAGE from podman's store into the shared store, converted for every user (root only).
+
+    Each layer of IMAGE is copied (reflinked when the filesystem allows it),
+    converted like cshare convert (the original owner, mode and type of every
+    entry go into the user.containers.override_stat xattr; on the host the
+    entry becomes root-owned 0755), checked like cshare verify, and published
+    in one rename.  Layers already in the store are reused.  The image record
+    (names, layer order, entrypoint, cmd, env, workdir, user) is written last.
+    Running it again for the same image changes nothing; concurrent runs wait
+    for each other.
+    """
     from .store_cmd import run_make_shared
 
     _guard(
@@ -122,7 +132,11 @@ def images(
     store: Path = StoreOption,
     json_out: bool = typer.Option(False, "--json", help="Print the images as a JSON list."),
 ) -> None:
-    """List the images of the shared store."""
+    """List the images of the shared store.
+
+    Shows each name with its image id, number of layers, size and creation
+    time; --json prints the image records (as in images/ID.json, plus size).
+    """
     from .store_cmd import run_images
 
     _guard(lambda: run_images(store=store, json_out=json_out))
@@ -133,7 +147,12 @@ def inspect(
     image: str = typer.Argument(..., help="The image in the shared store: id, id prefix, name or short name."),
     store: Path = StoreOption,
 ) -> None:
-    """Print everything the shared store knows about IMAGE as a JSON document."""
+    """Print everything the shared store knows about IMAGE as a JSON document.
+
+    The document holds the image record (id, names, layers top first, config,
+    digest, created), the store, the image size, the overlay lowerdir value of
+    its layers, and each layer's metadata with the path of its diff directory.
+    """
     from .store_cmd import run_inspect
 
     _guard(lambda: run_inspect(image, store=store))
@@ -145,7 +164,12 @@ def rm(
     store: Path = StoreOption,
     json_out: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
 ) -> None:
-    """Remove IMAGE from the shared store; layers other images use are kept (root only)."""
+    """Remove IMAGE from the shared store; layers other images use are kept (root only).
+
+    The image record goes first, so no reader ever finds an image with missing
+    layers; then every layer that no remaining image uses is deleted at once,
+    so unmount the overlays users have mounted on the image first.
+    """
     from .store_cmd import run_rm
 
     _guard(lambda: run_rm(image, store=store, json_out=json_out))

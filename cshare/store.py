@@ -28,7 +28,12 @@ Guarantees:
   either the state before or after a writer, never a mix.
 - A layer present already is reused (dedupe across images).
 - Nothing in the store is world- or group-writable; files 0644 or 0755,
-  directories 0755, `tmp/` 0700.
+  directories 0755, `tmp/` 0700.  Every entry of a layer except symlinks is
+  owned by root (a host user owning one could rewrite it or its override
+  xattr); the original owners live in the override xattr.  There are no
+  setuid/setgid files, no device nodes (a whiteout, char 0/0, is not one) and
+  no file capabilities: a layer's `security.capability` is kept as
+  `user.cshare.capability` (cshare.make_shared.secure_tree).
 
 Python API: `SharedStore(root)` with `images()`, `resolve(name)`,
 `layer_diff(layer_id)`, `lower_dirs(image)` (top first), `read_lock()`; the

@@ -735,15 +735,28 @@ def check_pair(pair: Pair, ops: Sequence[Op], *, below: str = "", compare_upper:
     if compare_upper:
         kernel_upper = _upper_below(pair.kernel, below)
         fuse_upper = _upper_below(pair.fuse, below)
-        # A directory copied up without need changes nothing anyone can see;
-        # every other difference in what was written to upper does.
-        for rel, entry in list(fuse_upper.items()):
-            if rel not in kernel_upper and entry["type"] == "dir" and not entry["opaque"]:
-                del fuse_upper[rel]
+        # An entry copied up without need (identical to what the lower layers
+        # show) changes nothing anyone can see, so one side may have it and the
+        # other not; every other difference in what was written to upper counts.
+        lower = merged_expectation([p / below for p in pair.kernel.lowers] if below
+                                   else pair.kernel.lowers)
+        for mine, theirs in ((kernel_upper, fuse_upper), (fuse_upper, kernel_upper)):
+            for rel in [r for r in mine if r not in theirs]:
+                if _same_as_lower(mine[rel], lower.get(rel)):
+                    del mine[rel]
         problems += ["upper: " + line for line in diff_trees(kernel_upper, fuse_upper)]
     if problems:
         problems.insert(0, "operations (a reproduction):\n" + format_ops(ls.ops))
     return problems
+
+
+def _same_as_lower(entry: dict[str, Any], lower: dict[str, Any] | None) -> bool:
+    """Is this upper entry a plain copy of the merged lower entry (times aside)?"""
+    if lower is None or entry.get("opaque"):
+        return False
+    ignore = {"mtime", "nlink", "opaque"}
+    return ({k: v for k, v in entry.items() if k not in ignore}
+            == {k: v for k, v in lower.items() if k not in ignore})
 
 
 def _upper_below(dirs: LayerDirs, below: str) -> dict[str, dict[str, Any]]:
@@ -763,3 +776,20 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02) ->
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def serving_processes(mnt: Path) -> list[int]:
+    """Processes whose command line names `mnt` (an overlay daemon serving it)."""
+    needle = os.fsencode(str(mnt))
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+

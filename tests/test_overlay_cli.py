@@ -1,0 +1,275 @@
+"""The overlay's command line, as fuse-overlayfs users and mount(8) drive it.
+
+- it daemonizes and returns only once the mount is ready; `-f` stays in the
+  foreground; `-d` logs operations;
+- `mount -t fuse.NAME SOURCE MNT -o ...` works (through mount.fuse3), and both
+  `fusermount3 -u` and `umount` unmount it;
+- bad input gets a one-line error and a non-zero exit with nothing mounted;
+  unknown options get a warning and the mount works;
+- an unexpected exception in a handler answers EIO and logs, and the mount
+  keeps serving (CSHARE_OVERLAY_INJECT_FAULT makes named handlers raise).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require
+from overlay_support import (
+    LayerDirs,
+    dir_,
+    file,
+    fuse_options,
+    is_mounted,
+    make_copy,
+    mount_type,
+    overlay_command,
+    overlay_program_name,
+    serving_processes,
+    unmount,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(60)]
+
+LOWER = [file("hello", "hello\n", xattrs={"user.k": b"v"}), dir_("dir"), file("dir/inside", "in\n")]
+BASE = [file("below", "below\n"), file("hello", "covered\n")]
+
+
+@pytest.fixture
+def dirs(root_fuse: None, world_tmp: Path) -> Iterator[LayerDirs]:
+    d = make_copy(world_tmp / "layers", [LOWER, BASE])
+    try:
+        yield d
+    finally:
+        unmount(d.mnt, fuse=True)
+
+
+def run(argv: list[str], log: Path, env: dict[str, str] | None = None,
+        timeout: float = 30) -> int:
+    """Run to completion with output in `log` (a daemon may keep it open: never a pipe)."""
+    with open(log, "wb") as out:
+        return subprocess.run(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                              timeout=timeout, env=env).returncode
+
+
+def check_serves(mnt: Path) -> None:
+    assert (mnt / "hello").read_text() == "hello\n"
+    assert sorted(os.listdir(mnt)) == ["below", "dir", "hello"]
+
+
+def test_daemonizes_and_returns_when_ready(dirs: LayerDirs, world_tmp: Path) -> None:
+    log = world_tmp / "out.log"
+    rc = run([*overlay_command(), "-o", fuse_options(dirs), str(dirs.mnt)], log)
+    assert rc == 0, log.read_text()
+    # No waiting: the command returned, so the mount must be there already.
+    assert is_mounted(dirs.mnt), "the command returned before the mount was ready"
+    assert (mount_type(dirs.mnt) or "").startswith("fuse")
+    check_serves(dirs.mnt)
+    assert serving_processes(dirs.mnt), "no daemon left serving the mount"
+    r = subprocess.run(["fusermount3", "-u", str(dirs.mnt)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(dirs.mnt)
+    assert wait_until(lambda: not serving_processes(dirs.mnt), timeout=10), \
+        "the daemon did not exit after fusermount3 -u"
+
+
+def test_foreground_until_unmounted(dirs: LayerDirs, world_tmp: Path) -> None:
+    log = open(world_tmp / "fg.log", "wb")
+    proc = subprocess.Popen([*overlay_command(), "-f", "-o", fuse_options(dirs), str(dirs.mnt)],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: is_mounted(dirs.mnt) or proc.poll() is not None, 20)
+        assert proc.poll() is None, f"-f exited: {(world_tmp / 'fg.log').read_text()}"
+        assert is_mounted(dirs.mnt)
+        check_serves(dirs.mnt)
+        assert proc.poll() is None, "-f must stay in the foreground while mounted"
+        r = subprocess.run(["fusermount3", "-u", str(dirs.mnt)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert proc.wait(timeout=15) == 0, (world_tmp / "fg.log").read_text()
+    finally:
+        if proc.poll() is None:
+            unmount(dirs.mnt, fuse=True)
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_debug_logs_operations(dirs: LayerDirs, world_tmp: Path) -> None:
+    logpath = world_tmp / "debug.log"
+    log = open(logpath, "wb")
+    proc = subprocess.Popen([*overlay_command(), "-d", "-o", fuse_options(dirs), str(dirs.mnt)],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: is_mounted(dirs.mnt) or proc.poll() is not None, 20)
+        assert proc.poll() is None, "-d implies the foreground"
+        (dirs.mnt / "dir" / "inside").read_text()
+        assert wait_until(lambda: "lookup" in logpath.read_text(errors="replace").lower(), 5), \
+            logpath.read_text(errors="replace")[-2000:]
+        unmount(dirs.mnt, fuse=True)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            unmount(dirs.mnt, fuse=True)
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.parametrize("how", ["fusermount3", "umount"])
+def test_mount_helper_and_unmount(dirs: LayerDirs, world_tmp: Path, how: str) -> None:
+    name = overlay_program_name()
+    require(shutil.which(name) is not None,
+            f"{name} on PATH for mount.fuse3 (scripts/install links it into /usr/local/bin)")
+    require(shutil.which("mount.fuse3") is not None, "mount.fuse3 (Debian package fuse3)")
+    r = subprocess.run(["mount", "-t", f"fuse.{name}", "overlay-src", str(dirs.mnt),
+                        "-o", fuse_options(dirs)], capture_output=True, text=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert is_mounted(dirs.mnt)
+    assert mount_type(dirs.mnt) == f"fuse.{name}"
+    check_serves(dirs.mnt)
+    (dirs.mnt / "written").write_text("through mount(8)\n")
+    assert (dirs.upper / "written").read_text() == "through mount(8)\n"
+    cmd = ["fusermount3", "-u"] if how == "fusermount3" else ["umount"]
+    r = subprocess.run([*cmd, str(dirs.mnt)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(dirs.mnt)
+    assert wait_until(lambda: not serving_processes(dirs.mnt), timeout=10), \
+        f"the daemon did not exit after {how}"
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, non-zero, nothing mounted.
+
+
+def _bad_cases(d: LayerDirs, tmpfs: Path) -> dict[str, tuple[list[str], str, str]]:
+    """name -> (options, mountpoint, what the error line must name; `|` separates choices)."""
+    lower = ":".join(str(p) for p in d.lowers)
+    uw = f"upperdir={d.upper},workdir={d.work}"
+    mnt = str(d.mnt)
+    (d.lowers[0] / "dir").mkdir(exist_ok=True)
+    return {
+        "no lowerdir option": ([uw], mnt, "lowerdir"),
+        "missing lowerdir": ([f"lowerdir={d.lowers[0]}:/nonexistent/layer", uw], mnt,
+                             "/nonexistent/layer"),
+        "missing workdir": ([f"lowerdir={lower}", f"upperdir={d.upper}",
+                             "workdir=/nonexistent/work"], mnt, "/nonexistent/work"),
+        "workdir without upperdir": ([f"lowerdir={lower}", f"workdir={d.work}"], mnt, "upperdir"),
+        "workdir on another filesystem": (
+            [f"lowerdir={lower}", f"upperdir={d.upper}", f"workdir={tmpfs}"], mnt, "workdir"),
+        "mountpoint is a lower layer": ([f"lowerdir={lower}", uw], str(d.lowers[1]), "layer"),
+        "mountpoint inside a lower layer": ([f"lowerdir={lower}", uw],
+                                            str(d.lowers[0] / "dir"), "layer"),
+        "mountpoint is the upper layer": ([f"lowerdir={lower}", uw], str(d.upper), "upper|layer"),
+        "malformed uidmapping": ([f"lowerdir={lower}", uw, "uidmapping=x"], mnt, "uidmapping"),
+        "malformed gidmapping": ([f"lowerdir={lower}", uw, "gidmapping=0:1"], mnt, "gidmapping"),
+        "xattr_permissions out of range": ([f"lowerdir={lower}", uw, "xattr_permissions=7"], mnt,
+                                           "xattr_permissions"),
+        "timeout not a number": ([f"lowerdir={lower}", uw, "timeout=abc"], mnt, "timeout"),
+        "squash_to_uid not a number": ([f"lowerdir={lower}", uw, "squash_to_uid=abc"], mnt,
+                                       "squash_to_uid"),
+    }
+
+
+BAD_NAMES = [
+    "no lowerdir option", "missing lowerdir", "missing workdir", "workdir without upperdir",
+    "workdir on another filesystem", "mountpoint is a lower layer",
+    "mountpoint inside a lower layer", "mountpoint is the upper layer", "malformed uidmapping",
+    "malformed gidmapping", "xattr_permissions out of range", "timeout not a number",
+    "squash_to_uid not a number",
+]
+
+
+@pytest.fixture
+def small_tmpfs(root_fuse: None, world_tmp: Path) -> Iterator[Path]:
+    path = world_tmp / "tmpfs"
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    try:
+        (path / "work").mkdir()
+        yield path / "work"
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("case", BAD_NAMES)
+def test_bad_input_is_refused(dirs: LayerDirs, small_tmpfs: Path, world_tmp: Path,
+                              case: str) -> None:
+    opts, mnt, word = _bad_cases(dirs, small_tmpfs)[case]
+    before = is_mounted(Path(mnt))
+    r = subprocess.run([*overlay_command(), "-o", ",".join(opts), mnt], capture_output=True,
+                       text=True, timeout=30, stdin=subprocess.DEVNULL)
+    try:
+        assert r.returncode != 0, f"{case}: accepted (stderr: {r.stderr!r})"
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, f"{case}: want one error line, got {lines!r}"
+        assert any(w.lower() in lines[0].lower() for w in word.split("|")), \
+            f"{case}: {lines[0]!r} does not name {word!r}"
+        assert "Traceback" not in r.stderr
+        assert is_mounted(Path(mnt)) == before, f"{case}: something got mounted"
+        assert not is_mounted(dirs.mnt)
+    finally:
+        unmount(Path(mnt), fuse=True)
+
+
+def test_unknown_option_warns_and_mounts(dirs: LayerDirs, world_tmp: Path) -> None:
+    log = world_tmp / "warn.log"
+    opts = fuse_options(dirs, extra=["no_such_option_xyz=1"])
+    rc = run([*overlay_command(), "-o", opts, str(dirs.mnt)], log)
+    assert rc == 0, log.read_text()
+    assert is_mounted(dirs.mnt)
+    check_serves(dirs.mnt)
+    assert "no_such_option_xyz" in log.read_text(), f"no warning: {log.read_text()!r}"
+
+
+# ---------------------------------------------------------------------------
+# Never dies: an exception in a handler is EIO for that call only.
+
+
+@pytest.mark.parametrize("handler", ["getxattr", "listxattr"])
+def test_handler_exception_gives_eio_and_mount_survives(dirs: LayerDirs, world_tmp: Path,
+                                                        handler: str) -> None:
+    logpath = world_tmp / "fault.log"
+    log = open(logpath, "wb")
+    env = dict(os.environ, CSHARE_OVERLAY_INJECT_FAULT=handler)
+    proc = subprocess.Popen([*overlay_command(), "-f", "-o", fuse_options(dirs), str(dirs.mnt)],
+                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+    try:
+        assert wait_until(lambda: is_mounted(dirs.mnt) or proc.poll() is not None, 20)
+        assert proc.poll() is None, logpath.read_text()
+
+        def faulty() -> object:
+            if handler == "getxattr":
+                return os.getxattr(dirs.mnt / "hello", "user.k")
+            return os.listxattr(dirs.mnt / "hello")
+
+        for _ in range(2):  # twice: the first fault must not have broken anything
+            with pytest.raises(OSError) as info:
+                faulty()
+            assert info.value.errno == errno.EIO, info.value
+            check_serves(dirs.mnt)
+            (dirs.mnt / "after_fault").write_text("still serving\n")
+            assert (dirs.mnt / "after_fault").read_text() == "still serving\n"
+            os.chmod(dirs.mnt / "after_fault", 0o600)
+            os.unlink(dirs.mnt / "after_fault")
+        assert wait_until(lambda: handler in logpath.read_text(errors="replace"), 5), \
+            f"no log line names {handler}: {logpath.read_text(errors='replace')[-2000:]!r}"
+        assert proc.poll() is None, "the daemon died"
+        assert is_mounted(dirs.mnt)
+        unmount(dirs.mnt, fuse=True)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            unmount(dirs.mnt, fuse=True)
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -193,7 +193,31 @@ def mount(
     """Mount IMAGE from the shared store on MOUNTPOINT, writable and private to you.
 
     As an ordinary user, run it inside `podman unshare` (or `unshare --map-auto
-    --map-root-user --mount`), then `podman run --rootfs MOUNTPOINT ...`.
+    --map-root-user --mount`): there you are root of your own user namespace
+    and may mount.  The mount stays in podman's namespace, so a later
+    `podman run --rootfs MOUNTPOINT` sees it.  Root may also run it directly.
+
+    It runs cshare-overlay (or the program named by $CSHARE_OVERLAY_CMD) with
+    the image's shared layers as lower layers, served by the bundled test
+    plugin, which shows every file with its original owner and mode: inside
+    the container root's 0600 files are root's and readable by root, uid 33's
+    files are uid 33's, setuid bits are back.  Your changes go to an upper
+    directory of your own, kept per image and mountpoint under
+    $XDG_DATA_HOME/cshare/mounts/ (default ~/.local/share/cshare/mounts/), so
+    mounting the same image on the same mountpoint again finds them.  The
+    command returns once the mount is ready.
+
+    Fails with one line, changing nothing, when: you are an ordinary user
+    outside a user namespace; /dev/fuse cannot be opened; IMAGE is not in the
+    store; MOUNTPOINT does not exist, is not an empty directory, or already
+    has something mounted on it; IMAGE is already mounted on MOUNTPOINT from
+    another namespace.
+
+    \b
+    Example:
+      podman unshare cshare mount fedora ~/mnt
+      podman run --rm -it --rootfs ~/mnt /bin/sh
+      podman unshare cshare umount ~/mnt
     """
     from .mount import mount_image
 
@@ -212,7 +236,15 @@ def umount(
     mountpoint: Path = typer.Argument(..., help="A mountpoint given to cshare mount."),
     debug: bool = typer.Option(False, "--debug", help="Print each unmount step."),
 ) -> None:
-    """Unmount an image mounted by cshare mount; your changes stay for the next mount."""
+    """Unmount an image mounted by cshare mount; your changes stay for the next mount.
+
+    Run it where the mount was made (inside `podman unshare` for a user).  It
+    uses fusermount3 -u, and umount(8) when that fails inside a namespace;
+    then it waits for the overlay to exit, empties the overlay's scratch
+    directory and drops the record cshare mount kept.  The upper directory
+    with your changes is kept.  A mountpoint that is not mounted, or still in
+    use by a container, is an error.
+    """
     from .mount import unmount
 
     def action() -> None:
@@ -234,7 +266,20 @@ def demo(
     keep: bool = typer.Option(False, "--keep", help="Keep the demo directory (stores, mountpoint) for a look afterwards."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
-    """Show the whole workflow on a built-in image: make-shared, mount as a user, run a container (root only)."""
+    """Show the whole workflow on a built-in image: make-shared, mount as a user, run a container (root only).
+
+    Root builds the demo image (busybox plus a root file of mode 0600, a root
+    directory of mode 0700, a uid-33 file of mode 0640, a setuid program and a
+    device node), imports it into a private podman store and runs make-shared
+    into a demo store.  Then the user (created with useradd if missing) runs
+    podman unshare cshare mount, podman run --rootfs as container root and as
+    uid 33, and podman unshare cshare umount.  The tables show, for each
+    path, its owner and mode in root's image, what the user gets without
+    cshare, and what the user's container sees with cshare, followed by a
+    summary line.  Everything is made below /var/tmp/cshare-demo-* and
+    removed afterwards; /dev/fuse is opened to users (0666) for the run when
+    it is not already.  The exit status is 1 if any check failed.
+    """
     from .demo import run_demo
 
     _guard(lambda: run_demo(user=user, keep=keep, json_out=json_out))

@@ -173,16 +173,20 @@ def _mount_and_serve(config: MountConfig, ready_fd: int | None) -> int:
         os.close(ready_fd)
         _detach_stdio()
 
+    from . import session
+
+    session.install()
+
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             async def on_signals() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
-                        pyfuse3.terminate()
+                        session.terminate()
                         return
 
             nursery.start_soon(on_signals)
-            await pyfuse3.main(min_tasks=2, max_tasks=32)
+            await pyfuse3.main(min_tasks=2, max_tasks=8)
             nursery.cancel_scope.cancel()
 
     unmount = False

@@ -83,7 +83,6 @@ class MountConfig:
     fsync: bool = True
     noxattrs: bool = False
     read_only: bool = False
-    max_write: int | None = None
     fuse_options: frozenset[str] = frozenset()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -281,7 +280,9 @@ def parse_command_line(argv: list[str]) -> MountConfig:
         elif name == "noxattrs":
             values["noxattrs"] = _bool_value(name, value)
         elif name == "max_write":
-            values["max_write"] = _int_value(name, need(), 4096, 2**24)
+            _int_value(name, need(), 4096, 2**24)  # still refuse a malformed value
+            warnings.append(f"{opt} is not supported (pyfuse3 cannot negotiate it); "
+                            "the kernel's default write size is used")
         elif name in FUSE_PASSTHROUGH:
             if value is not None:
                 raise ConfigError(f"option {name} takes no value")

@@ -15,14 +15,12 @@ mount is ready; what was mounted is recorded next to the upper directory so
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import pwd
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -143,6 +141,46 @@ def mount_table() -> dict[str, str]:
 
 def is_mount_point(path: Path) -> bool:
     return str(path) in mount_table()
+
+
+def mount_device(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The `MAJOR:MINOR` of the filesystem mounted at `path` (the last mount there)."""
+    found = None
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == str(path):
+                found = fields[2]
+    return found
+
+
+def users_elsewhere(path: Path) -> list[int]:
+    """Pids (one per mount namespace) outside ours that still have the filesystem at `path` mounted.
+
+    A container started with `podman run --rootfs` gets its own mount namespace
+    holding its own reference to our FUSE filesystem.  Unmounting here would
+    leave it running, but this is how to see it is still in use.
+    """
+    device = mount_device(path)
+    if device is None:
+        return []
+    ours = namespaces.mount_namespace_id()
+    seen: dict[str, int] = {ours: os.getpid()}
+    users = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"{entry.path}/ns/mnt")
+            if ns in seen:
+                continue
+            seen[ns] = int(entry.name)
+            with open(f"{entry.path}/mountinfo") as f:
+                if any(line.split()[2] == device for line in f):
+                    users.append(int(entry.name))
+        except (OSError, IndexError):
+            continue  # gone, or not ours to look at
+    return users
 
 
 # ------------------------------------------------------------------ the overlay program
@@ -426,6 +464,12 @@ def unmount(mountpoint: Path, debug: Callable[[str], None] | None = None) -> Mou
     fstype = mount_table().get(str(mnt), "")
     if record is None and not fstype.startswith("fuse"):
         raise CshareError(f"{mnt} is a {fstype} mount that cshare did not make; leaving it alone")
+    elsewhere = users_elsewhere(mnt)
+    if elsewhere:
+        raise CshareError(
+            f"{mnt} is busy: a container or another mount namespace still uses it "
+            f"(pid {', '.join(map(str, elsewhere[:3]))}); stop it first"
+        )
     code, message = _run_quiet(["fusermount3", "-u", str(mnt)])
     note(f"fusermount3 -u: exit {code} {message}")
     if code != 0 and (situation.in_userns or situation.euid == 0):
@@ -439,14 +483,10 @@ def unmount(mountpoint: Path, debug: Callable[[str], None] | None = None) -> Mou
         raise CshareError(f"could not unmount {mnt}: {message or 'unknown error'}")
     if record is not None and path is not None:
         if not _wait_exit(record.pid):
-            note(f"overlay pid {record.pid} still running after unmount; sending SIGTERM")
-            try:
-                os.kill(record.pid or 0, signal.SIGTERM)
-            except OSError as exc:
-                if exc.errno != errno.ESRCH:
-                    raise
-            _wait_exit(record.pid, 2.0)
-        if record.own_dirs:
+            # Never kill it: whoever still holds the filesystem would lose it.
+            # It ends by itself once the kernel drops the last reference.
+            note(f"overlay pid {record.pid} still running after unmount; leaving it")
+        elif record.own_dirs:
             # The work directory is scratch space the overlay empties at start anyway.
             shutil.rmtree(record.work, ignore_errors=True)
         path.unlink(missing_ok=True)

@@ -291,3 +291,35 @@ def test_second_namespace_cannot_mount_the_same_upper(
         if first.poll() is None:
             first.kill()
         kill_overlays_below([alice], world_tmp, [mnt])
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.rootless
+@pytest.mark.timeout(60)
+def test_umount_refuses_while_another_namespace_uses_the_mount(
+    alice, world_tmp: Path, shared_demo: SharedDemo  # type: ignore[no-untyped-def]
+) -> None:
+    """Like a running container: a child mount namespace holds the mount; umount must not pull it away."""
+    cshare, store = cshare_cmd(), shlex.quote(str(shared_demo.store))
+    mnt = user_dir(alice, world_tmp / "mnt")
+    m = shlex.quote(str(mnt))
+    try:
+        done = alice.run([*UNSHARE, "sh", "-c", f"""
+            {cshare} mount {DEMO} {m} --store {store} || exit 9
+            unshare --mount sh -c 'cat {m}/etc/secret >/dev/null && echo holder-read:yes; exec sleep 30' &
+            holder=$!
+            sleep 1
+            {cshare} umount {m} 2>&1 && echo first-umount:ok
+            kill $holder; wait $holder
+            {cshare} umount {m} && echo second-umount:ok
+        """])
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert "holder-read:yes" in lines
+        assert "first-umount:ok" not in lines
+        refusal = [ln for ln in lines if ln.startswith("cshare: error:")]
+        assert len(refusal) == 1 and "busy" in refusal[0] and "another mount namespace" in refusal[0]
+        assert "second-umount:ok" in lines
+    finally:
+        kill_overlays_below([alice], world_tmp, [mnt])

@@ -128,28 +128,32 @@ class _Copier:
                 dir_fd=dst_dir,
             )
             try:
-                if st.st_size:
-                    self.copy_data(sfd, dfd, st.st_size)
+                if st.st_size and self.copy_data(sfd, dfd, st):
+                    self.stats.reflinked += 1
                 self.finish_fd(sfd, dfd, st)
+                os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(dfd)
         finally:
             os.close(sfd)
-        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
         self.stats.files += 1
         self.stats.bytes += st.st_size
 
-    def copy_data(self, sfd: int, dfd: int, size: int) -> None:
+    def copy_data(self, sfd: int, dfd: int, st: os.stat_result) -> bool:
+        size = st.st_size
         if self.reflink_ok is not False:
             try:
                 fcntl.ioctl(dfd, FICLONE, sfd)
                 self.reflink_ok = True
-                self.stats.reflinked += 1
-                return
+                return True
             except OSError as exc:
                 if exc.errno not in _NO_REFLINK:
                     raise
                 self.reflink_ok = False
+        if st.st_blocks * 512 >= size:
+            # Fully allocated (most files): no holes to look for.
+            self.copy_range(sfd, dfd, 0, size)
+            return False
         offset = 0
         while offset < size:
             try:
@@ -159,14 +163,19 @@ class _Copier:
                     break
                 raise
             hole = os.lseek(sfd, data, os.SEEK_HOLE)
-            pos = data
-            while pos < hole:
-                n = os.copy_file_range(sfd, dfd, min(hole - pos, _CHUNK), pos, pos)
-                if n == 0:  # the file shrank under us
-                    break
-                pos += n
+            self.copy_range(sfd, dfd, data, hole)
             offset = hole
         os.ftruncate(dfd, size)  # a trailing hole
+        return False
+
+    @staticmethod
+    def copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
+        pos = start
+        while pos < end:
+            n = os.copy_file_range(sfd, dfd, min(end - pos, _CHUNK), pos, pos)
+            if n == 0:  # the file shrank under us
+                break
+            pos += n
 
     # ---------------------------------------------------------------- metadata
     def copy_xattrs(self, src: int | str, dst: int | str) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import ensure_user, is_root, require, tool, unmount_all_below
+from mount_support import cshare_cmd, kill_overlays_below, rootless_user, user_dir
 from overlay_support import LayerDirs, mounted
 from podman_support import (  # noqa: F401
     BASE,
@@ -500,3 +501,25 @@ def test_secure_tree_takes_layers_away_from_host_users(tmp_path: Path) -> None:
     assert os.lstat(tree / "www" / "link").st_uid == 33  # nobody can change a symlink
     assert unsafe_entries(tree) == []
     assert secure_tree(tree) == 0
+
+
+@pytest.mark.rootless
+@pytest.mark.fuse
+def test_whiteout_and_opaque_for_an_ordinary_user(shared: SharedStore, world_tmp: Path) -> None:
+    """alice cannot see trusted.* xattrs: the user-visible markers must do the hiding."""
+    user = rootless_user("alice", world_tmp)
+    mnt = user_dir(user, world_tmp / "mnt")
+    script = (
+        f"{cshare_cmd()} mount tinybb-changed {mnt} --store {shared.root} || exit 1; "
+        f"if [ -e {mnt}/f ]; then echo f:visible; else echo f:gone; fi; "
+        f"echo d:$(ls {mnt}/d); "
+        f"if [ -x {mnt}/bin/busybox ]; then echo base:ok; fi; "
+        f"{cshare_cmd()} umount {mnt}"
+    )
+    try:
+        proc = user.run(["unshare", "--map-auto", "--map-root-user", "--mount", "sh", "-c", script])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        seen = [w for w in proc.stdout.split() if w.startswith(("f:", "d:", "base:"))]
+        assert seen == ["f:gone", "d:new", "base:ok"], proc.stdout + proc.stderr
+    finally:
+        kill_overlays_below([user], world_tmp, [mnt])

@@ -87,6 +87,11 @@ def fifo(path: str, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Node:
     return Node("fifo", path, mode=mode, uid=uid, gid=gid)
 
 
+def chardev(path: str, major: int, minor: int, mode: int = 0o666) -> Node:
+    """A character device (not 0/0, which would be a whiteout); `data` holds the numbers."""
+    return Node("chardev", path, data=f"{major}:{minor}".encode(), mode=mode)
+
+
 def whiteout(path: str) -> Node:
     """Kernel style: a character device 0/0 named like the deleted entry."""
     return Node("whiteout", path)
@@ -141,6 +146,9 @@ def build_layer(root: Path, nodes: Sequence[Node]) -> None:
             os.link(root / node.target, p)
         elif node.kind == "fifo":
             os.mkfifo(p)
+        elif node.kind == "chardev":
+            major, minor = (int(x) for x in node.data.split(b":"))
+            os.mknod(p, stat.S_IFCHR | node.mode, os.makedev(major, minor))
         elif node.kind == "whiteout":
             os.mknod(p, stat.S_IFCHR | 0o000, os.makedev(0, 0))
         elif node.kind == "aufs_whiteout":
@@ -149,9 +157,9 @@ def build_layer(root: Path, nodes: Sequence[Node]) -> None:
             p.chmod(0o644)
         else:
             raise ValueError(f"unknown node kind {node.kind}")
-        if node.kind in ("file", "dir", "opaque", "fifo"):
+        if node.kind in ("file", "dir", "opaque", "fifo", "chardev"):
             os.chmod(p, node.mode)
-        if node.kind in ("file", "dir", "opaque", "fifo", "symlink"):
+        if node.kind in ("file", "dir", "opaque", "fifo", "symlink", "chardev"):
             os.lchown(p, node.uid, node.gid)
         for name, value in node.xattrs:
             os.setxattr(p, name, value, follow_symlinks=False)
@@ -442,6 +450,21 @@ def snapshot(root: Path, below: str = "") -> dict[str, dict[str, Any]]:
     return out
 
 
+def inode_groups(root: Path, below: str = "") -> list[list[str]]:
+    """Paths grouped by inode number: which names are one file, never the numbers.
+
+    Equal partitions on two mounts mean the same names share an inode (hard
+    links) and every other name has one of its own.
+    """
+    top = root / below if below else root
+    groups: dict[int, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in [*dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            groups.setdefault(os.lstat(p).st_ino, []).append(os.path.relpath(p, top))
+    return sorted(sorted(g) for g in groups.values())
+
+
 def diff_trees(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, Any]],
                expected_name: str = "kernel", actual_name: str = "fuse") -> list[str]:
     """Human-readable differences, one line each; empty when the trees agree."""
@@ -665,6 +688,16 @@ def _do(root: Path, op: Op) -> Any:
     if name == "statfs":
         sv = os.statvfs(P(args[0]))
         return (sv.f_bsize > 0, sv.f_blocks > 0, sv.f_namemax > 0)
+    if name == "unlinked_fd":
+        # Open, unlink, then write and read through the fd: must keep working.
+        fd = _open(P(args[0]), os.O_RDWR)
+        try:
+            os.unlink(P(args[0]))
+            os.pwrite(fd, args[1], 0)
+            return (hashlib.sha256(os.pread(fd, 1 << 16, 0)).hexdigest()[:16],
+                    os.fstat(fd).st_nlink)
+        finally:
+            os.close(fd)
     if name == "fsync":
         fd = _open(P(args[0]), os.O_RDONLY)
         try:
@@ -732,6 +765,13 @@ def check_pair(pair: Pair, ops: Sequence[Op], *, below: str = "", compare_upper:
     problems = [f"result: {d}" for d in ls.divergences]
     problems += ["merged: " + line for line in diff_trees(
         snapshot(pair.kernel.mnt, below), snapshot(pair.fuse.mnt, below))]
+    kernel_groups = inode_groups(pair.kernel.mnt, below)
+    fuse_groups = inode_groups(pair.fuse.mnt, below)
+    if kernel_groups != fuse_groups:
+        k_shared = [g for g in kernel_groups if g not in fuse_groups]
+        f_shared = [g for g in fuse_groups if g not in kernel_groups]
+        problems.append(f"inodes: names sharing an inode differ: kernel={k_shared} "
+                        f"fuse={f_shared}")
     if compare_upper:
         kernel_upper = _upper_below(pair.kernel, below)
         fuse_upper = _upper_below(pair.fuse, below)

@@ -18,6 +18,7 @@ import hashlib
 import os
 import random
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from overlay_support import (
     FIXED_TIME,
     Lockstep,
     aufs_whiteout,
+    chardev,
     check_pair,
     describe,
     diff_trees,
@@ -62,6 +64,7 @@ BOTTOM = [
     symlink("s", "f"),
     symlink("dangling", "nowhere"),
     fifo("p", mode=0o600),
+    chardev("null", 1, 3, mode=0o666),
     dir_("e"),
     file("e/old", "hidden by opaque e\n"),
     file("gone", "whited out above\n"),
@@ -280,6 +283,32 @@ def test_rename_lower_directory(pair) -> None:
     assert run_op(pair.fuse.mnt, ("listdir", "mv")) == ("ok", [])
 
 
+def test_device_node(pair) -> None:
+    ops = [("stat", "null"), ("read", "null"), ("write", "null", b"discarded", 0),
+           ("chmod", "null", 0o600), ("chown", "null", 5, 5), ("stat", "null"),
+           ("rename", "null", "d/null2"), ("stat", "d/null2"), ("link", "d/null2", "null3"),
+           ("stat", "null3"), ("unlink", "d/null2"), ("stat", "null3")]
+    assert_same(pair, ops)
+
+
+def test_fd_opened_before_copy_up(pair) -> None:
+    """A read-only fd opened on the lower file, then the file is copied up by a write."""
+    results = []
+    for root in pair.roots:
+        ro = os.open(root / "f", os.O_RDONLY)
+        try:
+            first = os.pread(ro, 100, 0)
+            with open(root / "f", "r+b") as fh:
+                fh.write(b"CHANGED")
+            after = os.pread(ro, 100, 0)
+            st = os.fstat(ro)
+            same_ino = st.st_ino == os.stat(root / "f").st_ino
+            results.append((first, after, st.st_size, same_ino))
+        finally:
+            os.close(ro)
+    assert results[0] == results[1], f"kernel={results[0]} fuse={results[1]}"
+
+
 def test_attributes(pair) -> None:
     t1, t2 = T + 123_456_789, T + 987_000_000_001
     ops = [
@@ -303,6 +332,14 @@ def test_attributes(pair) -> None:
         ("stat", "hl1"), ("stat", "hl2"),
         ("read", "d/c"), ("read", "exe"),
     ]
+    assert_same(pair, ops)
+
+
+def test_truncate_to_same_size_updates_mtime(pair) -> None:
+    """truncate(2) marks mtime even when the size does not change (lower and upper files)."""
+    ops = [("truncate", "f", len(b"middle f\n")), ("stat", "f"),
+           ("create", "u", b"1234", 0o644), ("utime", "u", T + 1, T + 1),
+           ("truncate", "u", 4), ("stat", "u")]
     assert_same(pair, ops)
 
 
@@ -361,6 +398,23 @@ def test_hardlinks_nlink(pair) -> None:
     # Independently of the kernel: a new hard link counts.
     st = os.lstat(pair.fuse.mnt / "n")
     assert st.st_nlink == 2 and os.lstat(pair.fuse.mnt / "d/n3").st_ino == st.st_ino
+
+
+def test_lower_hardlink_copied_up_by_the_name_used(pair) -> None:
+    """Copy-up through one name of a lower hard link (index=off) breaks the link there."""
+    ops = [
+        ("stat", "hl1"), ("stat", "hl2"), ("read", "hl1"),  # both names known first
+        ("append", "hl2", b"via hl2\n"),
+        ("read", "hl1"), ("read", "hl2"), ("stat", "hl1"), ("stat", "hl2"),
+        ("truncate", "hl1", 0),
+        ("read", "hl1"), ("read", "hl2"),
+    ]
+    assert_same(pair, ops)
+
+
+def test_unlinked_fd_of_lower_hardlink(pair) -> None:
+    assert_same(pair, [("stat", "hl2"), ("unlinked_fd", "hl1", b"x"), ("stat", "hl2"),
+                       ("read", "hl2")])
 
 
 @pytest.mark.parametrize("kind", ["kernel", "fuse"])
@@ -484,15 +538,36 @@ def test_copy_up_keeps_metadata(pair) -> None:
     assert (pair.fuse.upper / "x/y").stat().st_uid == 33
 
 
+def _watch_sizes(target: Path, stop: threading.Event, seen: set[int]) -> None:
+    while not stop.is_set():
+        try:
+            seen.add(os.stat(target).st_size)
+        except FileNotFoundError:
+            pass
+
+
 def test_large_file_copy_up(root_fuse: None, world_tmp: Path) -> None:
     size = 64 << 20
     data = random.Random(64).randbytes(size)
     want = hashlib.sha256(data + b"tail").hexdigest()
     layers = [TOP, [file("big", data, mode=0o640, uid=5, gid=6)]]
     with overlay_pair(world_tmp, layers) as p:
-        for root in p.roots:
-            with open(root / "big", "ab") as fh:
-                fh.write(b"tail")
+        for root, dirs in ((p.kernel.mnt, p.kernel), (p.fuse.mnt, p.fuse)):
+            # Watch the upper layer during the copy-up: the file must appear
+            # there whole (staged in workdir, then renamed), never partial.
+            seen: set[int] = set()
+            stop = threading.Event()
+
+            watcher = threading.Thread(target=_watch_sizes, args=(dirs.upper / "big", stop, seen))
+            watcher.start()
+            try:
+                with open(root / "big", "ab") as fh:
+                    fh.write(b"tail")
+            finally:
+                stop.set()
+                watcher.join()
+            partial = {n for n in seen if n not in (size, size + 4)}
+            assert not partial, f"{root}: a partial copy-up was visible in upper: sizes {partial}"
         for root in p.roots:
             h = hashlib.sha256()
             with open(root / "big", "rb") as fh:

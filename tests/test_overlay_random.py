@@ -11,7 +11,7 @@ Mounting twice per example would eat the budget, so each build of the layers
 holds many identical "arenas" (a000, a001, ...); every example works inside a
 fresh arena of the same two mounts, and the layers are rebuilt and remounted
 only when the arenas run out.  Budget: CSHARE_RANDOM_EXAMPLES examples
-(default 80) of up to 30 steps: about 30 s with fuse-overlayfs on 2 cores,
+(default 100) of up to 30 steps: about 30 s with fuse-overlayfs on 2 cores,
 and within the CI budget for a slower overlay.
 """
 
@@ -32,10 +32,12 @@ from overlay_support import (
     Lockstep,
     Node,
     Pair,
+    chardev,
     check_pair,
     dir_,
     fifo,
     file,
+    hardlink,
     make_copy,
     mounted,
     opaque,
@@ -45,7 +47,7 @@ from overlay_support import (
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.slow, pytest.mark.timeout(240)]
 
-EXAMPLES = int(os.environ.get("CSHARE_RANDOM_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("CSHARE_RANDOM_EXAMPLES", "100"))
 STEPS = 30
 #: Shrinking a failure replays examples on live mounts; cap it so that a
 #: failing run still reports (with its minimal case) within the test timeout.
@@ -53,14 +55,14 @@ SHRINK_SECONDS = 60
 ARENAS_PER_BUILD = 120
 
 # One arena, per layer (topmost first), kernel-style markers only: the kernel
-# must understand the layers it is the reference for.  Lower hard links are
-# left to the differential tests, so random runs explore everything else.
+# must understand the layers it is the reference for.
 BOTTOM = [
     dir_("d"), file("d/a", "bottom a\n"), file("d/b", "bottom b\n"), file("d/s/x", "x\n"),
     file("f", "bottom f\n"), file("g", "g\n", mode=0o600, uid=7, gid=7,
                                   xattrs={"user.a": b"1"}),
     dir_("e", xattrs={"user.b": b"dir"}), file("e/old", "old\n"), file("w", "whited out\n"),
     fifo("p"), dir_("k", mode=0o750), file("k/deep/er", "deeper\n", mode=0o444),
+    file("h1", "linked\n"), hardlink("h2", "h1"), chardev("c", 1, 3),
 ]
 MIDDLE = [
     whiteout("d/a"), file("d/c", "middle c\n"), opaque("e"), file("e/new", "new\n"),
@@ -69,7 +71,8 @@ MIDDLE = [
 TOP = [file("d/b", "top b\n"), file("t", "top t\n"), symlink("s", "f"), dir_("z")]
 
 PATHS = ["d", "d/a", "d/b", "d/c", "d/s", "d/s/x", "d/n", "e", "e/old", "e/new", "f", "g",
-         "p", "s", "t", "w", "z", "z/q", "k", "k/deep", "k/deep/er", "n1", "n2", "nd", "nd/n1"]
+         "p", "s", "t", "w", "z", "z/q", "k", "k/deep", "k/deep/er", "n1", "n2", "nd", "nd/n1",
+         "h1", "h2", "c"]
 DATA = [b"", b"x", b"hello world\n", b"0123456789" * 20]
 MODES = [0o644, 0o600, 0o755, 0o4711, 0o000]
 TIMES = [FIXED_TIME * 10**9 + 1, FIXED_TIME * 10**9 + 777_000_123]
@@ -88,8 +91,9 @@ def arena_layers(count: int) -> list[list[Node]]:
             prefix = f"a{i:03d}/"
             nodes.append(dir_(prefix.rstrip("/")))
             for n in template:
+                target = prefix + n.target if n.kind == "hardlink" else n.target
                 nodes.append(Node(n.kind, prefix + n.path, n.data, n.mode, n.uid, n.gid,
-                                  n.target, n.xattrs, n.style))
+                                  target, n.xattrs, n.style))
         layers.append(nodes)
     return layers
 
@@ -248,6 +252,10 @@ def machine_for(pool: ArenaPool) -> type[RuleBasedStateMachine]:
         @rule(p=path)
         def readlink(self, p: str) -> None:
             self.do("readlink", p)
+
+        @rule(p=path, d=data)
+        def unlinked_fd(self, p: str, d: bytes) -> None:
+            self.do("unlinked_fd", p, d)
 
         @rule(p=path)
         def fsync(self, p: str) -> None:

@@ -427,6 +427,9 @@ def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Step
         mark = "*" if p.path.startswith("/dev/") else ""
         result.rows.append(Row("owner", p.path + mark, host[p.path], _short(without[p.path]), got,
                                ok=got == host[p.path]))
+    if all(row.without_cshare == "denied" for row in result.rows):
+        result.notes.append(f"without cshare, {user.name} cannot reach root's image at all: "
+                            "podman's store is readable by root only")
     if any(p.path.startswith("/dev/") for p in PROBES):
         result.notes.append("* containers get podman's own /dev: the image's device node "
                             f"is shown as {user.name} sees it on the mount")
@@ -486,8 +489,9 @@ def render(result: DemoResult) -> None:
     total = sum(result.timings.values())
     if result.ok:
         stdout.print(
-            f"[bold green]✓ {passed}/{len(result.rows)} checks passed[/]: {result.user} ran root's "
-            f"image with its original owners and modes, privately, without a copy ({total:.1f} s)"
+            f"[bold green]✓ {passed}/{len(result.rows)} checks passed[/]: {result.user}'s container "
+            f"saw root's image with its original owners and modes, {result.user}'s writes stayed "
+            f"private and the shared store was untouched ({total:.1f} s)"
         )
     else:
         failed = [r.item for r in result.rows if not r.ok]

@@ -10,6 +10,7 @@ store, never from a list in this file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -84,6 +85,19 @@ def test_identity_map_means_the_initial_namespace() -> None:
     assert not is_identity_map(parse_id_map("0 0 4294967294\n"))
     with pytest.raises(ValueError):
         parse_id_map("0 0\n")
+
+
+@pytest.mark.parametrize("command", ["mount", "umount", "demo"])
+def test_every_parameter_has_help(command: str) -> None:
+    """The man pages are generated from the help texts: none may be missing."""
+    import typer
+
+    from cshare.cli import app
+
+    click_command = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    assert click_command.help and len(click_command.help.split()) > 20
+    for param in click_command.params:
+        assert getattr(param, "help", None), f"{command}: {param.name} has no help text"
 
 
 # ------------------------------------------------------------------ as alice
@@ -236,6 +250,10 @@ def test_root_mounts_without_a_namespace(
             capture_output=True, text=True, env=env, timeout=60,
         )
         assert done.returncode == 0, done.stderr
+        record = json.loads(done.stdout)
+        assert (record["mountpoint"], record["upper"], record["work"]) == (str(mnt), str(upper), str(work))
+        assert record["image_id"] == shared_demo.image_id
+        assert record["lowers"] == [str(p) for p in shared_demo.layers]
         if not os.environ.get("CSHARE_OVERLAY_CMD"):
             assert "plugins=test" in done.stderr and "//test///" in done.stderr
         seen = subprocess.run(["stat", "-c", STAT_FMT, *(str(mnt) + p for p in PROBES)],

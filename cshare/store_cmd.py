@@ -45,6 +45,7 @@ class _RichReporter:
     def __init__(self, quiet: bool):
         self.progress = progress(quiet)
         self.task: TaskID | None = None
+        self.copy_tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> _RichReporter:
         self.progress.__enter__()
@@ -55,9 +56,12 @@ class _RichReporter:
 
     def layer_start(self, index: int, total: int, layer_id: str, action: str) -> None:
         label = f"layer {index}/{total} {layer_id[:12]} {action}"
-        if self.task is not None and action == "convert":
-            self.progress.update(self.task, visible=False)
+        if action == "convert" and layer_id in self.copy_tasks:
+            # The layer's convert bar replaces its copy bar.
+            self.progress.update(self.copy_tasks.pop(layer_id), visible=False)
         self.task = self.progress.add_task(label, total=None, rate="")
+        if action == "copy":
+            self.copy_tasks[layer_id] = self.task
 
     def entry(self) -> None:
         if self.task is not None:

@@ -280,15 +280,25 @@ def fuse_options(dirs: LayerDirs, *, upper: bool = True, extra: Sequence[str] = 
     return ",".join(opts)
 
 
+def reference_command() -> list[str]:
+    """fuse-overlayfs, the C implementation: a reference where the kernel is none."""
+    found = shutil.which("fuse-overlayfs")
+    require(found is not None, "fuse-overlayfs (Debian package fuse-overlayfs)")
+    assert found is not None
+    return [found]
+
+
 def fuse_mount(dirs: LayerDirs, *, upper: bool = True, extra: Sequence[str] = (),
-               log: Path | None = None, env: dict[str, str] | None = None) -> None:
+               log: Path | None = None, env: dict[str, str] | None = None,
+               command: Sequence[str] | None = None) -> None:
     """Run the command under test; it daemonizes and must return once mounted.
 
     stdout/stderr go to a file, never a pipe: a daemon that keeps a pipe open
     would make us wait forever.
     """
     log = log or dirs.mnt.parent / "fuse.log"
-    argv = [*overlay_command(), "-o", fuse_options(dirs, upper=upper, extra=extra), str(dirs.mnt)]
+    argv = [*(command or overlay_command()), "-o", fuse_options(dirs, upper=upper, extra=extra),
+            str(dirs.mnt)]
     with open(log, "ab") as out:
         r = subprocess.run(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, timeout=60,
                            env=env)
@@ -313,9 +323,12 @@ def unmount(mnt: Path, fuse: bool) -> None:
 @contextmanager
 def mounted(dirs: LayerDirs, kind: str, *, upper: bool = True,
             extra: Sequence[str] = ()) -> Iterator[Path]:
-    """Mount `dirs` with the kernel ("kernel") or the command under test ("fuse")."""
+    """Mount `dirs` with the kernel ("kernel"), the command under test ("fuse") or
+    fuse-overlayfs ("fuse-overlayfs")."""
     if kind == "kernel":
         kernel_mount(dirs, upper=upper)
+    elif kind == "fuse-overlayfs":
+        fuse_mount(dirs, upper=upper, extra=extra, command=reference_command())
     else:
         fuse_mount(dirs, upper=upper, extra=extra)
     try:

@@ -25,6 +25,7 @@ import pytest
 from overlay_support import (
     FIXED_TIME,
     Lockstep,
+    Pair,
     aufs_whiteout,
     chardev,
     check_pair,
@@ -647,3 +648,37 @@ def _errno_of(fn) -> int:
     except OSError as exc:
         return exc.errno or 0
     return 0
+
+
+def test_aufs_layers_against_fuse_overlayfs(root_fuse: None, world_tmp: Path) -> None:
+    """The same writes on AUFS-style layers, with fuse-overlayfs as the reference.
+
+    In the report below "kernel" names the reference side (fuse-overlayfs).
+    """
+    layers = [AUFS_TOP, AUFS_MIDDLE, AUFS_BOTTOM]
+    ref = make_copy(world_tmp / "reference", layers)
+    tested = make_copy(world_tmp / "tested", layers)
+    with mounted(ref, "fuse-overlayfs"), mounted(tested, "fuse"):
+        pair = Pair(ref, tested)
+        ops = [
+            ("listdir", "."), ("listdir", "d"), ("listdir", "e"), ("listdir", "o1"),
+            ("listdir", "o2"), ("listdir", "o3"), ("stat", "f"), ("stat", "gone"),
+            ("create", "f", b"recreated\n", 0o644),
+            ("create", "d/a", b"back\n", 0o600),
+            ("mkdir", "gone_dir", 0o750),
+            ("listdir", "gone_dir"),
+            ("create", "gone_dir/inner2", b"", 0o644),
+            ("unlink", "d/c"),
+            ("unlink", "e/new"),
+            ("rmdir", "e"),
+            ("mkdir", "e", 0o755),
+            ("listdir", "e"),
+            ("rename", "o1/visible", "o2/moved"),
+            ("rmdir", "o1"),
+            ("rmdir", "o3"),
+            ("listdir", "."),
+            ("create", ".wh.sneaky", b"", 0o644),
+            ("listdir", "."),
+        ]
+        assert_same(pair, ops)
+

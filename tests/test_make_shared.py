@@ -123,10 +123,12 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
 def shared(podman_images: PodmanImages) -> Iterator[SharedStore]:
     """A shared store holding the changed (two-layer) image and the demo image."""
     path = new_store_dir()
-    for ref in (CHANGED, DEMO):
-        make_shared(ref, storage_root=podman_images.store.root, store_root=path)
-    yield SharedStore(path)
-    drop_store(path)
+    try:
+        for ref in (CHANGED, DEMO):
+            make_shared(ref, storage_root=podman_images.store.root, store_root=path)
+        yield SharedStore(path)
+    finally:
+        drop_store(path)
 
 
 @pytest.fixture

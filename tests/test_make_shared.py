@@ -38,6 +38,7 @@ from podman_support import (  # noqa: F401
     podman_store,
 )
 
+from cshare.demo_image import build_demo_rootfs
 from cshare.make_shared import STASHED_CAPABILITY_XATTR, make_shared, secure_tree, unsafe_entries
 from cshare.storage import SourceStore
 from cshare.store import SharedStore
@@ -525,3 +526,34 @@ def test_whiteout_and_opaque_for_an_ordinary_user(shared: SharedStore, world_tmp
         assert seen == ["f:gone", "d:new", "base:ok"], proc.stdout + proc.stderr
     finally:
         kill_overlays_below([user], world_tmp, [mnt])
+
+
+def test_demo_rootfs_has_the_cases_that_matter(tmp_path: Path) -> None:
+    require(is_root(), "root (owners and a device node)")
+    root = build_demo_rootfs(tmp_path / "rootfs")
+
+    def meta(rel: str) -> tuple[int, int, int, int]:
+        st = os.lstat(root / rel)
+        return stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    assert meta("etc/secret") == (stat.S_IFREG, 0, 0, 0o600)
+    assert meta("root/private") == (stat.S_IFDIR, 0, 0, 0o700)
+    assert [p.name for p in (root / "root" / "private").iterdir()] != []
+    assert meta("var/www/index.html") == (stat.S_IFREG, 33, 33, 0o640)
+    assert meta("usr/bin/su-demo") == (stat.S_IFREG, 0, 0, 0o4755)
+    assert meta("dev/null")[0] == stat.S_IFCHR and os.lstat(
+        root / "dev" / "null"
+    ).st_rdev == os.makedev(1, 3)
+    assert os.readlink(root / "bin" / "sh") == "busybox"
+    users = {
+        line.split(":")[0]: line.split(":")[2]
+        for line in (root / "etc" / "passwd").read_text().splitlines()
+    }
+    assert users["root"] == "0" and users["www-data"] == "33" and "nobody" in users
+    # busybox-static runs with no libraries: the image needs nothing from the host
+    out = subprocess.run(
+        ["chroot", str(root), "/bin/sh", "-c", "id -u; cat /etc/secret"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and out.stdout.split("\n")[0] == "0" and "only root" in out.stdout

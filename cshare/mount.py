@@ -271,34 +271,44 @@ def _check_dirs(upper: Path | None, work: Path | None) -> None:
         raise CshareError("--upper and --work go together: give both or neither")
 
 
-def _pid_alive(pid: int | None) -> bool:
+def _argv(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return []
+
+
+def serving(pid: int | None, mountpoint: str | Path) -> bool:
+    """True while `pid` is a live overlay daemon for `mountpoint` (a reused pid is not)."""
     if not pid:
         return False
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state not in ("Z", "X")  # a zombie has finished its work
+    if state in ("Z", "X"):  # a zombie has finished its work
+        return False
+    argv = _argv(pid)
+    return (
+        len(argv) >= 2
+        and argv[-1] == os.fsencode(str(mountpoint))
+        and any(b"overlay" in a for a in argv[:2])
+    )
 
 
 def find_daemon(mountpoint: Path) -> int | None:
     """Best effort: the pid of our process serving `mountpoint` (to wait for it at umount)."""
     me = os.getuid()
-    target = str(mountpoint).encode()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             if entry.stat().st_uid != me:
                 continue
-            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[-1] == b"":
-            argv = argv[:-1]
-        if argv and argv[-1] == target and any(b"overlay" in a for a in argv[:2]):
-            if _pid_alive(int(entry.name)):
-                return int(entry.name)
+        if serving(int(entry.name), mountpoint):
+            return int(entry.name)
     return None
 
 
@@ -354,7 +364,7 @@ def mount_image(
                 old = MountRecord.load(previous)
             except (OSError, ValueError, TypeError):
                 old = None
-            if old is not None and _pid_alive(old.pid):
+            if old is not None and serving(old.pid, mnt):
                 raise CshareError(
                     f"{image} is already mounted on {mnt} in another mount namespace "
                     f"(overlay pid {old.pid}): run `cshare umount {mnt}` there first"
@@ -435,9 +445,9 @@ def _run_quiet(argv: list[str]) -> tuple[int, str]:
     return done.returncode, (lines[-1] if lines else "")
 
 
-def _wait_exit(pid: int | None, timeout: float = EXIT_TIMEOUT) -> bool:
+def _wait_exit(pid: int | None, mountpoint: str, timeout: float = EXIT_TIMEOUT) -> bool:
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while serving(pid, mountpoint):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -454,7 +464,7 @@ def unmount(mountpoint: Path, debug: Callable[[str], None] | None = None) -> Mou
     path, record = found if found else (None, None)
     situation = namespaces.current()
     if not is_mount_point(mnt):
-        if path is not None and record is not None and not _pid_alive(record.pid):
+        if path is not None and record is not None and not serving(record.pid, record.mountpoint):
             path.unlink(missing_ok=True)  # stale: its namespace or daemon is gone
             raise CshareError(f"{mnt} is not mounted (a stale cshare record for it was removed)")
         hint = ""
@@ -482,7 +492,7 @@ def unmount(mountpoint: Path, debug: Callable[[str], None] | None = None) -> Mou
             raise CshareError(f"{mnt} is busy: stop the containers or shells using it, then retry")
         raise CshareError(f"could not unmount {mnt}: {message or 'unknown error'}")
     if record is not None and path is not None:
-        if not _wait_exit(record.pid):
+        if not _wait_exit(record.pid, record.mountpoint):
             # Never kill it: whoever still holds the filesystem would lose it.
             # It ends by itself once the kernel drops the last reference.
             note(f"overlay pid {record.pid} still running after unmount; leaving it")

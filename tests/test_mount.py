@@ -322,12 +322,14 @@ def test_umount_refuses_while_another_namespace_uses_the_mount(
     cshare, store = cshare_cmd(), shlex.quote(str(shared_demo.store))
     mnt = user_dir(alice, world_tmp / "mnt")
     m = shlex.quote(str(mnt))
+    ready = shlex.quote(str(user_dir(alice, world_tmp / "flags") / "holder-ready"))
     try:
         done = alice.run([*UNSHARE, "sh", "-c", f"""
             {cshare} mount {DEMO} {m} --store {store} || exit 9
-            unshare --mount sh -c 'cat {m}/etc/secret >/dev/null && echo holder-read:yes; exec sleep 30' &
+            unshare --mount sh -c 'cat {m}/etc/secret >/dev/null && echo holder-read:yes &&
+                                   touch {ready}; exec sleep 30' &
             holder=$!
-            sleep 1
+            for i in $(seq 200); do [ -e {ready} ] && break; sleep 0.05; done
             {cshare} umount {m} 2>&1 && echo first-umount:ok
             kill $holder; wait $holder
             {cshare} umount {m} && echo second-umount:ok

@@ -327,18 +327,27 @@ class SharedStore:
             raise CshareError(
                 f"{self.root} is a symlink; give the real path of the store with --store"
             )
-        fresh = not self.root.exists()
-        if not fresh and not self.lock_path.exists():
-            if not self.root.is_dir() or any(self.root.iterdir()):
-                raise CshareError(
-                    f"{self.root} exists and is not a cshare store; choose another --store"
-                )
-        if fresh:
+        if not self.root.exists():
             self.root.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.mkdir(self.root, 0o700)  # opened up by _set_access under the lock
+                os.mkdir(self.root, 0o700)  # opened up by _set_access, under the lock
             except FileExistsError:
                 pass  # another make-shared won the race: fine
+        if not self.root.is_dir():
+            raise CshareError(f"{self.root} is not a directory; choose another --store")
+        # Never turn an unrelated directory into a store (another writer may be
+        # half-way through creating this one: its names are fine).
+        foreign = set(os.listdir(self.root)) - {STORE_LOCK, LAYERS, IMAGES, TMP}
+        if foreign and not self.lock_path.exists():
+            raise CshareError(
+                f"{self.root} exists and is not a cshare store; choose another --store"
+            )
+        try:
+            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        _ensure_file(self.lock_path, 0o644)
         for sub, mode in ((LAYERS, 0o755), (IMAGES, 0o755), (TMP, 0o700)):
             path = self.root / sub
             try:
@@ -346,26 +355,24 @@ class SharedStore:
             except FileExistsError:
                 pass
             _ensure_dir(path, mode)
-        try:
-            fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            os.close(fd)
-        except FileExistsError:
-            pass
-        _ensure_file(self.lock_path, 0o644)
-        if fresh:
-            os.chmod(self.root, 0o755)
 
     def _set_access(self, gid: int | None) -> None:
+        """Under the lock: root-owned; 0750 root:GROUP with a group, else 0755 once new."""
         st = os.lstat(self.root)
+        mode = stat.S_IMODE(st.st_mode)
         if st.st_uid != 0:
             os.chown(self.root, 0, st.st_gid)
         if gid is not None:
             if st.st_gid != gid:
                 os.chown(self.root, 0, gid)
-            if stat.S_IMODE(st.st_mode) != 0o750:
+            if mode != 0o750:
                 os.chmod(self.root, 0o750)
-        elif stat.S_IMODE(st.st_mode) & 0o022:
-            os.chmod(self.root, stat.S_IMODE(st.st_mode) & ~0o022)
+        elif mode == 0o700:
+            # Just created (_create makes it 0700): open it to every user.  An
+            # existing store keeps its access (a group store stays 0750).
+            os.chmod(self.root, 0o755)
+        elif mode & 0o022:
+            os.chmod(self.root, mode & ~0o022)
 
     def _empty_tmp(self) -> None:
         for name in os.listdir(self.tmp_dir):

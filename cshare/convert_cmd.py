@@ -1,0 +1,129 @@
+"""Rendering of `cshare convert`, `restore` and `verify`: checks, progress, output, exit status.
+
+The work itself is in cshare.convert, cshare.restore and cshare.verify; this
+module only checks the arguments before anything changes, drives the progress
+bar, prints the report (text or `--json`) and turns per-entry errors into a
+non-zero exit once the whole tree has been handled.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from .console import CshareError, print_json, progress
+from .convert import check_can_convert, convert_tree
+from .restore import restore_tree
+from .treewalk import display
+from .verify import verify_tree
+
+_UPDATE_EVERY = 1024  # entries between two progress refreshes (a refresh costs far more than an entry)
+
+
+@contextmanager
+def _progress(description: str, quiet: bool) -> Iterator[Callable[[], None]]:
+    """A per-entry callback that drives a rich bar showing entries and rate."""
+    bar = progress(quiet)
+    if bar.disable:
+        yield _nothing
+        return
+    count = 0
+    start = time.monotonic()
+    with bar:
+        task = bar.add_task(description, total=None, rate="")
+
+        def tick() -> None:
+            nonlocal count
+            count += 1
+            if count % _UPDATE_EVERY == 0:
+                rate = count / max(time.monotonic() - start, 1e-9)
+                bar.update(task, completed=count, rate=f"{rate:,.0f} entries/s")
+
+        yield tick
+        bar.update(task, completed=count, total=count, rate="")
+
+
+def _nothing() -> None:
+    pass
+
+
+def _print_errors(errors: list[tuple[str, str]]) -> None:
+    for path, message in errors:
+        print(f"cshare: {display(path)}: {message}", file=sys.stderr)
+
+
+def _print_changes(changes: list[str]) -> None:
+    for line in changes:
+        print(line)
+
+
+def run_convert(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
+    check_can_convert(rootfs, probe_write=not dry_run)
+    with _progress("converting", quiet or json_out) as tick:
+        report = convert_tree(rootfs, dry_run=dry_run, on_entry=tick)
+    if json_out:
+        data = report.summary()
+        if dry_run:
+            data["changes"] = report.changes
+        print_json(data)
+    else:
+        if dry_run:
+            _print_changes(report.changes)
+        verb = "would convert" if dry_run else "converted"
+        print(
+            f"{rootfs}: {report.entries} entries, {verb} {report.converted}, "
+            f"{report.already_converted} already converted, {report.devices_replaced} devices/fifos/sockets "
+            f"replaced, {report.opaque_rewritten} opaque markers made visible"
+        )
+        for path in report.skipped_mounts:
+            print(f"cshare: {display(path)}: another filesystem, not converted", file=sys.stderr)
+    _finish(report.errors, "converted")
+
+
+def run_restore(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
+    check_can_convert(rootfs, probe_write=not dry_run)
+    with _progress("restoring", quiet or json_out) as tick:
+        report = restore_tree(rootfs, dry_run=dry_run, on_entry=tick)
+    if json_out:
+        data = report.summary()
+        if dry_run:
+            data["changes"] = report.changes
+        print_json(data)
+    else:
+        if dry_run:
+            _print_changes(report.changes)
+        verb = "would restore" if dry_run else "restored"
+        print(
+            f"{rootfs}: {report.entries} entries, {verb} {report.restored}, "
+            f"{report.devices_recreated} devices/fifos/sockets recreated, "
+            f"{report.opaque_removed} added opaque markers removed"
+        )
+        for path in report.skipped_mounts:
+            print(f"cshare: {display(path)}: another filesystem, not restored", file=sys.stderr)
+    _finish(report.errors, "restored")
+
+
+def run_verify(rootfs: Path, *, json_out: bool) -> None:
+    if not rootfs.is_dir():
+        raise CshareError(f"{rootfs}: no such directory")
+    report = verify_tree(rootfs)
+    if json_out:
+        print_json(report.summary())
+    else:
+        for f in report.findings:
+            print(f"{f.kind}: {display(f.path)}: {f.detail}")
+        status = "ok" if report.ok else f"{len(report.findings)} problems"
+        print(f"{rootfs}: {report.entries} entries checked, {status}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _finish(errors: list[tuple[str, str]], verb: str) -> None:
+    if errors:
+        _print_errors(errors)
+        raise CshareError(f"{len(errors)} entries could not be {verb} (listed above); the rest were")

@@ -1,0 +1,255 @@
+"""`cshare restore`: the exact inverse of `cshare convert`.
+
+For every file or directory that carries an override record (any name
+cshare_fuse.overrides understands): owner and mode are set back from the
+record, then every override xattr is removed; a placeholder file whose TYPE is
+a device, fifo or socket is replaced by the real node again (mknod, owner,
+mode, times), through a temporary name and one rename (cshare.treemarks).  The
+`user.overlay.opaque` that convert added (and only that one) is removed.
+Entries without a record are left alone, so a second run changes nothing and a
+killed run is finished by the next one.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
+
+from . import treemarks
+from .treewalk import Dir, display, walk
+
+_OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
+_TMP_START = treemarks.TEMPORARY_START
+_SPECIAL_TYPES = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+
+
+@dataclass
+class RestoreReport:
+    """What a restore run did (or, with dry_run, would do)."""
+
+    entries: int = 0
+    restored: int = 0
+    devices_recreated: int = 0
+    opaque_removed: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)  # dry run only
+    skipped_mounts: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "entries": self.entries,
+            "restored": self.restored,
+            "devices_recreated": self.devices_recreated,
+            "opaque_removed": self.opaque_removed,
+            "errors": [{"path": p, "message": m} for p, m in self.errors],
+            "skipped_mounts": self.skipped_mounts,
+        }
+
+
+class _Restorer:
+    """The walk visitor; one instance per run."""
+
+    def __init__(self, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
+        self.report = RestoreReport()
+        self.dry_run = dry_run
+        self.on_entry = on_entry
+        self.seen: set[int] = set()
+        self.nodes: dict[int, int] = {}  # placeholder ino -> O_PATH fd of the recreated node
+        self.parsed: dict[tuple[str, bytes], Override] = {}  # values repeat: parse each once
+
+    # ------------------------------------------------------------------ visitor
+    def enter(self, d: Dir, names: frozenset[str]) -> bool:
+        self._count()
+        if not self.dry_run:
+            try:
+                treemarks.load_times(d, names)
+            except ValueError as exc:
+                self.report.errors.append((d.path, str(exc)))
+                return False
+        if treemarks.OPAQUE_ADDED in names:
+            self._opaque(d, names)
+        self._restore_inode(d.fd, d.st, names, d.path)
+        return True
+
+    def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
+        self.report.entries += 1
+        if self.on_entry is not None:
+            self.on_entry()
+        if name.startswith(_TMP_START) and treemarks.is_temporary(name):
+            if self.dry_run:
+                self.report.changes.append(f"remove leftover temporary file: {display(d.join(name))}")
+            else:
+                treemarks.remove_leftover(d, name)
+            return
+        if st.st_ino in self.nodes:
+            # Another name of a placeholder already recreated (its link count has
+            # dropped by now, so the inode number is what tells).
+            self._relink(d, name, st)
+            return
+        if st.st_nlink > 1:
+            if st.st_ino in self.seen:
+                return  # restored through its first name
+            self.seen.add(st.st_ino)
+        if not names or names.isdisjoint(_OVERRIDE_NAMES):
+            return
+        override = self._parse(fd, names, d.join(name))
+        if override is None:
+            return
+        if override.file_type in _SPECIAL_TYPES:
+            self._recreate(d, name, st, override)
+        elif override.file_type in (None, stat.S_IFREG):
+            self._apply(fd, st, names, override, d.join(name))
+        else:
+            self.report.errors.append(
+                (d.join(name), f"records type {override.type_name()} but is a regular file; left untouched")
+            )
+
+    def special(self, d: Dir, name: str, st: os.stat_result) -> None:
+        self._count()
+        if treemarks.is_temporary(name) and not stat.S_ISLNK(st.st_mode):
+            if self.dry_run:
+                self.report.changes.append(f"remove leftover temporary node: {display(d.join(name))}")
+            else:
+                treemarks.remove_leftover(d, name)
+
+    def leave(self, d: Dir) -> None:
+        if not self.dry_run:
+            treemarks.put_back_times(d)
+
+    def error(self, path: str, message: str) -> None:
+        self.report.errors.append((path, message))
+
+    def other_filesystem(self, path: str) -> None:
+        self.report.skipped_mounts.append(path)
+
+    # ------------------------------------------------------------------ work
+    def _count(self) -> None:
+        self.report.entries += 1
+        if self.on_entry is not None:
+            self.on_entry()
+
+    def _parse(self, fd: int, names: frozenset[str], path: str) -> Override | None:
+        """The preferred record among `names` (read_override's order), parsed once per value."""
+        for name in ALL_OVERRIDE_XATTRS:
+            if name not in names:
+                continue
+            value = os.getxattr(fd, name)
+            key = (name, value)
+            override = self.parsed.get(key)
+            if override is None:
+                try:
+                    override = parse_named(name, value)
+                except OverrideError as exc:
+                    self.report.errors.append((path, f"unparsable override {name}={exc}; left untouched"))
+                    return None
+                self.parsed[key] = override
+            return override
+        return None
+
+    def _restore_inode(self, fd: int, st: os.stat_result, names: frozenset[str], path: str) -> None:
+        if not names or names.isdisjoint(_OVERRIDE_NAMES):
+            return
+        override = self._parse(fd, names, path)
+        if override is None:
+            return
+        if override.file_type not in (None, stat.S_IFMT(st.st_mode)):
+            self.report.errors.append(
+                (path, f"records type {override.type_name()} but is a directory; left untouched")
+            )
+            return
+        self._apply(fd, st, names, override, path)
+
+    def _apply(
+        self, fd: int, st: os.stat_result, names: frozenset[str], override: Override, path: str
+    ) -> None:
+        """Owner and mode back from the record, then the record removed (last: crash safety)."""
+        self.report.restored += 1
+        if self.dry_run:
+            self.report.changes.append(
+                f"restore {override.uid}:{override.gid} {override.mode:04o}: {display(path)}"
+            )
+            return
+        chowned = (st.st_uid, st.st_gid) != (override.uid, override.gid)
+        if chowned:
+            os.fchown(fd, override.uid, override.gid)
+        # chown clears setuid/setgid, so the mode is set after it.
+        if chowned or stat.S_IMODE(st.st_mode) != override.mode:
+            os.fchmod(fd, override.mode)
+        for name in ALL_OVERRIDE_XATTRS:
+            if name in names:
+                os.removexattr(fd, name)
+
+    def _opaque(self, d: Dir, names: frozenset[str]) -> None:
+        self.report.opaque_removed += 1
+        if self.dry_run:
+            self.report.changes.append(f"remove user.overlay.opaque added by convert: {display(d.path)}")
+            return
+        if treemarks.USER_OPAQUE in names:
+            os.removexattr(d.fd, treemarks.USER_OPAQUE)
+        os.removexattr(d.fd, treemarks.OPAQUE_ADDED)
+
+    def _recreate(self, d: Dir, name: str, st: os.stat_result, override: Override) -> None:
+        """Replace a placeholder file by the device, fifo or socket it records."""
+        self.report.devices_recreated += 1
+        if self.dry_run:
+            self.report.changes.append(
+                f"recreate {override.type_name()} {override.uid}:{override.gid} "
+                f"{override.mode:04o}: {display(d.join(name))}"
+            )
+            return
+        treemarks.before_namespace_change(d)
+        tmp = treemarks.temporary_name(treemarks.RESTORE_TMP_PREFIX, st.st_ino)
+        _unlink_quietly(d, tmp)
+        assert override.file_type is not None
+        os.mknod(tmp, override.file_type | override.mode, override.rdev, dir_fd=d.fd)
+        os.chown(tmp, override.uid, override.gid, dir_fd=d.fd, follow_symlinks=False)
+        # After chown (which clears setuid/setgid) and whatever the umask was.
+        os.chmod(tmp, override.mode, dir_fd=d.fd)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=d.fd, follow_symlinks=False)
+        if st.st_nlink > 1:
+            self.nodes[st.st_ino] = os.open(
+                tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd
+            )
+        os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+
+    def _relink(self, d: Dir, name: str, st: os.stat_result) -> None:
+        """Another name of a placeholder already recreated: link it to the new node."""
+        node = self.nodes[st.st_ino]
+        treemarks.before_namespace_change(d)
+        tmp = treemarks.temporary_name(treemarks.RESTORE_TMP_PREFIX, st.st_ino)
+        _unlink_quietly(d, tmp)
+        treemarks.link_fd(node, d, tmp)
+        os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+
+    def close(self) -> None:
+        for fd in self.nodes.values():
+            os.close(fd)
+        self.nodes.clear()
+
+
+def _unlink_quietly(d: Dir, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=d.fd)
+    except FileNotFoundError:
+        pass
+
+
+def restore_tree(
+    root: Path, *, dry_run: bool = False, on_entry: Callable[[], None] | None = None
+) -> RestoreReport:
+    """Undo `convert_tree` on the tree at `root` (see the module docstring).
+
+    Per-entry failures are collected in the report's `errors`.  Call
+    `cshare.convert.check_can_convert` first.
+    """
+    restorer = _Restorer(dry_run, on_entry)
+    try:
+        walk(Path(root), restorer)
+    finally:
+        restorer.close()
+    return restorer.report

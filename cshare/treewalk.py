@@ -1,0 +1,227 @@
+"""A tree walk through directory file descriptors, never through path names.
+
+`cshare convert`, `restore` and `verify` run as root over trees that other
+people built.  Walking by path name would let a rename or a symlink planted
+during the walk redirect root's changes out of the tree.  Here every directory
+is opened relative to its parent's fd with O_NOFOLLOW|O_DIRECTORY, every
+regular file the visitor touches is opened the same way (`open_file`), and the
+identity of what was opened is taken from the fd itself (fstat).  Entries on
+another filesystem (mount points) are reported and not entered.
+
+The walk is iterative (a tree may be deeper than Python's recursion limit) and
+holds one fd per directory level.  Each directory is listed completely before
+its entries are visited, so entries the visitor creates or renames while it
+works in a directory are never visited themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+#: Flags for opening anything in the tree: never follow a symlink, never become
+#: a controlling terminal, never block (a fifo swapped in by a race).
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+DIR_FLAGS = OPEN_FLAGS | os.O_DIRECTORY
+
+
+@dataclass(eq=False)
+class Dir:
+    """An open directory of the walk: its fd, its path relative to the root, its stat.
+
+    `state` is free for the visitor (e.g. times to put back when leaving).
+    """
+
+    fd: int
+    path: str  # "." for the root, else "a/b/c" (names are str with surrogateescape)
+    st: os.stat_result
+    state: dict[str, object] = field(default_factory=dict)
+
+    def join(self, name: str) -> str:
+        """The relative path of entry `name` of this directory (for messages)."""
+        return name if self.path == "." else f"{self.path}/{name}"
+
+
+class Visitor(Protocol):
+    """What a walk calls.  Exceptions other than OSError from a visitor end the walk."""
+
+    def enter(self, d: Dir, names: frozenset[str]) -> bool:
+        """The directory `d` is open (`names`: its xattr names); return False to skip its contents."""
+        ...
+
+    def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
+        """A regular file, opened read-only as `fd` (closed by the walk afterwards)."""
+        ...
+
+    def special(self, d: Dir, name: str, st: os.stat_result) -> None:
+        """A symlink, device, fifo or socket (lstat result); never opened."""
+        ...
+
+    def leave(self, d: Dir) -> None:
+        """All entries of `d` were visited; its fd is still open."""
+        ...
+
+    def error(self, path: str, message: str) -> None:
+        """An entry could not be visited (it vanished, is unreadable, ...)."""
+        ...
+
+    def other_filesystem(self, path: str) -> None:
+        """A mount point: neither changed nor entered."""
+        ...
+
+
+def _listxattr(fd: int) -> frozenset[str]:
+    names = os.listxattr(fd)
+    return frozenset(names) if names else _EMPTY
+
+
+_EMPTY: frozenset[str] = frozenset()
+
+
+def _raise_fd_limit(depth_hint: int = 4096) -> None:
+    # One fd per directory level: a deep tree must not run out of descriptors.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, depth_hint)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def open_root(root: Path) -> tuple[int, os.stat_result]:
+    """Open the tree's root directory (the path given by the user may be a symlink)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return fd, os.fstat(fd)
+
+
+def walk(root: Path, visitor: Visitor) -> None:
+    """Visit every entry below `root` (the root directory included, via `enter`)."""
+    _raise_fd_limit()
+    root_fd, root_st = open_root(root)
+    dev = root_st.st_dev
+    top = Dir(root_fd, ".", root_st)
+    try:
+        names = _listxattr(root_fd)
+    except OSError as exc:
+        os.close(root_fd)
+        visitor.error(".", exc.strerror or str(exc))
+        return
+    if not visitor.enter(top, names):
+        visitor.leave(top)
+        os.close(root_fd)
+        return
+    stack: list[tuple[Dir, Iterator[os.DirEntry[str]]]] = []
+    try:
+        stack.append((top, _entries(top, visitor)))
+        while stack:
+            d, entries = stack[-1]
+            for entry in entries:
+                child = _visit(d, entry, dev, visitor)
+                if child is not None:
+                    stack.append((child, _entries(child, visitor)))
+                    break
+            else:
+                stack.pop()
+                try:
+                    visitor.leave(d)
+                finally:
+                    os.close(d.fd)
+    finally:
+        for d, _ in stack:  # only after an exception
+            os.close(d.fd)
+
+
+def _entries(d: Dir, visitor: Visitor) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(d.fd) as it:
+            listing = list(it)
+    except OSError as exc:
+        visitor.error(d.path, f"cannot list: {exc.strerror or exc}")
+        return iter(())
+    return iter(listing)
+
+
+def _visit(d: Dir, entry: os.DirEntry[str], dev: int, visitor: Visitor) -> Dir | None:
+    name = entry.name
+    try:
+        # d_type tells files and dirs apart without a syscall; what is then opened
+        # is checked again through the fd, so a swap in between is harmless.
+        if entry.is_dir(follow_symlinks=False):
+            fd = os.open(name, DIR_FLAGS, dir_fd=d.fd)
+            try:
+                st = os.fstat(fd)
+                if st.st_dev != dev:
+                    visitor.other_filesystem(d.join(name))
+                    os.close(fd)
+                    return None
+                names = _listxattr(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            child = Dir(fd, d.join(name), st)
+            try:
+                descend = visitor.enter(child, names)
+            except BaseException:
+                os.close(fd)
+                raise
+            if descend:
+                return child
+            try:
+                visitor.leave(child)
+            finally:
+                os.close(fd)
+            return None
+        if entry.is_file(follow_symlinks=False):
+            fd = os.open(name, OPEN_FLAGS, dir_fd=d.fd)
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    # Swapped for something else since the listing: treat it as it is now.
+                    os.close(fd)
+                    fd = -1
+                    st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+                    if st.st_dev != dev:
+                        visitor.other_filesystem(d.join(name))
+                    else:
+                        visitor.special(d, name, st)
+                    return None
+                if st.st_dev != dev:
+                    visitor.other_filesystem(d.join(name))
+                    return None
+                xnames = os.listxattr(fd)
+                visitor.file(d, name, fd, st, frozenset(xnames) if xnames else _EMPTY)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            return None
+        st = entry.stat(follow_symlinks=False)
+        if st.st_dev != dev:
+            visitor.other_filesystem(d.join(name))
+            return None
+        visitor.special(d, name, st)
+    except OSError as exc:
+        visitor.error(d.join(name), exc.strerror or str(exc))
+    return None
+
+
+def display(path: str) -> str:
+    """A relative path as one printable line: control characters, backslashes and
+    undecodable bytes are escaped as in Python string literals."""
+    out = []
+    for c in path:
+        code = ord(c)
+        if c == "\\":
+            out.append("\\\\")
+        elif code < 32 or code == 127:
+            out.append({"\n": "\\n", "\t": "\\t"}.get(c, f"\\x{code:02x}"))
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(c)
+    return "".join(out)

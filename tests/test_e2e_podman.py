@@ -86,7 +86,7 @@ def _all(procs: dict[str, subprocess.Popen[str]], timeout: float = 120) -> dict[
 
 
 @pytest.fixture
-def two_users(world_tmp: Path) -> Iterator[dict[str, tuple[RootlessUser, Path]]]:
+def two_users(world_tmp: Path, root_fuse: None) -> Iterator[dict[str, tuple[RootlessUser, Path]]]:
     require_podman()
     require(is_root(), "root (to act as alice and bob)")
     users = {}
@@ -175,7 +175,7 @@ def test_alice_and_bob_share_one_image(
 
 
 @pytest.mark.timeout(170)
-def test_cshare_demo(world_tmp: Path) -> None:
+def test_cshare_demo(world_tmp: Path, root_fuse: None) -> None:
     """The README's main command: every check passes, and it leaves no directory behind."""
     require_podman()
     rootless_user("alice", world_tmp)  # the demo's user exists with a subordinate id range

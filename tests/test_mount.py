@@ -102,7 +102,7 @@ def test_every_parameter_has_help(command: str) -> None:
 
 # ------------------------------------------------------------------ as alice
 @pytest.fixture
-def alice(world_tmp: Path):  # type: ignore[no-untyped-def]
+def alice(world_tmp: Path, fuse: None):  # type: ignore[no-untyped-def]
     require(is_root(), "root (to act as the test user alice)")
     return rootless_user("alice", world_tmp)
 
@@ -236,7 +236,7 @@ def test_unusable_dev_fuse_is_reported(alice, world_tmp: Path, shared_demo: Shar
 @pytest.mark.fuse
 @pytest.mark.timeout(60)
 def test_root_mounts_without_a_namespace(
-    world_tmp: Path, shared_demo: SharedDemo, podman_images: PodmanImages
+    root_fuse: None, world_tmp: Path, shared_demo: SharedDemo, podman_images: PodmanImages
 ) -> None:
     """Root of the initial namespace needs no namespace; --upper/--work put the changes where asked."""
     original = _original(podman_images)

@@ -520,10 +520,21 @@ def test_read_only_without_upper(root_fuse: None, world_tmp: Path) -> None:
 
 def test_copy_up_keeps_metadata(pair) -> None:
     """Against the lower layer itself, not only against the kernel."""
+    lower_atime = os.lstat(pair.fuse.lowers[2] / "owned").st_atime_ns
     lower = describe(pair.fuse.lowers[2] / "owned")
     ops = [("setxattr", "owned", "user.added", b"1"), ("chmod", "exe", 0o4755),
            ("append", "x/y", b"")]
-    assert_same(pair, ops)
+    Lockstep(*pair.roots).run_all(ops[:1])
+    # Right after the copy-up, before anything reads the file through a mount:
+    # the kernel keeps the access time too.
+    atimes = [os.lstat(d.upper / "owned").st_atime_ns for d in (pair.kernel, pair.fuse)]
+    assert atimes[0] == lower_atime, "kernel reference changed"
+    lower_now = os.lstat(pair.fuse.lowers[2] / "owned").st_atime_ns
+    assert atimes[1] == lower_atime, (
+        f"copy-up lost the access time: upper {atimes[1]} != {lower_atime} "
+        f"(the lower file's atime is now {lower_now}: a copy-up read without O_NOATIME "
+        f"moves it under relatime)")
+    assert_same(pair, ops[1:])
     merged = describe(pair.fuse.mnt / "owned")
     upper = describe(pair.fuse.upper / "owned")
     for view in (merged, upper):

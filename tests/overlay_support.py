@@ -729,6 +729,40 @@ def run_op(root: Path, op: Op) -> tuple[str, Any]:
         return ("err", errno.errorcode.get(exc.errno or 0, str(exc.errno)))
 
 
+def run_ops_as(uid: int, gid: int, root: Path, ops: Sequence[Op]) -> list[tuple[str, Any]]:
+    """`run_op` for each op in a forked child with the given ids (no supplementary groups).
+
+    A fork rather than a new interpreter: the test modules may sit where the
+    other user cannot read them.
+    """
+    import pickle
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        code = 0
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            payload = pickle.dumps([run_op(root, op) for op in ops])
+            with os.fdopen(wfd, "wb") as out:
+                out.write(payload)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as inp:
+        data = inp.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        raise RuntimeError(f"operations as uid {uid} failed in the child (status {status})")
+    result: list[tuple[str, Any]] = pickle.loads(data)
+    return result
+
+
 def format_ops(ops: Sequence[Op]) -> str:
     return "\n".join(f"  {i:3d}. {op!r}" for i, op in enumerate(ops))
 

@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import require
 from overlay_support import (
     FIXED_TIME,
     Lockstep,
@@ -34,6 +35,7 @@ from overlay_support import (
     dir_,
     fifo,
     file,
+    format_ops,
     hardlink,
     make_copy,
     merged_expectation,
@@ -41,6 +43,7 @@ from overlay_support import (
     opaque,
     overlay_pair,
     run_op,
+    run_ops_as,
     snapshot,
     symlink,
     whiteout,
@@ -692,4 +695,62 @@ def test_aufs_layers_against_fuse_overlayfs(root_fuse: None, world_tmp: Path) ->
             ("listdir", "."),
         ]
         assert_same(pair, ops)
+
+
+PERMS = [
+    file("root_secret", "secret\n", mode=0o600),
+    file("public", "public\n", mode=0o644),
+    file("alice_file", "alice's\n", mode=0o644, uid=1001, gid=1001),
+    dir_("alice_dir", mode=0o755, uid=1001, gid=1001),
+    file("alice_dir/mine", "mine\n", uid=1001, gid=1001),
+    dir_("shared", mode=0o777),
+    file("shared/root_in_shared", "r\n"),
+    dir_("sticky", mode=0o1777),
+    file("sticky/root_file", "r\n"),
+    dir_("root_dir", mode=0o755),
+    file("root_dir/f", "f\n"),
+    dir_("private_dir", mode=0o700),
+    file("private_dir/f", "f\n"),
+    dir_("exec_only", mode=0o711),
+    file("exec_only/f", "f\n"),
+    file("group_rw", "g\n", mode=0o660, gid=1001),
+]
+
+
+def test_permissions_as_another_user(root_fuse: None, world_tmp: Path) -> None:
+    """The caller's permissions, checked the kernel overlay's way (alice, uid 1001)."""
+    from conftest import ensure_user
+
+    alice = ensure_user("alice")
+    uid, gid = alice.pw_uid, alice.pw_gid
+    require(uid == 1001 and gid == 1001, "alice as uid/gid 1001 (the layer fixture assumes it)")
+    ops = [
+        ("read", "root_secret"), ("read", "public"), ("read", "group_rw"),
+        ("listdir", "private_dir"), ("stat", "private_dir/f"), ("listdir", "exec_only"),
+        ("read", "exec_only/f"),
+        ("create", "root_dir/new", b"x", 0o644), ("create", "shared/new", b"x", 0o640),
+        ("stat", "shared/new"), ("create", "alice_dir/new", b"x", 0o600), ("stat", "alice_dir/new"),
+        ("mkdir", "shared/d", 0o755), ("stat", "shared/d"), ("symlink", "x", "shared/l"),
+        ("stat", "shared/l"), ("mkfifo", "shared/fifo", 0o600), ("stat", "shared/fifo"),
+        ("unlink", "shared/root_in_shared"), ("unlink", "sticky/root_file"),
+        ("unlink", "root_dir/f"), ("rmdir", "exec_only"),
+        ("chmod", "public", 0o666), ("chmod", "alice_file", 0o600), ("stat", "alice_file"),
+        ("chown", "alice_file", 0, -1), ("chown", "alice_file", -1, 1001),
+        ("utime", "public", T, T), ("utime", "alice_file", T + 5, T + 5), ("stat", "alice_file"),
+        ("setxattr", "public", "user.x", b"1"), ("setxattr", "alice_file", "user.x", b"1"),
+        ("getxattr", "alice_file", "user.x"), ("getxattr", "root_secret", "user.x"),
+        ("write", "public", b"no", 0), ("append", "alice_file", b"more\n"),
+        ("append", "group_rw", b"group\n"), ("truncate", "public", 0),
+        ("rename", "public", "shared/public"), ("rename", "alice_file", "shared/alice_file"),
+        ("link", "public", "shared/public_link"), ("link", "alice_dir/mine", "shared/mine_link"),
+        ("read", "shared/alice_file"),
+    ]
+    with overlay_pair(world_tmp, [PERMS]) as p:
+        k = run_ops_as(uid, gid, p.kernel.mnt, ops)
+        f = run_ops_as(uid, gid, p.fuse.mnt, ops)
+        problems = [f"step {i} {op!r}: kernel={a!r} fuse={b!r}"
+                    for i, (op, a, b) in enumerate(zip(ops, k, f, strict=True)) if a != b]
+        assert k[0] == ("err", "EACCES") and k[1][0] == "ok", f"the kernel reference changed: {k}"
+        problems += check_pair(p, [])[1:]
+        assert not problems, "operations as alice:\n" + format_ops(ops) + "\n" + "\n".join(problems)
 

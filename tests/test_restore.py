@@ -1,0 +1,120 @@
+"""`cshare restore`: the exact inverse of convert, shown on full metadata listings."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import is_root, require, tool
+from test_convert import kill_part_way, tmpfs_scratch  # noqa: F401  (fixture)
+from tree_support import build_large_tree, build_varied_tree, diff_listings, listing
+
+from cshare.convert import convert_tree
+from cshare.restore import restore_tree
+from cshare_fuse.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, PROTOTYPE_XATTR
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    require(is_root(), "root (restore recreates devices and owners)")
+    return tmp_path
+
+
+def test_convert_then_restore_gives_back_the_exact_tree(scratch: Path) -> None:
+    tree = build_varied_tree(scratch / "tree", scratch)
+    before = listing(tree.root)
+    assert {m.type for m in before.values()} == {"file", "dir", "symlink", "char", "block", "pipe", "socket"}
+    assert convert_tree(tree.root).errors == []
+    converted = listing(tree.root)
+    assert diff_listings(before, converted) != ""  # convert really changed things
+    report = restore_tree(tree.root)
+    assert report.errors == []
+    assert report.devices_recreated == 5  # nodes: the fifo and its hardlink are one
+    assert report.opaque_removed == 1
+    assert diff_listings(before, listing(tree.root)) == ""
+
+
+def test_second_restore_changes_nothing(scratch: Path) -> None:
+    tree = build_varied_tree(scratch / "tree", scratch)
+    before = listing(tree.root)
+    convert_tree(tree.root)
+    restore_tree(tree.root)
+    again = restore_tree(tree.root)
+    assert (again.restored, again.devices_recreated, again.opaque_removed) == (0, 0, 0)
+    assert diff_listings(before, listing(tree.root)) == ""
+
+
+def test_restore_keeps_a_layers_own_user_opaque_marker(scratch: Path) -> None:
+    root = scratch / "tree"
+    (root / "own").mkdir(parents=True)
+    (root / "added").mkdir()
+    for d in ("own", "added"):
+        os.setxattr(root / d, "trusted.overlay.opaque", b"y")
+    os.setxattr(root / "own", "user.overlay.opaque", b"y")  # the layer had it already
+    before = listing(root)
+    convert_tree(root)
+    assert os.getxattr(root / "added", "user.overlay.opaque") == b"y"
+    restore_tree(root)
+    assert diff_listings(before, listing(root)) == ""
+
+
+def test_restore_understands_older_forms(scratch: Path) -> None:
+    root = scratch / "tree"
+    root.mkdir()
+    proto, fuse = root / "proto", root / "fuse"
+    for path, attr, value in (
+        (proto, PROTOTYPE_XATTR, b"4750:33:34\0"),
+        (fuse, FUSE_OVERLAYFS_XATTR, b"12:13:100640"),
+    ):
+        path.write_bytes(b"x")
+        os.chmod(path, 0o755)
+        os.setxattr(path, attr, value)
+    assert restore_tree(root).errors == []
+    st = os.stat(proto)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o4750, 33, 34)
+    st = os.stat(fuse)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 12, 13)
+    assert os.listxattr(proto) == [] and os.listxattr(fuse) == []
+
+
+def test_unparsable_record_is_reported_and_left_untouched(scratch: Path) -> None:
+    root = scratch / "tree"
+    root.mkdir()
+    bad = root / "bad"
+    bad.write_bytes(b"x")
+    os.chmod(bad, 0o755)
+    os.setxattr(bad, OVERRIDE_XATTR, b"0:0:0644:blob")
+    run = subprocess.run([tool("cshare"), "restore", "-q", str(root)], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "bad" in run.stderr and "blob" in run.stderr
+    assert os.getxattr(bad, OVERRIDE_XATTR) == b"0:0:0644:blob"
+    assert stat.S_IMODE(os.stat(bad).st_mode) == 0o755
+
+
+def test_dry_run_lists_and_changes_nothing(scratch: Path) -> None:
+    tree = build_varied_tree(scratch / "tree", scratch)
+    convert_tree(tree.root)
+    converted = listing(tree.root)
+    run = subprocess.run([tool("cshare"), "restore", "--dry-run", str(tree.root)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "restore 0:0 0600: etc/shadow" in run.stdout
+    assert "recreate char-1-3 0:0 0666: dev/null" in run.stdout
+    assert diff_listings(converted, listing(tree.root)) == ""
+
+
+@pytest.mark.slow
+def test_killed_restore_then_rerun_gives_back_the_original(tmpfs_scratch: Path) -> None:  # noqa: F811
+    root = tmpfs_scratch / "tree"
+    build_large_tree(root, 12000)
+    before = listing(root)
+    convert_tree(root)
+    outcomes = kill_part_way("restore", "restore_tree", root, (2000, 7000))
+    assert "reached" in outcomes
+    assert diff_listings(before, listing(root)) != ""  # the kills left it half-restored
+    assert restore_tree(root).errors == []
+    assert diff_listings(before, listing(root)) == ""

@@ -16,14 +16,13 @@ import pytest
 from conftest import ensure_user, is_root, require, tool, unmount_all_below
 from tree_support import Meta, build_large_tree, build_varied_tree, diff_listings, listing
 
-from cshare.convert import check_can_convert, convert_tree
 from cshare.console import CshareError
+from cshare.convert import check_can_convert, convert_tree
 from cshare_fuse.overrides import (
     FUSE_OVERLAYFS_PRIVILEGED_XATTR,
     FUSE_OVERLAYFS_XATTR,
     OVERRIDE_XATTR,
     PROTOTYPE_XATTR,
-    Override,
     parse_override,
 )
 

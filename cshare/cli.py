@@ -63,7 +63,32 @@ def convert(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Make ROOTFS readable by every user, keeping original owners and modes in an xattr (root only)."""
+    """Make ROOTFS readable by every user, keeping original owners and modes in an xattr (root only).
+
+    Every entry of the tree, the root directory included, gets the xattr
+    user.containers.override_stat = UID:GID:0MODE:TYPE (the format of
+    containers/storage with force_mask, read by fuse-overlayfs and
+    cshare-overlay) and then mode 0755.  Owners on the host are not changed.
+    Devices, fifos and sockets, which cannot carry a user xattr, become empty
+    0755 files whose TYPE says what they were (char-1-3, pipe, socket, ...).
+    Symlinks are left alone and never followed; hardlinks stay hardlinked;
+    mount points inside ROOTFS are not entered.
+
+    Overlay markers keep their meaning: whiteouts (character device 0/0,
+    .wh.NAME files) stay whiteouts, and a directory marked opaque with
+    trusted.overlay.opaque (invisible to users) also gets user.overlay.opaque.
+
+    An entry that already has a record (user.containers.override_stat,
+    user.fuseoverlayfs.override_stat, security.fuseoverlayfs.override_stat or
+    the prototype's user.original-permissions) keeps it: running convert again
+    changes nothing, and a run that was killed is completed by the next one.
+    A record that does not parse is reported with its path and the entry left
+    untouched; the exit status is then 1.
+
+    Nothing is changed when the command is not run by root, ROOTFS does not
+    exist, or its filesystem does not support user xattrs.  cshare restore
+    undoes the conversion; cshare verify checks it.
+    """
     from .convert_cmd import run_convert
 
     _guard(lambda: run_convert(rootfs, dry_run=dry_run, json_out=json_out, quiet=quiet))
@@ -76,7 +101,22 @@ def restore(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Undo convert: recreate devices, restore owners and modes, remove the override xattrs (root only)."""
+    """Undo convert: recreate devices, restore owners and modes, remove the override xattrs (root only).
+
+    For every file and directory with an override record (any form convert
+    recognises), the owner and mode are set back from the record and the
+    record is removed.  A file standing for a device, fifo or socket is
+    replaced by the real node again, with its owner, mode and times.  The
+    user.overlay.opaque markers that convert added (and only those) are
+    removed.  Directory times are preserved.  convert followed by restore
+    gives back the original tree; entries without a record are left alone, so
+    restore may be run again, also after it was killed part-way.
+
+    A record that does not parse is reported with its path and the entry left
+    untouched; the exit status is then 1.  Nothing is changed when the command
+    is not run by root, ROOTFS does not exist, or its filesystem does not
+    support user xattrs.
+    """
     from .convert_cmd import run_restore
 
     _guard(lambda: run_restore(rootfs, dry_run=dry_run, json_out=json_out, quiet=quiet))
@@ -87,7 +127,21 @@ def verify(
     rootfs: Path = typer.Argument(..., help="A converted tree or store layer to check."),
     json_out: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ) -> None:
-    """Check a converted tree: unconverted entries, bad overrides, unsafe modes, devices."""
+    """Check a converted tree: unconverted entries, bad overrides, unsafe modes, devices.
+
+    Each finding is one line, KIND: PATH: DETAIL, with KIND one of:
+    not-converted (a file or directory without a record; empty .wh. whiteout
+    files are accepted), unparsable (a record that does not parse),
+    world-writable, setuid, setgid (modes that must not stay on the host),
+    not-readable (a converted entry other users cannot read), device (a
+    device node, fifo or socket on the host; a character device 0/0 is a
+    whiteout and accepted), hidden-opaque (trusted.overlay.opaque without a
+    marker users can see; checked only as root), incomplete (traces of an
+    interrupted convert or restore), other-filesystem (a mount point, not
+    checked) and unreadable (an entry verify could not open).
+
+    The exit status is 0 when nothing was found and 1 otherwise.
+    """
     from .convert_cmd import run_verify
 
     _guard(lambda: run_verify(rootfs, json_out=json_out))

@@ -13,7 +13,7 @@ from typing import Any
 from rich.progress import TaskID
 from rich.table import Table
 
-from .console import print_json, progress, stdout
+from .console import CshareError, print_json, progress, stdout
 from .make_shared import LayerOutcome, MakeSharedResult, make_shared
 from .store import ImageRecord, SharedStore
 
@@ -126,7 +126,10 @@ def run_make_shared(
 def _image_size(store: SharedStore, record: ImageRecord) -> int:
     total = 0
     for layer_id in record.layers:
-        size = store.layer_info(layer_id).get("size")
+        try:
+            size = store.layer_info(layer_id).get("size")
+        except CshareError:
+            continue  # a damaged layer: listing goes on; inspect and mount report it
         total += size if isinstance(size, int) else 0
     return total
 
@@ -191,8 +194,6 @@ def run_inspect(image: str, *, store: Path) -> None:
 def run_rm(image: str, *, store: Path, json_out: bool) -> None:
     shared = SharedStore(store)
     if not shared.exists():
-        from .console import CshareError
-
         raise CshareError(f"no shared store at {store}; nothing to remove")
     with shared.write_lock():
         result = shared.remove_image(shared.resolve(image))

@@ -8,7 +8,13 @@ trees and the upper layers (whiteout and opaque styles normalized).
 
 Where the kernel is no reference (AUFS-style whiteouts, user.* opaque markers,
 `.wh.` names, a lower directory rename done fully), the expectation is
-computed here from the layers or stated by the test.
+computed here from the layers, taken from fuse-overlayfs (which reads both
+whiteout styles), or stated by the test.  One test runs the operations as an
+ordinary user (alice) to compare permission checks.
+
+Not compared: inode numbers themselves (only which names share one), atime
+and ctime, and a directory's size, nlink and builder-set mtime (see
+overlay_support.mtime_view).
 """
 
 from __future__ import annotations

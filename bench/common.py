@@ -22,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -361,30 +362,62 @@ def run_timed(
     *,
     what: str | None = None,
     capture_stdout: bool = False,
+    on_hang: Callable[[], None] | None = None,
 ) -> tuple[float, bytes, bytes]:
     """Run `cmd`, return (seconds from start to exit, stdout if captured, stderr).
 
     A non-zero exit, a missing program or a timeout raises BenchFailure with
     one line naming the command and the last line of its error output.
+
+    Output goes to temporary files, not pipes: a daemon that keeps an
+    inherited pipe open would otherwise make a mount command look endless.
+    On a timeout the command is killed; a process stuck in a FUSE request
+    survives SIGKILL, so `on_hang` (e.g. abort the FUSE connection) is called
+    when it has not exited 2 s later.
     """
     name = what or Path(cmd[0]).name
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=timeout,
-        )
-    except FileNotFoundError:
-        raise BenchFailure(f"{name}: command not found") from None
-    except subprocess.TimeoutExpired:
-        raise BenchFailure(f"{name}: timed out after {timeout:.0f} s") from None
-    elapsed = time.perf_counter() - start
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        try:
+            proc = subprocess.Popen(
+                list(cmd),
+                stdin=subprocess.DEVNULL,
+                stdout=out if capture_stdout else subprocess.DEVNULL,
+                stderr=err,
+            )
+        except FileNotFoundError:
+            raise BenchFailure(f"{name}: command not found") from None
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(proc, on_hang)
+            raise BenchFailure(f"{name}: timed out after {timeout:.0f} s") from None
+        except BaseException:  # Ctrl-C: never leave the command running behind us
+            stop(proc, on_hang)
+            raise
+        elapsed = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        raise BenchFailure(f"{name} exited {proc.returncode}: {last_line(proc.stderr)}")
-    return elapsed, proc.stdout or b"", proc.stderr or b""
+        raise BenchFailure(f"{name} exited {proc.returncode}: {last_line(stderr)}")
+    return elapsed, stdout, stderr
+
+
+def stop(proc: subprocess.Popen[bytes], on_hang: Callable[[], None] | None) -> None:
+    """Kill `proc` and reap it; if it hangs in the kernel, call `on_hang` and wait a little more."""
+    proc.kill()
+    try:
+        proc.wait(timeout=2)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    if on_hang is not None:
+        on_hang()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        console.print(f"[red]pid {proc.pid} ({proc.args!r}) cannot be stopped; left behind[/red]")
 
 
 def last_line(output: bytes | str | None) -> str:

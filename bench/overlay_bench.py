@@ -300,7 +300,7 @@ class Overlay:
         """Mount; return seconds from starting the command to the mount being ready."""
         cmd = self.command()
         start = time.perf_counter()
-        run_timed(cmd, self.timeout, what=f"{self.system} mount")
+        run_timed(cmd, self.timeout, what=f"{self.system} mount", on_hang=self.abort)
         # The FUSE commands return once the mount is ready; if one returns
         # early, the wait until the mount appears is part of its start time.
         deadline = start + min(self.timeout, 30.0)
@@ -309,6 +309,9 @@ class Overlay:
                 raise BenchFailure(f"{self.system}: the mount command returned but nothing is mounted")
             time.sleep(0.005)
         return time.perf_counter() - start
+
+    def abort(self) -> None:
+        abort_fuse_connection(self.mnt)
 
     def unmount(self) -> None:
         """Unmount and wait for the FUSE daemon to exit, whatever state the mount is in."""
@@ -360,14 +363,16 @@ def _is_zombie(pid: int) -> bool:
 # ------------------------------------------------------------------ workloads
 def walk(mnt: Path, timeout: float) -> tuple[float, int]:
     elapsed, out, _ = run_timed(
-        ["find", str(mnt), "-printf", "%s %m %u\\n"], timeout, what="find", capture_stdout=True
+        ["find", str(mnt), "-printf", "%s %m %u\\n"], timeout, what="find", capture_stdout=True,
+        on_hang=lambda: abort_fuse_connection(mnt),
     )
     return elapsed, out.count(b"\n")
 
 
 def read_big(mnt: Path, sizes: Sizes, timeout: float) -> float:
     elapsed, _, err = run_timed(
-        ["dd", f"if={mnt / 'big.bin'}", "of=/dev/null", "bs=1M"], timeout, what="dd"
+        ["dd", f"if={mnt / 'big.bin'}", "of=/dev/null", "bs=1M"], timeout, what="dd",
+        on_hang=lambda: abort_fuse_connection(mnt),
     )
     match = re.search(rb"^(\d+) bytes", err, re.M)
     got = int(match.group(1)) if match else -1
@@ -376,8 +381,11 @@ def read_big(mnt: Path, sizes: Sizes, timeout: float) -> float:
     return elapsed
 
 
-def child_timed(script: str, args: Sequence[str], timeout: float, what: str) -> float:
-    _, out, _ = run_timed([sys.executable, "-c", script, *args], timeout, what=what, capture_stdout=True)
+def child_timed(script: str, args: Sequence[str], mnt: Path, timeout: float, what: str) -> float:
+    _, out, _ = run_timed(
+        [sys.executable, "-c", script, *args], timeout, what=what, capture_stdout=True,
+        on_hang=lambda: abort_fuse_connection(mnt),
+    )
     try:
         return float(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -484,10 +492,14 @@ class OverlayBench:
 
         if self.measure("walk_cold", s, walk_once):
             self.measure("walk_warm", s, walk_once)
+        else:
+            self.report.fail("walk_warm", s, "not measured: the cold walk hung first")
 
     def read(self, s: str, ov: Overlay) -> None:
         if self.measure("read_cold", s, lambda: read_big(ov.mnt, self.sizes, self.timeout)):
             self.measure("read_warm", s, lambda: read_big(ov.mnt, self.sizes, self.timeout))
+        else:
+            self.report.fail("read_warm", s, "not measured: the cold read hung first")
 
     def write(self, s: str, ov: Overlay) -> None:
         z = self.sizes
@@ -495,18 +507,19 @@ class OverlayBench:
         def copyup() -> float:
             return child_timed(
                 COPYUP_SCRIPT, [str(ov.mnt / "copyup"), str(z.copyup_dirs), str(z.copyup_per_dir)],
-                self.timeout, "copy-up",
+                ov.mnt, self.timeout, "copy-up",
             )
 
         def create() -> float:
             return child_timed(
                 CREATE_SCRIPT, [str(ov.mnt / "created"), str(z.create_dirs), str(z.create_per_dir)],
-                self.timeout, "create",
+                ov.mnt, self.timeout, "create",
             )
 
         def rm() -> float:
             target = ov.mnt / "rmtree"
-            seconds, _, _ = run_timed(["rm", "-rf", str(target)], self.timeout, what="rm -rf")
+            seconds, _, _ = run_timed(["rm", "-rf", str(target)], self.timeout, what="rm -rf",
+                                      on_hang=ov.abort)
             if os.path.lexists(target):
                 raise BenchFailure("rm -rf returned but the directory is still there")
             return seconds

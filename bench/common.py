@@ -328,9 +328,9 @@ def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, systems: S
         p.error(str(exc))
 
 
-def require_root(prog: str) -> None:
+def require_root(prog: str, why: str) -> None:
     if os.geteuid() != 0:
-        print(f"{prog}: must run as root (it mounts overlays and drops the page cache)", file=sys.stderr)
+        print(f"{prog}: must run as root ({why})", file=sys.stderr)
         raise SystemExit(2)
 
 

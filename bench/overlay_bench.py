@@ -249,8 +249,9 @@ def abort_fuse_connection(mnt: Path) -> None:
 class Overlay:
     """One system's mount of the shared lowers, with its own upper, work and mountpoint."""
 
-    def __init__(self, system: str, lowers: Sequence[Path], timeout: float) -> None:
+    def __init__(self, system: str, lowers: Sequence[Path], timeout: float, extra: str = "") -> None:
         self.system = system
+        self.extra = extra  # more -o options, for trying a tuning of one system
         self.lowers = list(lowers)
         self.timeout = timeout
         self.base = WORK_ROOT / system
@@ -261,7 +262,9 @@ class Overlay:
     def options(self) -> str:
         lower = ":".join(str(p) for p in self.lowers)
         opts = f"lowerdir={lower},upperdir={self.upper},workdir={self.work}"
-        return f"{opts},{KERNEL_EXTRA}" if self.system == "kernel" else opts
+        if self.system == "kernel":
+            opts = f"{opts},{KERNEL_EXTRA}"
+        return f"{opts},{self.extra}" if self.extra else opts
 
     def command(self) -> list[str]:
         if self.system == "kernel":
@@ -394,11 +397,16 @@ def child_timed(script: str, args: Sequence[str], mnt: Path, timeout: float, wha
 
 # ------------------------------------------------------------------ the run
 class OverlayBench:
-    def __init__(self, sizes: Sizes, systems: Sequence[str], repeat: int, timeout: float, lowers: list[Path]) -> None:
+    def __init__(
+        self, sizes: Sizes, systems: Sequence[str], repeat: int, timeout: float, lowers: list[Path],
+        cshare_options: str = "",
+    ) -> None:
         self.sizes = sizes
         self.repeat = repeat
         self.timeout = timeout
-        self.overlays = {s: Overlay(s, lowers, timeout) for s in systems}
+        self.overlays = {
+            s: Overlay(s, lowers, timeout, cshare_options if s == "cshare" else "") for s in systems
+        }
         self.broken: dict[str, str] = {}
         labels = [
             (key, label.format(
@@ -552,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argument_parser(
         PROG, "Compare cshare-overlay with fuse-overlayfs and the kernel overlay.", SYSTEMS, "overlay.json"
     )
+    parser.add_argument(
+        "--cshare-options", default="", metavar="OPTS",
+        help="extra -o options for cshare-overlay only (to compare a tuning), e.g. 'timeout=0'",
+    )
     args = parser.parse_args(argv)
     finish_args(parser, args, SYSTEMS)
     require_root(PROG, "it mounts overlays and drops the page cache")
@@ -562,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     data = prepared_data(name, {"version": 1, **sizes.as_params()}, lambda root: build_layers(root, sizes))
     lowers = [data / "lower1", data / "lower0"]  # leftmost is the top layer
     start = time.perf_counter()
-    bench = OverlayBench(sizes, args.systems, args.repeat, args.timeout, lowers)
+    bench = OverlayBench(sizes, args.systems, args.repeat, args.timeout, lowers, args.cshare_options)
     report = bench.run()
     report.params["duration_s"] = round(time.perf_counter() - start, 1)
     show(report, f"overlay benchmark: medians of {args.repeat} run(s), {'quick' if args.quick else 'full'} data",

@@ -454,8 +454,12 @@ def prepared_data(name: str, params: dict[str, Any], build: Callable[[Path], Non
     DATA_ROOT.mkdir(parents=True, exist_ok=True)
     target.mkdir()
     start = time.perf_counter()
-    with console.status(f"generating {target} …"):
-        build(target)
+    try:
+        with console.status(f"generating {target} …"):
+            build(target)
+    except BaseException:  # interrupted or failed: leave no half-made data behind
+        remove_tree(target)
+        raise
     os.sync()
     stamp.write_text(json.dumps(params, sort_keys=True))
     console.print(f"[dim]generated {target} in {time.perf_counter() - start:.1f} s[/dim]")

@@ -127,8 +127,12 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
     record_type = False
     try:
         if ftype == statmod.S_IFREG:
-            src = source.open(path, os.O_RDONLY)
+            src = _open_quietly(source, path)
             try:
+                # Times as they are now (reads through the mount may have moved the
+                # atime since the lookup); the copy itself must not move them.
+                fresh = os.fstat(src)
+                want = want.replace(atime_ns=fresh.st_atime_ns, mtime_ns=fresh.st_mtime_ns)
                 dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 try:
                     if statmod.S_ISREG(real.mode) and real.size:
@@ -162,6 +166,14 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
     except BaseException:
         _remove_quietly(staged)
         raise
+
+
+def _open_quietly(source: Layer, path: bytes) -> int:
+    """Open for the copy without touching the access time, where that is allowed."""
+    try:
+        return source.open(path, os.O_RDONLY | os.O_NOATIME)
+    except PermissionError:
+        return source.open(path, os.O_RDONLY)  # O_NOATIME needs ownership or CAP_FOWNER
 
 
 def _remove_quietly(path: bytes) -> None:

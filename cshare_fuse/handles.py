@@ -13,6 +13,9 @@ class FileHandle:
     fd: int
     node: Node
     writable: bool
+    #: The layer `fd` is open on: a read-only handle opened before a copy-up
+    #: still points at the lower file and must move to the copy.
+    layer: int
 
 
 @dataclass

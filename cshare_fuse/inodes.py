@@ -24,7 +24,7 @@ class Node:
 
     __slots__ = ("ino", "parent", "name", "aliases", "layer", "file_type", "dir_layers",
                  "has_lower", "lookups", "children", "listing", "unlinked", "open_fds", "backing_key",
-                 "lower_stat", "entry", "lock", "__weakref__")
+                 "lower_stat", "entry", "removed_stat", "lock", "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layer: int,
                  file_type: int) -> None:
@@ -53,6 +53,9 @@ class Node:
         self.lower_stat: Stat | None = None
         #: The kernel-facing attributes of a lower entry, built once (they cannot change).
         self.entry: pyfuse3.EntryAttributes | None = None
+        #: The attributes it had when its last name went, for a removed node that
+        #: is still in use without a descriptor of ours (a device opened by the kernel).
+        self.removed_stat: Stat | None = None
         self.lock: object | None = None  # a trio.Lock, created on first copy-up
 
     @property

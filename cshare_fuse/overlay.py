@@ -101,7 +101,13 @@ class Overlay:
     def _make_node(self, parent: Node, name: bytes, res: merge.Resolved) -> Node:
         st = res.stat
         key = (st.dev, st.ino)
-        hardlinked = not statmod.S_ISDIR(st.mode) and st.nlink > 1
+        # Names of one upper file share a node: they are one file.  Names of a lower
+        # hardlink do not: a write copies up only the name it came through (as the
+        # kernel's overlay does with index=off), and the kernel tells us only the
+        # node, never the name, on open.  pyfuse3 reports the node number as
+        # st_ino, so such names show distinct inode numbers (with the lower nlink).
+        hardlinked = (not statmod.S_ISDIR(st.mode) and st.nlink > 1
+                      and self.layers[res.layer].is_upper)
         if hardlinked:
             existing = self.table.by_backing.get(key)
             if existing is not None and not existing.unlinked and existing.layer == res.layer:
@@ -136,6 +142,8 @@ class Overlay:
         if st is None:
             for fd in node.open_fds:
                 return Stat.from_os(os.fstat(fd))
+            if node.unlinked and node.removed_stat is not None:
+                return node.removed_stat
             raise OverlayError(errno.ENOENT, f"{node!r} vanished from the upper layer")
         return st
 
@@ -382,7 +390,8 @@ class Overlay:
         node.lookups += 1
         return node
 
-    def _detach_name(self, parent: Node, name: bytes, node: Node) -> None:
+    def _detach_name(self, parent: Node, name: bytes, node: Node,
+                     before: Stat | None = None) -> None:
         """Forget that `node` is called `name` in `parent` (after unlink/rename away)."""
         if parent.children.get(name) is node:
             del parent.children[name]
@@ -391,6 +400,8 @@ class Overlay:
             if node.aliases:
                 node.parent, node.name = node.aliases.pop()
             else:
+                if before is not None:
+                    node.removed_stat = before.replace(nlink=max(before.nlink - 1, 0))
                 node.unlinked = True
                 if node.lookups == 0 and not node.open_fds:
                     self.table.drop(node)
@@ -421,7 +432,14 @@ class Overlay:
             raise OverlayError(errno.ENOTEMPTY)
         await self._remove_entry(parent, name, node)
 
+    def _stat_or_none(self, node: Node) -> Stat | None:
+        try:
+            return self.stat_of(node)
+        except (OSError, OverlayError):
+            return None
+
     async def _remove_entry(self, parent: Node, name: bytes, node: Node) -> None:
+        before = self._stat_or_none(node)
         await self.ensure_upper(parent)
         assert self.upper is not None
         parent_real = self.upper.real(parent.path())
@@ -440,7 +458,7 @@ class Overlay:
                 whiteout.write_whiteout(fd, name)
             finally:
                 os.close(fd)
-        self._detach_name(parent, name, node)
+        self._detach_name(parent, name, node, before)
 
     async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
                      new_name: bytes, flags: int) -> None:
@@ -473,6 +491,7 @@ class Overlay:
                 raise OverlayError(errno.ENOTDIR)
             if dst.is_dir and self.listing(dst):
                 raise OverlayError(errno.ENOTEMPTY)
+        dst_before = self._stat_or_none(dst) if dst is not None else None
         await self.ensure_upper(src)
         await self.ensure_upper(new_parent)
         assert self.upper is not None
@@ -494,7 +513,7 @@ class Overlay:
         if src.is_dir and new_has_lower:
             whiteout.mark_opaque(new_real)
         if dst is not None:
-            self._detach_name(new_parent, new_name, dst)
+            self._detach_name(new_parent, new_name, dst, dst_before)
         # Move the name: the primary name or one alias of a hardlinked file.
         if old_parent.children.get(old_name) is src:
             del old_parent.children[old_name]
@@ -653,7 +672,24 @@ class Overlay:
 
     def _register_fd(self, fd: int, node: Node, writable: bool) -> int:
         node.open_fds.add(fd)
-        return self.handles.add(FileHandle(fd, node, writable))
+        return self.handles.add(FileHandle(fd, node, writable, node.layer))
+
+    def _current_fd(self, fh: int) -> int:
+        """The handle's fd, moved to the upper copy if the file was copied up since.
+
+        A file opened read-only on a lower layer and then copied up by a writer
+        must show the new data, as the kernel's overlay does (since Linux 4.19).
+        """
+        handle = self.handles.file(fh)
+        node = handle.node
+        if handle.layer != node.layer and node.layer == self.upper_index and not node.unlinked:
+            assert self.upper is not None
+            fd = self.upper.open(node.path(), os.O_RDONLY)
+            node.open_fds.discard(handle.fd)
+            os.close(handle.fd)
+            handle.fd, handle.layer = fd, node.layer
+            node.open_fds.add(fd)
+        return handle.fd
 
     async def open(self, ino: int, flags: int) -> int:
         node = self.node(ino)
@@ -671,7 +707,7 @@ class Overlay:
         return self._register_fd(fd, node, writing)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self.handles.file(fh).fd, size, offset)
+        return os.pread(self._current_fd(fh), size, offset)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         return os.pwrite(self.handles.file(fh).fd, data, offset)

@@ -13,7 +13,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -43,7 +43,7 @@ _injected_faults: frozenset[str] = frozenset(
 )
 
 
-def fuse_boundary(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def fuse_boundary(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Make `func` a safe pyfuse3 handler: every failure becomes a FUSEError."""
     name = func.__name__
 

@@ -241,7 +241,7 @@ def parse_command_line(argv: list[str]) -> MountConfig:
         name, has_value, raw = opt.partition("=")
         value = raw if has_value else None
 
-        def need() -> str:
+        def need(name: str = name, value: str | None = value) -> str:
             if value is None or value == "":
                 raise ConfigError(f"option {name} needs a value ({name}=...)")
             return value

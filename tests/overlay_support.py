@@ -721,7 +721,12 @@ def _do(root: Path, op: Op) -> Any:
 
 
 def run_op(root: Path, op: Op) -> tuple[str, Any]:
-    """("ok", value) or ("err", "ENOENT"); anything but OSError is a harness bug."""
+    """("ok", value) or ("err", "ENOENT"); anything but OSError is a harness bug.
+
+    ("as_user", UID, GID, OP) runs OP with those ids in a child process.
+    """
+    if op[0] == "as_user":
+        return run_ops_as(op[1], op[2], root, [op[3]])[0]
     try:
         return ("ok", _do(root, op))
     except OSError as exc:

@@ -4,6 +4,7 @@ A hypothesis state machine applies random operations (create, write, rename,
 unlink, chmod, xattrs, ...) to the kernel overlay and to the FUSE overlay
 under test, and fails at the first step whose result or errno differs; at the
 end of each example it compares the merged trees and the upper layers.  A
+rule switches between root and alice, so permission checks are compared too.  A
 failure is shrunk to a minimal sequence, printed as the state machine steps
 and as the list of operations.
 
@@ -18,12 +19,14 @@ and within the CI budget for a slower overlay.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from conftest import ensure_user
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_state_machine_as_test
@@ -74,7 +77,7 @@ PATHS = ["d", "d/a", "d/b", "d/c", "d/s", "d/s/x", "d/n", "e", "e/old", "e/new",
          "p", "s", "t", "w", "z", "z/q", "k", "k/deep", "k/deep/er", "n1", "n2", "nd", "nd/n1",
          "h1", "h2", "c"]
 DATA = [b"", b"x", b"hello world\n", b"0123456789" * 20]
-MODES = [0o644, 0o600, 0o755, 0o4711, 0o000]
+MODES = [0o644, 0o600, 0o755, 0o777, 0o1777, 0o4711, 0o000]
 TIMES = [FIXED_TIME * 10**9 + 1, FIXED_TIME * 10**9 + 777_000_123]
 XNAMES = ["user.a", "user.b", "user.c"]
 
@@ -101,8 +104,9 @@ def arena_layers(count: int) -> list[list[Node]]:
 class ArenaPool:
     """Hands out fresh arenas of a mounted pair, rebuilding when they run out."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, alice: pwd.struct_passwd) -> None:
         self.base = base
+        self.alice = alice
         self.builds = 0
         self.stack: ExitStack | None = None
         self.pair: Pair | None = None
@@ -140,7 +144,7 @@ class ArenaPool:
 
 @pytest.fixture
 def pool(root_fuse: None, world_tmp: Path) -> Iterator[ArenaPool]:
-    p = ArenaPool(world_tmp)
+    p = ArenaPool(world_tmp, ensure_user("alice"))
     try:
         yield p
     finally:
@@ -155,10 +159,17 @@ def machine_for(pool: ArenaPool) -> type[RuleBasedStateMachine]:
         def start(self) -> None:
             self.pair, self.arena = pool.take()
             self.ls = Lockstep(self.pair.kernel.mnt / self.arena, self.pair.fuse.mnt / self.arena)
+            self.user: tuple[int, int] | None = None
 
         def do(self, *op: object) -> None:
-            k, f = self.ls.run(tuple(op))
+            step = op if self.user is None else ("as_user", *self.user, op)
+            k, f = self.ls.run(tuple(step))
             assert k == f, "\n" + self.ls.report()
+
+        @rule(who=st.sampled_from(["root", "alice"]))
+        def switch_user(self, who: str) -> None:
+            """Later operations run as root or as alice: permission checks are compared too."""
+            self.user = None if who == "root" else (pool.alice.pw_uid, pool.alice.pw_gid)
 
         @rule(p=path, d=data, m=mode)
         def create(self, p: str, d: bytes, m: int) -> None:

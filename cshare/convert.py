@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from cshare_fuse.overrides import (
 
 from . import treemarks
 from .console import CshareError
-from .treewalk import Dir, display, walk
+from .treewalk import Dir, default_workers, display, walk
 
 CONVERTED_MODE = 0o755
 PROBE_XATTR = "user.cshare.probe"
@@ -97,16 +98,37 @@ def check_can_convert(root: Path, *, probe_write: bool = True) -> None:
         os.close(fd)
 
 
-class _Converter:
-    """The walk visitor; one instance per run."""
+class _Shared:
+    """What the walk's threads share: hardlinks seen, replaced devices, encoded values."""
 
-    def __init__(self, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
-        self.report = ConvertReport()
-        self.dry_run = dry_run
-        self.on_entry = on_entry
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards seen and placeholders
         self.seen: set[int] = set()  # inode numbers of hardlinked files already handled
         self.placeholders: dict[int, int] = {}  # device ino -> O_PATH fd of its replacement
         self.values: dict[tuple[int, int, int], bytes] = {}  # (st_mode, uid, gid) -> value
+
+    def first_time(self, ino: int) -> bool:
+        with self.lock:
+            if ino in self.seen:
+                return False
+            self.seen.add(ino)
+            return True
+
+    def close(self) -> None:
+        for fd in self.placeholders.values():
+            os.close(fd)
+        self.placeholders.clear()
+
+
+class _Converter:
+    """The walk visitor; one per thread, each with its own report."""
+
+    def __init__(self, shared: _Shared, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
+        self.report = ConvertReport()
+        self.shared = shared
+        self.dry_run = dry_run
+        self.on_entry = on_entry
+        self.values = shared.values
 
     # ------------------------------------------------------------------ visitor
     def enter(self, d: Dir, names: frozenset[str]) -> bool:
@@ -129,10 +151,8 @@ class _Converter:
         if name.startswith(_TMP_START) and treemarks.is_temporary(name):
             self._leftover(d, name)
             return
-        if st.st_nlink > 1:
-            if st.st_ino in self.seen:
-                return
-            self.seen.add(st.st_ino)
+        if st.st_nlink > 1 and not self.shared.first_time(st.st_ino):
+            return
         if names or self.dry_run:
             self._record(fd, st, names, d.join(name))
             return
@@ -236,9 +256,13 @@ class _Converter:
             self.report.changes.append(f"replace by a file recording {value.decode()}: {display(d.join(name))}")
             return
         treemarks.before_namespace_change(d)
+        with self.shared.lock:  # two names of one device inode must end up linked
+            self._replace_locked(d, name, st, value)
+
+    def _replace_locked(self, d: Dir, name: str, st: os.stat_result, value: bytes) -> None:
         tmp = treemarks.temporary_name(treemarks.CONVERT_TMP_PREFIX, st.st_ino)
         # Looked up whatever st_nlink says now: replacing the first name lowered it.
-        kept = self.placeholders.get(st.st_ino)
+        kept = self.shared.placeholders.get(st.st_ino)
         if kept is not None:
             # Another name of the same device inode was replaced already: keep them linked.
             _unlink_quietly(d, tmp)
@@ -251,17 +275,12 @@ class _Converter:
                 os.fchmod(fd, CONVERTED_MODE)  # after chown, and whatever the umask
                 os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
                 if st.st_nlink > 1:
-                    self.placeholders[st.st_ino] = os.open(
+                    self.shared.placeholders[st.st_ino] = os.open(
                         tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd
                     )
             finally:
                 os.close(fd)
         os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
-
-    def close(self) -> None:
-        for fd in self.placeholders.values():
-            os.close(fd)
-        self.placeholders.clear()
 
 
 def _unlink_quietly(d: Dir, name: str) -> None:
@@ -282,16 +301,40 @@ def _create_exclusive(d: Dir, name: str) -> int:
 
 
 def convert_tree(
-    root: Path, *, dry_run: bool = False, on_entry: Callable[[], None] | None = None
+    root: Path,
+    *,
+    dry_run: bool = False,
+    on_entry: Callable[[], None] | None = None,
+    workers: int | None = None,
 ) -> ConvertReport:
     """Convert the tree at `root` in place (see the module docstring).
 
     Per-entry failures are collected in the report's `errors`; the caller
-    decides the exit status.  Call `check_can_convert` first.
+    decides the exit status.  Call `check_can_convert` first.  `workers`
+    threads share the walk (default: treewalk.default_workers(); a dry run
+    uses one, so that its list of changes comes in walk order).
     """
-    converter = _Converter(dry_run, on_entry)
+    count = 1 if dry_run else (workers or default_workers())
+    shared = _Shared()
+    converters = [_Converter(shared, dry_run, on_entry) for _ in range(count)]
     try:
-        walk(Path(root), converter)
+        walk(Path(root), list(converters))
     finally:
-        converter.close()
-    return converter.report
+        shared.close()
+    return _merge([c.report for c in converters])
+
+
+def _merge(reports: list[ConvertReport]) -> ConvertReport:
+    total = ConvertReport()
+    for r in reports:
+        total.entries += r.entries
+        total.converted += r.converted
+        total.already_converted += r.already_converted
+        total.devices_replaced += r.devices_replaced
+        total.opaque_rewritten += r.opaque_rewritten
+        total.errors.extend(r.errors)
+        total.changes.extend(r.changes)
+        total.skipped_mounts.extend(r.skipped_mounts)
+    total.errors.sort()
+    total.skipped_mounts.sort()
+    return total

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
 
 from . import treemarks
-from .treewalk import Dir, display, walk
+from .treewalk import Dir, default_workers, display, walk
 
 _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
 _TMP_START = treemarks.TEMPORARY_START
@@ -51,16 +52,30 @@ class RestoreReport:
         }
 
 
-class _Restorer:
-    """The walk visitor; one instance per run."""
+class _Shared:
+    """What the walk's threads share: hardlinks seen, recreated nodes, parsed values."""
 
-    def __init__(self, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
-        self.report = RestoreReport()
-        self.dry_run = dry_run
-        self.on_entry = on_entry
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards seen and nodes
         self.seen: set[int] = set()
         self.nodes: dict[int, int] = {}  # placeholder ino -> O_PATH fd of the recreated node
         self.parsed: dict[tuple[str, bytes], Override] = {}  # values repeat: parse each once
+
+    def close(self) -> None:
+        for fd in self.nodes.values():
+            os.close(fd)
+        self.nodes.clear()
+
+
+class _Restorer:
+    """The walk visitor; one per thread, each with its own report."""
+
+    def __init__(self, shared: _Shared, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
+        self.report = RestoreReport()
+        self.shared = shared
+        self.dry_run = dry_run
+        self.on_entry = on_entry
+        self.parsed = shared.parsed
 
     # ------------------------------------------------------------------ visitor
     def enter(self, d: Dir, names: frozenset[str]) -> bool:
@@ -86,15 +101,24 @@ class _Restorer:
             else:
                 treemarks.remove_leftover(d, name)
             return
-        if st.st_ino in self.nodes:
-            # Another name of a placeholder already recreated (its link count has
-            # dropped by now, so the inode number is what tells).
-            self._relink(d, name, st)
+        shared = self.shared
+        if st.st_nlink > 1 or st.st_ino in shared.nodes:
+            # A hardlinked inode: decide and act under the lock, so that two names
+            # of one placeholder seen by two threads end up as one node.
+            with shared.lock:
+                if st.st_ino in shared.nodes:
+                    # Another name of a placeholder already recreated (its link count
+                    # has dropped by now, so the inode number is what tells).
+                    self._relink(d, name, st)
+                    return
+                if st.st_ino in shared.seen:
+                    return  # restored through its first name
+                shared.seen.add(st.st_ino)
+                self._restore_file(d, name, fd, st, names)
             return
-        if st.st_nlink > 1:
-            if st.st_ino in self.seen:
-                return  # restored through its first name
-            self.seen.add(st.st_ino)
+        self._restore_file(d, name, fd, st, names)
+
+    def _restore_file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
         if not names or names.isdisjoint(_OVERRIDE_NAMES):
             return
         override = self._parse(fd, names, d.join(name))
@@ -212,24 +236,19 @@ class _Restorer:
         os.chmod(tmp, override.mode, dir_fd=d.fd)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=d.fd, follow_symlinks=False)
         if st.st_nlink > 1:
-            self.nodes[st.st_ino] = os.open(
+            self.shared.nodes[st.st_ino] = os.open(
                 tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd
             )
         os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
 
     def _relink(self, d: Dir, name: str, st: os.stat_result) -> None:
         """Another name of a placeholder already recreated: link it to the new node."""
-        node = self.nodes[st.st_ino]
+        node = self.shared.nodes[st.st_ino]
         treemarks.before_namespace_change(d)
         tmp = treemarks.temporary_name(treemarks.RESTORE_TMP_PREFIX, st.st_ino)
         _unlink_quietly(d, tmp)
         treemarks.link_fd(node, d, tmp)
         os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
-
-    def close(self) -> None:
-        for fd in self.nodes.values():
-            os.close(fd)
-        self.nodes.clear()
 
 
 def _unlink_quietly(d: Dir, name: str) -> None:
@@ -240,16 +259,33 @@ def _unlink_quietly(d: Dir, name: str) -> None:
 
 
 def restore_tree(
-    root: Path, *, dry_run: bool = False, on_entry: Callable[[], None] | None = None
+    root: Path,
+    *,
+    dry_run: bool = False,
+    on_entry: Callable[[], None] | None = None,
+    workers: int | None = None,
 ) -> RestoreReport:
     """Undo `convert_tree` on the tree at `root` (see the module docstring).
 
     Per-entry failures are collected in the report's `errors`.  Call
-    `cshare.convert.check_can_convert` first.
+    `cshare.convert.check_can_convert` first.  `workers` as for convert_tree.
     """
-    restorer = _Restorer(dry_run, on_entry)
+    count = 1 if dry_run else (workers or default_workers())
+    shared = _Shared()
+    restorers = [_Restorer(shared, dry_run, on_entry) for _ in range(count)]
     try:
-        walk(Path(root), restorer)
+        walk(Path(root), list(restorers))
     finally:
-        restorer.close()
-    return restorer.report
+        shared.close()
+    total = RestoreReport()
+    for r in (x.report for x in restorers):
+        total.entries += r.entries
+        total.restored += r.restored
+        total.devices_recreated += r.devices_recreated
+        total.opaque_removed += r.opaque_removed
+        total.errors.extend(r.errors)
+        total.changes.extend(r.changes)
+        total.skipped_mounts.extend(r.skipped_mounts)
+    total.errors.sort()
+    total.skipped_mounts.sort()
+    return total

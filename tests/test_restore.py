@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import is_root, require, tool
 from test_convert import kill_part_way, tmpfs_scratch  # noqa: F401  (fixture)
-from tree_support import build_large_tree, build_varied_tree, diff_listings, listing
+from tree_support import build_large_tree, build_varied_tree, diff_listings, fix_times, listing
 
 from cshare.convert import convert_tree
 from cshare.restore import restore_tree
@@ -118,3 +118,27 @@ def test_killed_restore_then_rerun_gives_back_the_original(tmpfs_scratch: Path) 
     assert diff_listings(before, listing(root)) != ""  # the kills left it half-restored
     assert restore_tree(root).errors == []
     assert diff_listings(before, listing(root)) == ""
+
+
+@pytest.mark.slow
+def test_several_walk_threads_give_the_same_result(tmpfs_scratch: Path) -> None:  # noqa: F811
+    # Threads are not the default (see treewalk.default_workers) but must be correct:
+    # hardlinked devices and files spread over directories handled concurrently.
+    one, three = tmpfs_scratch / "one", tmpfs_scratch / "three"
+    build_large_tree(one, 6000, per_dir=20)
+    build_large_tree(three, 6000, per_dir=20)
+    for d in (one, three):
+        entries = [e for sub in sorted((d / "d0").iterdir()) if sub.is_dir() for e in os.scandir(sub)]
+        device = next(e for e in entries if stat.S_ISCHR(e.stat(follow_symlinks=False).st_mode))
+        regular = next(e for e in entries if e.is_file(follow_symlinks=False))
+        # Hardlinks across directories far apart, likely handled by different threads.
+        os.link(regular.path, d / "d2" / "cross-link")
+        os.link(device.path, d / "d2" / "device-link")
+        fix_times(d)
+    original = listing(one)
+    assert convert_tree(one, workers=1).errors == []
+    report = convert_tree(three, workers=3)
+    assert report.errors == []
+    assert diff_listings(listing(one), listing(three)) == ""
+    assert restore_tree(three, workers=3).errors == []
+    assert diff_listings(original, listing(three)) == ""

@@ -10,10 +10,13 @@ their namespace ids.  Writes land in her upper directory, owned by her.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,11 @@ set -u
 CMD="$1"; BASE="$2"
 M="$BASE/mnt"
 out() { echo "$1=$2"; }
-if ! "$CMD" -o "lowerdir=$BASE/lower,upperdir=$BASE/upper,workdir=$BASE/work" "$M" 2>"$BASE/logs/mount.err"; then
+# The daemon's output goes to files: a daemon holding our stdout pipe would
+# keep the test waiting.  Whatever happens, leave nothing mounted.
+trap 'fusermount3 -u "$M" 2>/dev/null' EXIT
+if ! "$CMD" -o "lowerdir=$BASE/lower,upperdir=$BASE/upper,workdir=$BASE/work" "$M" \
+    >"$BASE/logs/mount.out" 2>"$BASE/logs/mount.err"; then
   out mount "failed: $(head -c 300 "$BASE/logs/mount.err")"; exit 1
 fi
 out mount ok
@@ -94,12 +101,18 @@ def run_as_alice(alice: pwd.struct_passwd, cmd: str, base: Path) -> dict[str, st
 
 
 @pytest.fixture
-def alice(root_fuse: None) -> pwd.struct_passwd:
+def alice(root_fuse: None, world_tmp: Path) -> Iterator[pwd.struct_passwd]:
     require(shutil.which("unshare") is not None and shutil.which("newuidmap") is not None,
             "unshare and newuidmap (Debian packages util-linux, uidmap)")
     user = ensure_user("alice")
     make_fuse_usable_for_users()
-    return user
+    yield user
+    # A daemon left in a dead namespace would serve an unreachable mount
+    # forever: end the ones this test started (their command line names it).
+    for mnt in world_tmp.glob("*/mnt"):
+        for pid in serving_processes(mnt):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
 
 def test_rootless_mount_read_write_unmount(alice: pwd.struct_passwd, world_tmp: Path) -> None:

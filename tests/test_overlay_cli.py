@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,6 +292,7 @@ OPTION_GROUPS = [
     "static_nlink",
     "ro",
     "noxattrs=1",
+    "suid,dev,exec,allow_root",
     "noacl,timeout=1,writeback=0,fsync=0,volatile,fast_ino=1,xino=off,redirect_dir=off,"
     "noatime,nodev,nosuid,max_write=131072,default_permissions,allow_other",
 ]
@@ -313,4 +315,54 @@ def test_options_behave_like_fuse_overlayfs(root_fuse: None, world_tmp: Path,
     # Directory nlink is left out: there the kernel (1 for a merged directory)
     # is the reference, not fuse-overlayfs (which counts subdirectories).
     assert not ls.divergences, f"with -o {options} (kernel= means fuse-overlayfs):\n" + ls.report()
+
+
+@pytest.mark.parametrize("level", ["1", "2"])
+def test_xattr_permissions_record_overrides(root_fuse: None, world_tmp: Path,
+                                            level: str) -> None:
+    """chmod/chown are recorded in an override xattr and shown by the mount.
+
+    Not compared with fuse-overlayfs: v1.10 loses a file's owner on chmod here
+    and ignores the mode given to create, so it is no reference for this option.
+    """
+    from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, OVERRIDE_XATTR, read_override
+
+    d = make_copy(world_tmp / "layers", [OWNERS])
+    with mounted(d, "fuse", extra=[f"xattr_permissions={level}"]):
+        os.chmod(d.mnt / "u1000", 0o604)
+        os.chown(d.mnt / "root_file", 1000, 1001)
+        fd = os.open(d.mnt / "new", os.O_CREAT | os.O_WRONLY, 0o640)
+        os.close(fd)
+        shown = {n: os.lstat(d.mnt / n) for n in ("u1000", "root_file", "new")}
+    assert (stat.S_IMODE(shown["u1000"].st_mode), shown["u1000"].st_uid) == (0o604, 1000)
+    assert (shown["root_file"].st_uid, shown["root_file"].st_gid) == (1000, 1001)
+    assert stat.S_IMODE(shown["new"].st_mode) == 0o640 & ~_umask()
+    for name, (uid, gid, mode) in {"u1000": (1000, 1000, 0o604),
+                                   "root_file": (1000, 1001, 0o644)}.items():
+        backing = d.upper / name
+        real = os.lstat(backing)
+        found = read_override(lambda n, p=backing: _getxattr_or_none(p, n), ALL_OVERRIDE_XATTRS)
+        assert found is not None, f"{name}: no override xattr in the upper layer"
+        xname, override = found
+        assert (override.uid, override.gid, override.mode) == (uid, gid, mode), (name, override)
+        if level == "2":
+            assert xname == OVERRIDE_XATTR, xname
+        if name == "root_file":
+            # The chown was recorded, not applied to the backing file.
+            assert (real.st_uid, real.st_gid) != (uid, gid), name
+
+
+def _getxattr_or_none(path: Path, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 

@@ -6,7 +6,11 @@ stay as they are.  Devices, fifos and sockets cannot carry a user xattr, so each
 becomes an empty 0755 regular file, owned like the original, whose TYPE says
 what it was.  Symlinks are not touched.  Overlay markers keep their meaning:
 whiteouts (char 0/0, `.wh.*` files) stay whiteouts, and a `trusted.overlay.opaque`
-directory also gets `user.overlay.opaque`, which users can read.
+directory also gets `user.overlay.opaque`, which users can read.  A char 0/0
+whiteout is left exactly as it is (it cannot carry a user xattr, and only its
+name matters).  `.wh.NAME` and `.wh..wh..opq` files are converted like any
+file: they keep their name and emptiness, so they stay whiteouts, and the
+rule "every file and directory has a record" stays without exceptions.
 
 Order per entry makes the run crash-safe and idempotent: the xattr is written
 first and only when no record exists yet (an original, once recorded, is never

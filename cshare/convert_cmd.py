@@ -45,7 +45,8 @@ def _progress(description: str, quiet: bool) -> Iterator[Callable[[], None]]:
                 bar.update(task, completed=count, rate=f"{rate:,.0f} entries/s")
 
         yield tick
-        bar.update(task, completed=count, total=count, rate="")
+        rate = count / max(time.monotonic() - start, 1e-9)
+        bar.update(task, completed=count, total=count, rate=f"{rate:,.0f} entries/s")
 
 
 def _nothing() -> None:

@@ -12,6 +12,13 @@ something the next run can complete to exactly the state of one clean run:
   the xattr `user.cshare.dir_times` (`ATIME_NS:MTIME_NS`); when the directory
   is done they are put back and the mark removed.  A rerun that finds the mark
   uses it, so the original times survive a crash.
+- Names of one hardlinked device inode are replaced one by one, each new
+  name linked to the first placeholder.  Known limit: a run killed between
+  two names of such a group leaves the remaining names to be replaced by a
+  fresh placeholder on the rerun, so that group ends up as two inodes (the
+  records and everything else are the same as after a clean run).  Restore
+  has the same limit for hardlinked placeholders.  Hardlinked device nodes
+  are rare in images (tar archives of /dev have none).
 - `convert` makes an opaque marker visible to users by adding
   `user.overlay.opaque=y` beside `trusted.overlay.opaque=y`; it records that it
   added it in `user.cshare.opaque_added=y` (set first), so that `restore`

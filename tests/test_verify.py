@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import is_root, require, tool
+from conftest import ensure_user, is_root, require, tool
 from tree_support import build_varied_tree
 
 from cshare.convert import convert_tree
@@ -92,3 +92,25 @@ def test_problems_after_conversion_are_found(scratch: Path) -> None:
 def test_missing_path(scratch: Path) -> None:
     run = subprocess.run([tool("cshare"), "verify", str(scratch / "nope")], capture_output=True, text=True)
     assert run.returncode != 0 and run.stderr.count("\n") == 1
+
+
+def test_an_ordinary_user_can_verify_a_converted_tree(world_tmp: Path) -> None:
+    require(is_root(), "root (to build the tree and create the test user)")
+    ensure_user("alice")
+    tree = build_varied_tree(world_tmp / "tree", world_tmp)
+    before = subprocess.run(
+        ["runuser", "-u", "alice", "--", tool("cshare"), "verify", "--json", str(tree.root)],
+        capture_output=True,
+        text=True,
+    )
+    assert before.returncode == 1  # unconverted: alice cannot even read some of it
+    kinds = {f["kind"] for f in json.loads(before.stdout)["findings"]}
+    assert {"unreadable", "not-converted"} <= kinds
+    convert_tree(tree.root)
+    after = subprocess.run(
+        ["runuser", "-u", "alice", "--", tool("cshare"), "verify", "--json", str(tree.root)],
+        capture_output=True,
+        text=True,
+    )
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert json.loads(after.stdout)["entries"] == verify_tree(tree.root).entries

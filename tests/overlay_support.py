@@ -451,14 +451,28 @@ def snapshot(root: Path, below: str = "") -> dict[str, dict[str, Any]]:
     """Every entry under root/below (root itself as "."), keyed by relative path."""
     top = root / below if below else root
     out: dict[str, dict[str, Any]] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
+
+    def failed(exc: OSError) -> None:
+        # A directory that cannot be listed is a difference to report, not to skip.
+        rel = os.path.relpath(exc.filename or top, top)
+        out[f"{rel} <readdir>"] = {"error": errno.errorcode.get(exc.errno or 0, str(exc))}
+
+    if not os.path.isdir(top):
+        try:
+            os.lstat(top)
+        except OSError as exc:
+            return {".": {"error": errno.errorcode.get(exc.errno or 0, str(exc))}}
+    for dirpath, dirnames, filenames in os.walk(top, onerror=failed):
         dirnames.sort()
         for name in [".", *sorted(dirnames), *sorted(filenames)]:
             p = Path(dirpath) if name == "." else Path(dirpath) / name
             if name == "." and Path(dirpath) != top:
                 continue
             rel = os.path.relpath(p, top)
-            out[rel] = describe(p)
+            try:
+                out[rel] = describe(p)
+            except OSError as exc:
+                out[rel] = {"error": errno.errorcode.get(exc.errno or 0, str(exc))}
     return out
 
 

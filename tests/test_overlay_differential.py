@@ -23,6 +23,7 @@ import errno
 import hashlib
 import os
 import random
+import shutil
 import stat
 import threading
 from pathlib import Path
@@ -761,3 +762,30 @@ def test_permissions_as_another_user(root_fuse: None, world_tmp: Path) -> None:
         problems += check_pair(p, [])[1:]
         assert not problems, "operations as alice:\n" + format_ops(ops) + "\n" + "\n".join(problems)
 
+
+def test_large_merged_directory(root_fuse: None, world_tmp: Path) -> None:
+    """Readdir of a big merged directory (no entry lost or doubled), then rm -rf of it."""
+    bottom = [file(f"big/f{i:04d}", str(i)) for i in range(2000)]
+    middle = [whiteout(f"big/f{i:04d}") for i in range(0, 2000, 7)] + [file("big/mid", "m")]
+    top = [file(f"big/t{i:03d}", "t") for i in range(300)]
+    with overlay_pair(world_tmp, [top, middle, bottom]) as p:
+        names = os.listdir(p.fuse.mnt / "big")
+        assert len(names) == len(set(names)) == 2000 - len(range(0, 2000, 7)) + 1 + 300
+        assert_same(p, [("listdir", "big")])
+        for root in p.roots:
+            shutil.rmtree(root / "big")
+        assert_same(p, [("listdir", "."), ("stat", "big"), ("mkdir", "big", 0o755),
+                        ("listdir", "big")])
+
+
+def test_names_at_the_length_limit(root_fuse: None, world_tmp: Path) -> None:
+    """255-byte names (the kernel's and ext4's limit) in a lower layer and created anew."""
+    long_name = "L" * 255
+    with overlay_pair(world_tmp, [[file("x", "x")], [file(long_name, "long"),
+                                                     file(f"d/{long_name}", "in d")]]) as p:
+        ops = [("listdir", "."), ("listdir", "d"), ("stat", long_name), ("read", long_name),
+               ("create", "N" * 255, b"x", 0o644), ("create", "N" * 256, b"x", 0o644),
+               ("mkdir", "D" * 255, 0o755), ("unlink", long_name), ("stat", long_name),
+               ("create", long_name, b"again", 0o644), ("read", long_name),
+               ("rename", f"d/{long_name}", "d/short"), ("listdir", "d")]
+        assert_same(p, ops)

@@ -18,6 +18,9 @@ from .layers import Layer, LowerLayer
 from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_stat
 
 
+NAME_MAX = 255
+
+
 def child_path(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
@@ -35,13 +38,16 @@ class Resolved:
 def _entry_in(layer: Layer, parent_path: bytes, name: bytes) -> Stat | None | bool:
     """The entry `name` in one layer: its Stat, None if absent, False if whited out."""
     path = child_path(parent_path, name)
+    marker = WHITEOUT_PREFIX + name
+    # A name too long to carry the prefix cannot have an AUFS-style whiteout.
+    can_have_marker = len(marker) <= NAME_MAX
     if isinstance(layer, LowerLayer) and not layer.has(parent_path, name):
         # Listing the (immutable) directory once answers every miss.
-        return False if layer.has(parent_path, WHITEOUT_PREFIX + name) else None
+        return False if can_have_marker and layer.has(parent_path, marker) else None
     st = layer.stat(path)
     if st is None:
         # An AUFS-style whiteout only matters where the name itself is absent.
-        if layer.stat(child_path(parent_path, WHITEOUT_PREFIX + name)) is not None:
+        if can_have_marker and layer.stat(child_path(parent_path, marker)) is not None:
             return False
         return None
     if is_whiteout_stat(st.mode, st.rdev):

@@ -236,7 +236,7 @@ class Overlay:
         """
         if whiteout.is_reserved_name(name):
             raise OverlayError(errno.EINVAL, f"{name!r}: names starting .wh. are reserved")
-        if len(name) > 255:
+        if len(name) > merge.NAME_MAX:
             raise OverlayError(errno.ENAMETOOLONG)
         if self.child(parent, name) is not None:
             raise OverlayError(errno.EEXIST)

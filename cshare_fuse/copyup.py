@@ -89,8 +89,13 @@ def copy_xattrs(source: Layer, path: bytes, dest: bytes) -> None:
                 raise
 
 
-def apply_attributes(dest: bytes, want: Stat, policy: CopyPolicy, *, record_type: bool) -> None:
-    """Owner, mode and times of `want` onto the staged entry `dest`."""
+def apply_attributes(dest: bytes, want: Stat, policy: CopyPolicy, *, record_type: bool,
+                     have: os.stat_result | None = None) -> None:
+    """Owner, mode and times of `want` onto the staged entry `dest`.
+
+    `have`, the staged entry's attributes if known, lets calls that would change
+    nothing be skipped (a copy-up is a handful of syscalls; each one counts).
+    """
     is_link = statmod.S_ISLNK(want.mode)
     if policy.override_xattr is not None or record_type:
         name = policy.override_xattr or "user.containers.override_stat"
@@ -101,7 +106,8 @@ def apply_attributes(dest: bytes, want: Stat, policy: CopyPolicy, *, record_type
             # longer reports.
             os.chmod(dest, 0o755 if statmod.S_ISDIR(want.mode) else 0o644)
     else:
-        if policy.can_chown:
+        same_owner = have is not None and (have.st_uid, have.st_gid) == (want.uid, want.gid)
+        if policy.can_chown and not same_owner:
             try:
                 os.chown(dest, want.uid, want.gid, follow_symlinks=False)
             except OSError as exc:
@@ -110,7 +116,9 @@ def apply_attributes(dest: bytes, want: Stat, policy: CopyPolicy, *, record_type
                 if exc.errno not in (errno.EINVAL, errno.EPERM):
                     raise
                 log.debug("copy-up: cannot chown %r to %d:%d", dest, want.uid, want.gid)
-        if not is_link:
+            have = None  # chown may have cleared setuid/setgid bits
+        if not is_link and (have is None or statmod.S_IMODE(have.st_mode)
+                            != statmod.S_IMODE(want.mode)):
             os.chmod(dest, statmod.S_IMODE(want.mode))
     os.utime(dest, ns=(want.atime_ns, want.mtime_ns), follow_symlinks=False)
 
@@ -125,6 +133,7 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
     staged = staging_name(workdir)
     ftype = statmod.S_IFMT(want.mode)
     record_type = False
+    have: os.stat_result | None = None
     try:
         if ftype == statmod.S_IFREG:
             src = _open_quietly(source, path)
@@ -133,10 +142,14 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
                 # atime since the lookup); the copy itself must not move them.
                 fresh = os.fstat(src)
                 want = want.replace(atime_ns=fresh.st_atime_ns, mtime_ns=fresh.st_mtime_ns)
-                dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                # Created with its final permission bits (the daemon's umask is 0);
+                # the owner's read/write bits are what the copy needs meanwhile.
+                dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                              (want.mode & 0o777) | 0o600)
                 try:
                     if statmod.S_ISREG(real.mode) and real.size:
                         copy_data(src, dst, real.size)
+                    have = os.fstat(dst)
                 finally:
                     os.close(dst)
             finally:
@@ -155,7 +168,7 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
                 record_type = True
         if ftype != statmod.S_IFLNK or os.geteuid() == 0:
             copy_xattrs(source, path, staged)
-        apply_attributes(staged, want, policy, record_type=record_type)
+        apply_attributes(staged, want, policy, record_type=record_type, have=have)
         destination = upper.real(path)
         parent = os.path.dirname(destination)
         # A copy-up is not a change the user made to the directory: keep its times,

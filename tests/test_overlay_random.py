@@ -12,7 +12,7 @@ Mounting twice per example would eat the budget, so each build of the layers
 holds many identical "arenas" (a000, a001, ...); every example works inside a
 fresh arena of the same two mounts, and the layers are rebuilt and remounted
 only when the arenas run out.  Budget: CSHARE_RANDOM_EXAMPLES examples
-(default 100) of up to 30 steps: about 30 s with fuse-overlayfs on 2 cores,
+(default 150) of up to 30 steps: 20-90 s with cshare-overlay on 2 cores,
 and within the CI budget for a slower overlay.
 """
 
@@ -50,7 +50,7 @@ from overlay_support import (
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.slow, pytest.mark.timeout(240)]
 
-EXAMPLES = int(os.environ.get("CSHARE_RANDOM_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("CSHARE_RANDOM_EXAMPLES", "150"))
 STEPS = 30
 #: Shrinking a failure replays examples on live mounts; cap it so that a
 #: failing run still reports (with its minimal case) within the test timeout.

@@ -38,7 +38,8 @@ from cshare_fuse.overrides import (
 
 from . import treemarks
 from .console import CshareError
-from .treewalk import Dir, default_workers, display, walk
+from .parallelwalk import default_processes, walk_parallel
+from .treewalk import Dir, display, walk
 
 CONVERTED_MODE = 0o755
 PROBE_XATTR = "user.cshare.probe"
@@ -132,6 +133,7 @@ class _Converter:
         self.shared = shared
         self.dry_run = dry_run
         self.on_entry = on_entry
+        self.defer: list[str] | None = None  # set in a worker process (parallelwalk)
         self.values = shared.values
 
     # ------------------------------------------------------------------ visitor
@@ -149,6 +151,9 @@ class _Converter:
         return True
 
     def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
+        if st.st_nlink > 1 and self.defer is not None:
+            self.defer.append(d.join(name))  # other names may be in other workers' directories
+            return
         self.report.entries += 1
         if self.on_entry is not None:
             self.on_entry()
@@ -171,6 +176,9 @@ class _Converter:
             os.chmod(fd, CONVERTED_MODE)
 
     def special(self, d: Dir, name: str, st: os.stat_result) -> None:
+        if st.st_nlink > 1 and self.defer is not None:
+            self.defer.append(d.join(name))
+            return
         self._count()
         mode = st.st_mode
         if stat.S_ISLNK(mode):
@@ -188,6 +196,26 @@ class _Converter:
 
     def other_filesystem(self, path: str) -> None:
         self.report.skipped_mounts.append(path)
+
+    def resume(self, d: Dir, names: frozenset[str]) -> bool:
+        if self.dry_run:
+            return True
+        try:
+            treemarks.load_times(d, names)
+        except ValueError as exc:
+            self.report.errors.append((d.path, str(exc)))
+            return False
+        return True
+
+    def absorb(self, report: ConvertReport) -> None:
+        self.report.entries += report.entries
+        self.report.converted += report.converted
+        self.report.already_converted += report.already_converted
+        self.report.devices_replaced += report.devices_replaced
+        self.report.opaque_rewritten += report.opaque_rewritten
+        self.report.errors.extend(report.errors)
+        self.report.changes.extend(report.changes)
+        self.report.skipped_mounts.extend(report.skipped_mounts)
 
     # ------------------------------------------------------------------ work
     def _count(self) -> None:
@@ -310,22 +338,35 @@ def convert_tree(
     dry_run: bool = False,
     on_entry: Callable[[], None] | None = None,
     workers: int | None = None,
+    processes: int | None = None,
 ) -> ConvertReport:
     """Convert the tree at `root` in place (see the module docstring).
 
     Per-entry failures are collected in the report's `errors`; the caller
-    decides the exit status.  Call `check_can_convert` first.  `workers`
-    threads share the walk (default: treewalk.default_workers(); a dry run
-    uses one, so that its list of changes comes in walk order).
+    decides the exit status.  Call `check_can_convert` first.  The walk runs
+    in `processes` processes (default: parallelwalk.default_processes(); a
+    small tree never forks) or, with `workers` > 1, in that many threads.  A
+    dry run uses one, so that its list of changes comes in walk order.
     """
-    count = 1 if dry_run else (workers or default_workers())
     shared = _Shared()
-    converters = [_Converter(shared, dry_run, on_entry) for _ in range(count)]
     try:
-        walk(Path(root), list(converters))
+        if dry_run:
+            converter = _Converter(shared, dry_run, on_entry)
+            walk(Path(root), converter)
+            return converter.report
+        if workers is not None and workers > 1:
+            converters = [_Converter(shared, dry_run, on_entry) for _ in range(workers)]
+            walk(Path(root), list(converters))
+            return _merge([c.report for c in converters])
+        converter = _Converter(shared, dry_run, on_entry)
+        count = processes if processes is not None else default_processes()
+        if count > 1:
+            walk_parallel(Path(root), converter, count)
+        else:
+            walk(Path(root), converter)
+        return _merge([converter.report])
     finally:
         shared.close()
-    return _merge([c.report for c in converters])
 
 
 def _merge(reports: list[ConvertReport]) -> ConvertReport:

@@ -22,7 +22,8 @@ from pathlib import Path
 from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
 
 from . import treemarks
-from .treewalk import Dir, default_workers, display, walk
+from .parallelwalk import default_processes, walk_parallel
+from .treewalk import Dir, display, walk
 
 _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
 _TMP_START = treemarks.TEMPORARY_START
@@ -75,6 +76,7 @@ class _Restorer:
         self.shared = shared
         self.dry_run = dry_run
         self.on_entry = on_entry
+        self.defer: list[str] | None = None  # set in a worker process (parallelwalk)
         self.parsed = shared.parsed
 
     # ------------------------------------------------------------------ visitor
@@ -92,6 +94,9 @@ class _Restorer:
         return True
 
     def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
+        if st.st_nlink > 1 and self.defer is not None:
+            self.defer.append(d.join(name))  # other names may be in other workers' directories
+            return
         self.report.entries += 1
         if self.on_entry is not None:
             self.on_entry()
@@ -134,6 +139,9 @@ class _Restorer:
             )
 
     def special(self, d: Dir, name: str, st: os.stat_result) -> None:
+        if st.st_nlink > 1 and self.defer is not None:
+            self.defer.append(d.join(name))
+            return
         self._count()
         if treemarks.is_temporary(name) and not stat.S_ISLNK(st.st_mode):
             if self.dry_run:
@@ -150,6 +158,25 @@ class _Restorer:
 
     def other_filesystem(self, path: str) -> None:
         self.report.skipped_mounts.append(path)
+
+    def resume(self, d: Dir, names: frozenset[str]) -> bool:
+        if self.dry_run:
+            return True
+        try:
+            treemarks.load_times(d, names)
+        except ValueError as exc:
+            self.report.errors.append((d.path, str(exc)))
+            return False
+        return True
+
+    def absorb(self, report: RestoreReport) -> None:
+        self.report.entries += report.entries
+        self.report.restored += report.restored
+        self.report.devices_recreated += report.devices_recreated
+        self.report.opaque_removed += report.opaque_removed
+        self.report.errors.extend(report.errors)
+        self.report.changes.extend(report.changes)
+        self.report.skipped_mounts.extend(report.skipped_mounts)
 
     # ------------------------------------------------------------------ work
     def _count(self) -> None:
@@ -264,17 +291,26 @@ def restore_tree(
     dry_run: bool = False,
     on_entry: Callable[[], None] | None = None,
     workers: int | None = None,
+    processes: int | None = None,
 ) -> RestoreReport:
     """Undo `convert_tree` on the tree at `root` (see the module docstring).
 
     Per-entry failures are collected in the report's `errors`.  Call
-    `cshare.convert.check_can_convert` first.  `workers` as for convert_tree.
+    `cshare.convert.check_can_convert` first.  `processes` and `workers` as
+    for convert_tree.
     """
-    count = 1 if dry_run else (workers or default_workers())
     shared = _Shared()
-    restorers = [_Restorer(shared, dry_run, on_entry) for _ in range(count)]
     try:
-        walk(Path(root), list(restorers))
+        if workers is not None and workers > 1 and not dry_run:
+            restorers = [_Restorer(shared, dry_run, on_entry) for _ in range(workers)]
+            walk(Path(root), list(restorers))
+        else:
+            restorers = [_Restorer(shared, dry_run, on_entry)]
+            count = processes if processes is not None else default_processes()
+            if count > 1 and not dry_run:
+                walk_parallel(Path(root), restorers[0], count)
+            else:
+                walk(Path(root), restorers[0])
     finally:
         shared.close()
     total = RestoreReport()

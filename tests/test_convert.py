@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,6 +190,8 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmpfs_scratch: Path) -> None
     partial = listing(killed)
     recorded = sum(1 for m in partial.values() if xattr(m, OVERRIDE_XATTR))
     assert 0 < recorded < 19000, f"the kill did not land part-way ({recorded} recorded)"
+    time.sleep(0.3)
+    assert listing(killed) == partial, "worker processes outlived the killed convert"
     # More kills at later points, each on top of the previous partial state.
     outcomes = kill_part_way("convert", "convert_tree", killed, (8000, 13000, 18000))
     assert outcomes.count("reached") >= 2

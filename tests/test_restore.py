@@ -12,6 +12,7 @@ from conftest import is_root, require, tool
 from test_convert import kill_part_way, tmpfs_scratch  # noqa: F401  (fixture)
 from tree_support import build_large_tree, build_varied_tree, diff_listings, fix_times, listing
 
+from cshare import parallelwalk
 from cshare.convert import convert_tree
 from cshare.restore import restore_tree
 from cshare_fuse.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, PROTOTYPE_XATTR
@@ -142,3 +143,27 @@ def test_several_walk_threads_give_the_same_result(tmpfs_scratch: Path) -> None:
     assert diff_listings(listing(one), listing(three)) == ""
     assert restore_tree(three, workers=3).errors == []
     assert diff_listings(original, listing(three)) == ""
+
+
+def test_worker_processes_give_the_exact_round_trip(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hand out directories from the first level on, so that the varied tree (hardlinks
+    # across directories, a hardlinked fifo, devices, odd names) really goes through
+    # worker processes and the parent's handling of deferred hardlinked entries.
+    monkeypatch.setattr(parallelwalk, "SPREAD", 1)
+    tree = build_varied_tree(scratch / "tree", scratch)
+    (scratch / "elsewhere").mkdir()
+    twin = build_varied_tree(scratch / "twin", scratch / "elsewhere")
+    before = listing(tree.root)
+    forks = []
+    real_fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forks.append(1) or real_fork())
+    report = convert_tree(tree.root, processes=3)
+    assert len(forks) == 3
+    assert report.errors == []
+    assert convert_tree(twin.root, processes=1).entries == report.entries
+    single, parallel = listing(twin.root), listing(tree.root)
+    for entries in (single, parallel):
+        del entries[b"usr/outside-link"]  # its target names a different outside file
+    assert diff_listings(single, parallel) == ""
+    assert restore_tree(tree.root, processes=3).errors == []
+    assert diff_listings(before, listing(tree.root)) == ""

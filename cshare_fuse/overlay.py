@@ -208,6 +208,8 @@ class Overlay:
             else:
                 copy_up(*args)
             self._now_in_upper(node)
+            copied = upper.stat(path)
+            node.backing_key = (copied.dev, copied.ino) if copied is not None else None
 
     def _now_in_upper(self, node: Node) -> None:
         node.layer = self.upper_index

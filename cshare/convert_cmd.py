@@ -16,11 +16,18 @@ from pathlib import Path
 
 import typer
 
-from .console import CshareError, print_json, progress
+from .console import CshareError, fail, print_json, progress
 from .convert import check_can_convert, convert_tree
 from .restore import restore_tree
 from .treewalk import display
 from .verify import verify_tree
+
+#: The options of the convert family that fast_path understands (all of them today).
+_FAST_OPTIONS = {
+    "convert": {"--dry-run": "dry_run", "--json": "json_out", "--quiet": "quiet", "-q": "quiet"},
+    "restore": {"--dry-run": "dry_run", "--json": "json_out", "--quiet": "quiet", "-q": "quiet"},
+    "verify": {"--json": "json_out"},
+}
 
 _UPDATE_EVERY = 1024  # entries between two progress refreshes (a refresh costs far more than an entry)
 
@@ -128,3 +135,42 @@ def _finish(errors: list[tuple[str, str]], verb: str) -> None:
     if errors:
         _print_errors(errors)
         raise CshareError(f"{len(errors)} entries could not be {verb} (listed above); the rest were")
+
+
+def fast_path(argv: list[str]) -> bool:
+    """Run `convert`, `restore` or `verify` without typer's parser, if `argv` is plain.
+
+    Plain means: the command, its known flags, one path not starting with '-'.
+    Anything else (--help, an unknown or new option, two paths) returns False
+    and typer handles it, so this can only ever do what the typer command does.
+    """
+    command, rest = argv[0], argv[1:]
+    known = _FAST_OPTIONS.get(command)
+    if known is None:
+        return False
+    flags = {"dry_run": False, "json_out": False, "quiet": False}
+    paths = []
+    for arg in rest:
+        if arg in known:
+            flags[known[arg]] = True
+        elif arg.startswith("-"):
+            return False
+        else:
+            paths.append(arg)
+    if len(paths) != 1 or not paths[0]:
+        return False
+    rootfs = Path(paths[0])
+    try:
+        try:
+            if command == "convert":
+                run_convert(rootfs, **flags)
+            elif command == "restore":
+                run_restore(rootfs, **flags)
+            else:
+                run_verify(rootfs, json_out=flags["json_out"])
+        except CshareError as exc:
+            fail(str(exc))
+    except typer.Exit as exc:
+        sys.stdout.flush()
+        raise SystemExit(exc.exit_code) from None
+    return True

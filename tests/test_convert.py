@@ -369,3 +369,32 @@ def test_not_root_is_refused_before_any_change(scratch: Path) -> None:
         assert run.stderr.count("\n") == 1 and "root" in run.stderr, run.stderr
     assert stat.S_IMODE(os.stat(root / "f").st_mode) == 0o600
     assert os.listxattr(root / "f") == []
+
+
+def test_fast_path_declines_what_it_does_not_know() -> None:
+    from cshare.convert_cmd import fast_path
+
+    for argv in (
+        ["convert", "--help", "x"],
+        ["convert", "-h"],
+        ["convert", "--bogus", "x"],
+        ["convert"],
+        ["convert", "a", "b"],
+        ["verify", "--dry-run", "x"],
+        ["images"],
+    ):
+        assert fast_path(argv) is False, argv
+
+
+def test_fast_path_knows_only_options_the_typer_commands_have() -> None:
+    # If an option is renamed or removed in cli.py, the fast path must not keep accepting it.
+    import typer
+
+    from cshare.cli import app
+    from cshare.convert_cmd import _FAST_OPTIONS
+
+    group = typer.main.get_command(app)
+    for command, options in _FAST_OPTIONS.items():
+        cmd = group.commands[command]  # type: ignore[attr-defined]
+        typer_options = {o for p in cmd.params if p.param_type_name == "option" for o in p.opts}
+        assert set(options) <= typer_options, command

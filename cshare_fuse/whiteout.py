@@ -31,6 +31,9 @@ INTERNAL_XATTR_PREFIXES: tuple[str, ...] = (
     "security.fuseoverlayfs.",
     "user.containers.override_stat",
     "user.original-permissions",
+    # cshare's own bookkeeping in converted layers (opaque_added, dir_times,
+    # capability): machinery, not the image's data.
+    "user.cshare.",
 )
 
 

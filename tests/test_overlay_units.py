@@ -1,0 +1,177 @@
+"""The overlay's pure logic, without FUSE: command-line parsing, name
+resolution and merged listings across layers, node numbering, overrides on
+layer attributes.  Fast, and runnable as any user (`make test-fast`)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import require
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cshare_fuse import merge
+from cshare_fuse.datasource import DataSource, Stat
+from cshare_fuse.errors import ConfigError
+from cshare_fuse.inodes import NodeTable
+from cshare_fuse.layers import LowerLayer, UpperLayer
+from cshare_fuse.options import LowerSpec, parse_command_line, split_escaped
+from cshare_fuse.overrides import OVERRIDE_XATTR, Override
+
+# ------------------------------------------------------------------ options
+
+
+def test_lowerdir_order_escapes_and_plugin_entries() -> None:
+    config = parse_command_line(
+        ["-o", r"lowerdir=/a\:b://test//rootfs://test///srv/root,upperdir=/u,workdir=/w", "/mnt"])
+    assert config.lowers == (
+        LowerSpec("/a:b"),
+        LowerSpec(path="rootfs", plugin="test", data=""),
+        LowerSpec(path="/srv/root", plugin="test", data=""),
+    )
+    assert (config.upperdir, config.workdir, config.mountpoint) == ("/u", "/w", "/mnt")
+
+
+def test_mount_fuse3_argument_order_and_flags() -> None:
+    # mount.fuse3 runs PROGRAM SOURCE MOUNTPOINT -o OPTS
+    config = parse_command_line(["overlay", "/mnt", "-o", "lowerdir=/l,rw,dev,suid", "-f"])
+    assert config.source == "overlay" and config.mountpoint == "/mnt" and config.foreground
+    assert {"dev", "suid"} <= config.fuse_options
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["/mnt"], "no lowerdir"),
+    (["-o", "lowerdir=/l,upperdir=/u", "/mnt"], "workdir"),
+    (["-o", "lowerdir=/l,uidmapping=x", "/mnt"], "uidmapping"),
+    (["-o", "lowerdir=/l,xattr_permissions=7", "/mnt"], "xattr_permissions"),
+    (["-o", "lowerdir=/l,timeout=abc", "/mnt"], "timeout"),
+    (["-o", "lowerdir=//test/rootfs", "/mnt"], "//NAME/DATA/PATH"),
+    (["-o", "lowerdir=/a::/b", "/mnt"], "empty layer"),
+    (["-o", "lowerdir=/l"], "no mountpoint"),
+])
+def test_bad_command_lines_name_the_problem(argv: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_command_line(argv)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_and_unsupported_options_are_warnings() -> None:
+    config = parse_command_line(["-o", "lowerdir=/l,frobnicate=1,max_write=65536", "/mnt"])
+    assert any("frobnicate" in w for w in config.warnings)
+    assert any("max_write" in w and "not supported" in w for w in config.warnings)
+
+
+def test_volatile_turns_fsync_off_and_squash_to_root_sets_both() -> None:
+    config = parse_command_line(["-o", "lowerdir=/l,volatile,squash_to_root", "/mnt"])
+    assert config.fsync is False
+    assert (config.squash_to_uid, config.squash_to_gid) == (0, 0)
+
+
+@given(st.lists(st.text(alphabet="ab:\\/", min_size=1, max_size=8), min_size=1, max_size=5))
+def test_escaped_colons_round_trip(parts: list[str]) -> None:
+    escaped = ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in parts)
+    assert split_escaped(escaped, ":") == parts
+
+
+# ------------------------------------------------------------------ merge
+
+
+def _layers(tmp_path: Path, spec: list[dict[str, str]]) -> list[LowerLayer]:
+    """Lower layers from {path: kind} maps; kinds: file, dir, wh (.wh. file), opq."""
+    layers = []
+    for i, entries in enumerate(spec):
+        root = tmp_path / f"l{i}"
+        root.mkdir()
+        for path, kind in entries.items():
+            target = root / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "dir":
+                target.mkdir(exist_ok=True)
+            elif kind == "opq":
+                target.mkdir(exist_ok=True)
+                (target / ".wh..wh..opq").touch()
+            elif kind == "wh":
+                (target.parent / (".wh." + target.name)).touch()
+            else:
+                target.write_text(f"{path} in layer {i}\n")
+        layers.append(LowerLayer(i, DataSource(str(root))))
+    return layers
+
+
+def test_topmost_entry_wins_and_aufs_whiteouts_hide_below(tmp_path: Path) -> None:
+    layers = _layers(tmp_path, [
+        {"a": "file", "gone": "wh", "d/x": "file"},
+        {"a": "file", "gone": "file", "b": "file", "d/y": "file"},
+    ])
+    order = (0, 1)
+    resolved = merge.resolve(layers, order, b"", b"a")
+    assert resolved is not None and resolved.layer == 0 and resolved.has_lower
+    assert merge.resolve(layers, order, b"", b"gone") is None
+    d = merge.resolve(layers, order, b"", b"d")
+    assert d is not None and d.dir_layers == (0, 1)
+    assert sorted(merge.merged_names(layers, order, b"")) == [b"a", b"b", b"d"]
+    assert sorted(merge.merged_names(layers, d.dir_layers, b"d")) == [b"x", b"y"]
+
+
+def test_opaque_directory_stops_the_merge(tmp_path: Path) -> None:
+    layers = _layers(tmp_path, [{"d": "opq", "d/new": "file"}, {"d/old": "file"}])
+    d = merge.resolve(layers, (0, 1), b"", b"d")
+    assert d is not None and d.dir_layers == (0,)
+    assert merge.merged_names(layers, d.dir_layers, b"d") == [b"new"]
+
+
+def test_a_file_above_a_directory_hides_it(tmp_path: Path) -> None:
+    layers = _layers(tmp_path, [{"d": "file"}, {"d/inner": "file"}])
+    d = merge.resolve(layers, (0, 1), b"", b"d")
+    assert d is not None and stat.S_ISREG(d.stat.mode) and d.dir_layers == ()
+
+
+def test_upper_whiteout_device_hides_lower(as_root: None, tmp_path: Path) -> None:
+    layers = _layers(tmp_path, [{"f": "file"}])
+    upper_root = tmp_path / "upper"
+    upper_root.mkdir()
+    os.mknod(upper_root / "f", stat.S_IFCHR, 0)
+    upper = UpperLayer(0, str(upper_root), honour_overrides=False)
+    lower = LowerLayer(1, layers[0].source)
+    assert merge.resolve([upper, lower], (0, 1), b"", b"f") is None
+    assert merge.merged_names([upper, lower], (0, 1), b"") == [b"f"]  # caller drops it
+
+
+# ------------------------------------------------------------------ nodes and attributes
+
+
+def _stat(ino: int, dev: int = 7) -> Stat:
+    return Stat(stat.S_IFREG | 0o644, ino, dev, 1, 0, 0, 0, 0, 0, 4096, 0, 0, 0)
+
+
+def test_node_numbers_are_backing_inodes_and_never_collide() -> None:
+    table = NodeTable(primary_dev=7)
+    assert table.number_for(_stat(1234)) == 1234
+    other_fs = table.number_for(_stat(1234, dev=9))
+    assert other_fs != 1234 and other_fs >> 48 == 1
+    from cshare_fuse.inodes import Node
+
+    table.add(Node(1234, None, b"x", 0, stat.S_IFREG))
+    again = table.number_for(_stat(1234))
+    assert again not in (1234, other_fs) and again > 1 << 62
+    assert table.number_for(_stat(1)) != 1  # the root's number is never handed out
+
+
+def test_converted_entry_reports_its_original_attributes(tmp_path: Path) -> None:
+    f = tmp_path / "dev-null"
+    f.touch()
+    os.chmod(f, 0o755)
+    try:
+        os.setxattr(f, OVERRIDE_XATTR, Override(0, 6, 0o660, stat.S_IFCHR, 1, 3).format())
+    except OSError as exc:
+        require(False, f"user xattrs on {tmp_path} ({exc.strerror})")
+    source = DataSource(str(tmp_path))
+    assert stat.S_ISREG(source.stat(b"dev-null").mode)  # overrides not honoured yet
+    source.honour_overrides = True
+    shown = source.stat(b"dev-null")
+    assert stat.S_ISCHR(shown.mode) and stat.S_IMODE(shown.mode) == 0o660
+    assert (shown.uid, shown.gid, shown.rdev) == (0, 6, os.makedev(1, 3))

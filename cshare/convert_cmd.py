@@ -17,8 +17,8 @@ from pathlib import Path
 import typer
 
 from .console import CshareError, fail, print_json, progress
-from .convert import check_can_convert, convert_tree
-from .restore import restore_tree
+from .convert import ConvertReport, check_can_convert, convert_tree
+from .restore import RestoreReport, restore_tree
 from .treewalk import display
 from .verify import verify_tree
 
@@ -70,10 +70,9 @@ def _print_changes(changes: list[str]) -> None:
         print(line)
 
 
-def run_convert(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
-    check_can_convert(rootfs, probe_write=not dry_run)
-    with _progress("converting", quiet or json_out) as tick:
-        report = convert_tree(rootfs, dry_run=dry_run, on_entry=tick)
+def _report(rootfs: Path, report: ConvertReport | RestoreReport, *, dry_run: bool,
+            json_out: bool, line: str, done: str) -> None:
+    """What convert and restore print: JSON, or the changes, a summary line, skipped mounts."""
     if json_out:
         data = report.summary()
         if dry_run:
@@ -82,38 +81,33 @@ def run_convert(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> 
     else:
         if dry_run:
             _print_changes(report.changes)
-        verb = "would convert" if dry_run else "converted"
-        print(
-            f"{rootfs}: {report.entries} entries, {verb} {report.converted}, "
-            f"{report.already_converted} already converted, {report.devices_replaced} devices/fifos/sockets "
-            f"replaced, {report.opaque_rewritten} opaque markers made visible"
-        )
+        print(f"{rootfs}: {line}")
         for path in report.skipped_mounts:
-            print(f"cshare: {display(path)}: another filesystem, not converted", file=sys.stderr)
-    _finish(report.errors, "converted")
+            print(f"cshare: {display(path)}: another filesystem, not {done}", file=sys.stderr)
+    _finish(report.errors, done)
+
+
+def run_convert(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
+    check_can_convert(rootfs, probe_write=not dry_run)
+    with _progress("converting", quiet or json_out) as tick:
+        report = convert_tree(rootfs, dry_run=dry_run, on_entry=tick)
+    verb = "would convert" if dry_run else "converted"
+    _report(rootfs, report, dry_run=dry_run, json_out=json_out, done="converted",
+            line=f"{report.entries} entries, {verb} {report.converted}, "
+                 f"{report.already_converted} already converted, {report.devices_replaced} "
+                 f"devices/fifos/sockets replaced, {report.opaque_rewritten} opaque markers "
+                 "made visible")
 
 
 def run_restore(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
     check_can_convert(rootfs, probe_write=not dry_run)
     with _progress("restoring", quiet or json_out) as tick:
         report = restore_tree(rootfs, dry_run=dry_run, on_entry=tick)
-    if json_out:
-        data = report.summary()
-        if dry_run:
-            data["changes"] = report.changes
-        print_json(data)
-    else:
-        if dry_run:
-            _print_changes(report.changes)
-        verb = "would restore" if dry_run else "restored"
-        print(
-            f"{rootfs}: {report.entries} entries, {verb} {report.restored}, "
-            f"{report.devices_recreated} devices/fifos/sockets recreated, "
-            f"{report.opaque_removed} added opaque markers removed"
-        )
-        for path in report.skipped_mounts:
-            print(f"cshare: {display(path)}: another filesystem, not restored", file=sys.stderr)
-    _finish(report.errors, "restored")
+    verb = "would restore" if dry_run else "restored"
+    _report(rootfs, report, dry_run=dry_run, json_out=json_out, done="restored",
+            line=f"{report.entries} entries, {verb} {report.restored}, "
+                 f"{report.devices_recreated} devices/fifos/sockets recreated, "
+                 f"{report.opaque_removed} added opaque markers removed")
 
 
 def run_verify(rootfs: Path, *, json_out: bool) -> None:

@@ -17,7 +17,6 @@ from .datasource import Stat
 from .layers import Layer, LowerLayer
 from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_stat
 
-
 NAME_MAX = 255
 
 

@@ -304,8 +304,14 @@ class Overlay:
         node.lookups += 1
         return node
 
-    # ------------------------------------------------------------------ names
-    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+    async def _new_entry(self, parent_ino: int, name: bytes, uid: int, gid: int
+                         ) -> tuple[Node, bytes, bool, int, int, bool]:
+        """Prepare creating `name` in `parent_ino`: checks, copy-up of the parent.
+
+        Returns the parent node, the real path in the upper layer, whether a
+        whiteout was removed there, and the new entry's owner (uid, gid, and
+        whether the group was inherited from a setgid directory).
+        """
         self._writable()
         parent = self.node(parent_ino)
         removed = self._prepare_new_name(parent, name)
@@ -313,6 +319,12 @@ class Overlay:
         assert self.upper is not None
         real = self.upper.real(merge.child_path(parent.path(), name))
         owner_uid, owner_gid, inherit = self._owner_for_new(parent, uid, gid)
+        return parent, real, removed, owner_uid, owner_gid, inherit
+
+    # ------------------------------------------------------------------ names
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        parent, real, removed, owner_uid, owner_gid, inherit = await self._new_entry(
+            parent_ino, name, uid, gid)
         dir_mode = statmod.S_IMODE(mode) | (statmod.S_ISGID if inherit else 0)
         os.mkdir(real, dir_mode)
         self._give(real, owner_uid, owner_gid, dir_mode)
@@ -327,38 +339,24 @@ class Overlay:
         self._writable()
         if statmod.S_ISCHR(mode) and rdev == 0:
             raise OverlayError(errno.EPERM, "a 0/0 character device would read as a whiteout")
-        parent = self.node(parent_ino)
-        removed = self._prepare_new_name(parent, name)
-        await self.ensure_upper(parent)
-        assert self.upper is not None
-        real = self.upper.real(merge.child_path(parent.path(), name))
-        owner_uid, owner_gid, _ = self._owner_for_new(parent, uid, gid)
+        parent, real, removed, owner_uid, owner_gid, _ = await self._new_entry(
+            parent_ino, name, uid, gid)
         os.mknod(real, mode, rdev)
         self._give(real, owner_uid, owner_gid, mode)
         return self._added(parent, name, removed)
 
     async def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int,
                       gid: int) -> Node:
-        self._writable()
-        parent = self.node(parent_ino)
-        removed = self._prepare_new_name(parent, name)
-        await self.ensure_upper(parent)
-        assert self.upper is not None
-        real = self.upper.real(merge.child_path(parent.path(), name))
-        owner_uid, owner_gid, _ = self._owner_for_new(parent, uid, gid)
+        parent, real, removed, owner_uid, owner_gid, _ = await self._new_entry(
+            parent_ino, name, uid, gid)
         os.symlink(target, real)
         self._give(real, owner_uid, owner_gid)
         return self._added(parent, name, removed)
 
     async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, Node]:
-        self._writable()
-        parent = self.node(parent_ino)
-        removed = self._prepare_new_name(parent, name)
-        await self.ensure_upper(parent)
-        assert self.upper is not None
-        real = self.upper.real(merge.child_path(parent.path(), name))
-        owner_uid, owner_gid, _ = self._owner_for_new(parent, uid, gid)
+        parent, real, removed, owner_uid, owner_gid, _ = await self._new_entry(
+            parent_ino, name, uid, gid)
         fd = os.open(real, self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, statmod.S_IMODE(mode))
         try:

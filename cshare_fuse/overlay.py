@@ -432,6 +432,25 @@ class Overlay:
             raise OverlayError(errno.ENOTEMPTY)
         await self._remove_entry(parent, name, node)
 
+    def _write_whiteout(self, parent: Node, name: bytes) -> None:
+        """Hide the lower entries of `name` in `parent` (whose upper copy exists)."""
+        assert self.upper is not None
+        fd = os.open(self.upper.real(parent.path()), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            whiteout.write_whiteout(fd, name)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _move_name(node: Node, parent: Node, name: bytes, new_parent: Node,
+                   new_name: bytes) -> None:
+        """`node`, called `name` in `parent`, is now `new_name` in `new_parent`."""
+        if node.parent is parent and node.name == name:
+            node.parent, node.name = new_parent, new_name
+        else:  # one alias of a hardlinked file
+            node.aliases.discard((parent, name))
+            node.aliases.add((new_parent, new_name))
+
     def _stat_or_none(self, node: Node) -> Stat | None:
         try:
             return self.stat_of(node)
@@ -453,11 +472,7 @@ class Overlay:
             else:
                 os.unlink(real)
         if node.has_lower or not in_upper:
-            fd = os.open(parent_real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                whiteout.write_whiteout(fd, name)
-            finally:
-                os.close(fd)
+            self._write_whiteout(parent, name)
         self._detach_name(parent, name, node, before)
 
     async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
@@ -504,25 +519,15 @@ class Overlay:
                 _clear_markers(new_real)
         os.rename(old_real, new_real)
         if src.has_lower:
-            fd = os.open(self.upper.real(old_parent.path()),
-                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                whiteout.write_whiteout(fd, old_name)
-            finally:
-                os.close(fd)
+            self._write_whiteout(old_parent, old_name)
         if src.is_dir and new_has_lower:
             whiteout.mark_opaque(new_real)
         if dst is not None:
             self._detach_name(new_parent, new_name, dst, dst_before)
-        # Move the name: the primary name or one alias of a hardlinked file.
         if old_parent.children.get(old_name) is src:
             del old_parent.children[old_name]
         old_parent.listing = None
-        if src.parent is old_parent and src.name == old_name:
-            src.parent, src.name = new_parent, new_name
-        else:
-            src.aliases.discard((old_parent, old_name))
-            src.aliases.add((new_parent, new_name))
+        self._move_name(src, old_parent, old_name, new_parent, new_name)
         src.has_lower = new_has_lower
         new_parent.children[new_name] = src
         new_parent.listing = None
@@ -555,15 +560,9 @@ class Overlay:
             whiteout.mark_opaque(new_real)
         if second.is_dir and first_hides:
             whiteout.mark_opaque(old_real)
-        for node, parent, name, new_p, new_n, hides in (
-                (first, old_parent, old_name, new_parent, new_name, second_hides),
-                (second, new_parent, new_name, old_parent, old_name, first_hides)):
-            if node.parent is parent and node.name == name:
-                node.parent, node.name = new_p, new_n
-            else:
-                node.aliases.discard((parent, name))
-                node.aliases.add((new_p, new_n))
-            node.has_lower = hides
+        self._move_name(first, old_parent, old_name, new_parent, new_name)
+        self._move_name(second, new_parent, new_name, old_parent, old_name)
+        first.has_lower, second.has_lower = second_hides, first_hides
         old_parent.children[old_name] = second
         new_parent.children[new_name] = first
         old_parent.listing = None

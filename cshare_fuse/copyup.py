@@ -204,16 +204,7 @@ def clean_workdir(workdir: bytes) -> None:
     for entry in os.scandir(workdir):
         full = os.path.join(workdir, entry.name)
         if entry.is_dir(follow_symlinks=False):
-            _remove_tree(full)
+            clean_workdir(full)
+            os.rmdir(full)
         else:
             os.unlink(full)
-
-
-def _remove_tree(path: bytes) -> None:
-    for entry in os.scandir(path):
-        full = os.path.join(path, entry.name)
-        if entry.is_dir(follow_symlinks=False):
-            _remove_tree(full)
-        else:
-            os.unlink(full)
-    os.rmdir(path)

@@ -18,6 +18,7 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,12 +84,29 @@ def test_daemonizes_and_returns_when_ready(dirs: LayerDirs, world_tmp: Path) -> 
         "the daemon did not exit after fusermount3 -u"
 
 
+@contextmanager
+def foreground_overlay(dirs: LayerDirs, logpath: Path, flag: str = "-f",
+                       env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """cshare-overlay started with `flag` (-f or -d), output to `logpath`.
+
+    Yields once the mount is up or the process has exited (the caller asserts
+    which); always unmounts and reaps the daemon afterwards.
+    """
+    with open(logpath, "wb") as log:
+        proc = subprocess.Popen([*overlay_command(), flag, "-o", fuse_options(dirs), str(dirs.mnt)],
+                                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
+        try:
+            assert wait_until(lambda: is_mounted(dirs.mnt) or proc.poll() is not None, 20)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                unmount(dirs.mnt, fuse=True)
+                proc.kill()
+                proc.wait()
+
+
 def test_foreground_until_unmounted(dirs: LayerDirs, world_tmp: Path) -> None:
-    log = open(world_tmp / "fg.log", "wb")
-    proc = subprocess.Popen([*overlay_command(), "-f", "-o", fuse_options(dirs), str(dirs.mnt)],
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    try:
-        assert wait_until(lambda: is_mounted(dirs.mnt) or proc.poll() is not None, 20)
+    with foreground_overlay(dirs, world_tmp / "fg.log") as proc:
         assert proc.poll() is None, f"-f exited: {(world_tmp / 'fg.log').read_text()}"
         assert is_mounted(dirs.mnt)
         check_serves(dirs.mnt)
@@ -96,33 +114,17 @@ def test_foreground_until_unmounted(dirs: LayerDirs, world_tmp: Path) -> None:
         r = subprocess.run(["fusermount3", "-u", str(dirs.mnt)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert proc.wait(timeout=15) == 0, (world_tmp / "fg.log").read_text()
-    finally:
-        if proc.poll() is None:
-            unmount(dirs.mnt, fuse=True)
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_debug_logs_operations(dirs: LayerDirs, world_tmp: Path) -> None:
     logpath = world_tmp / "debug.log"
-    log = open(logpath, "wb")
-    proc = subprocess.Popen([*overlay_command(), "-d", "-o", fuse_options(dirs), str(dirs.mnt)],
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    try:
-        assert wait_until(lambda: is_mounted(dirs.mnt) or proc.poll() is not None, 20)
+    with foreground_overlay(dirs, logpath, flag="-d") as proc:
         assert proc.poll() is None, "-d implies the foreground"
         (dirs.mnt / "dir" / "inside").read_text()
         assert wait_until(lambda: "lookup" in logpath.read_text(errors="replace").lower(), 5), \
             logpath.read_text(errors="replace")[-2000:]
         unmount(dirs.mnt, fuse=True)
         assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            unmount(dirs.mnt, fuse=True)
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.parametrize("how", ["fusermount3", "umount"])
@@ -242,12 +244,8 @@ def test_unknown_option_warns_and_mounts(dirs: LayerDirs, world_tmp: Path) -> No
 def test_handler_exception_gives_eio_and_mount_survives(dirs: LayerDirs, world_tmp: Path,
                                                         handler: str) -> None:
     logpath = world_tmp / "fault.log"
-    log = open(logpath, "wb")
     env = dict(os.environ, CSHARE_OVERLAY_INJECT_FAULT=handler)
-    proc = subprocess.Popen([*overlay_command(), "-f", "-o", fuse_options(dirs), str(dirs.mnt)],
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
-    try:
-        assert wait_until(lambda: is_mounted(dirs.mnt) or proc.poll() is not None, 20)
+    with foreground_overlay(dirs, logpath, env=env) as proc:
         assert proc.poll() is None, logpath.read_text()
 
         def faulty() -> object:
@@ -270,12 +268,6 @@ def test_handler_exception_gives_eio_and_mount_survives(dirs: LayerDirs, world_t
         assert is_mounted(dirs.mnt)
         unmount(dirs.mnt, fuse=True)
         assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            unmount(dirs.mnt, fuse=True)
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 # ---------------------------------------------------------------------------

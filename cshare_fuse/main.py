@@ -189,16 +189,14 @@ def _mount_and_serve(config: MountConfig, ready_fd: int | None) -> int:
             await pyfuse3.main(min_tasks=2, max_tasks=8)
             nursery.cancel_scope.cancel()
 
-    unmount = False
     try:
         trio.run(serve)
-        unmount = True
     except Exception:
         log.exception("the main loop failed")
-        unmount = True
         return 1
     finally:
-        pyfuse3.close(unmount=unmount)
+        # However the loop ended, leave no dead mount behind.
+        pyfuse3.close(unmount=True)
     return 0
 
 

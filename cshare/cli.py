@@ -347,13 +347,7 @@ def _guard(action: Callable[[], object]) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("convert", "restore", "verify"):
-        # typer's parser costs ~0.15 s per start (it imports pydantic); convert
-        # is timed against chmod -R, so plain invocations skip it (see fast_path).
-        from .convert_cmd import fast_path
-
-        if fast_path(sys.argv[1:]):
-            return
+    """Run the typer app (the installed `cshare` goes through cshare.launch first)."""
     app()
 
 

@@ -16,18 +16,18 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from .errors import CshareError, error_line
+
+__all__ = ["CshareError", "fail", "print_json", "progress", "stderr", "stdout"]
+
 stdout = Console()
 stderr = Console(stderr=True)
-
-
-class CshareError(Exception):
-    """A failure to report to the user as one line, then exit non-zero."""
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print `cshare: error: MESSAGE` on one line and exit with `code`."""
     # No rich markup: the message may contain paths with brackets.
-    print(f"cshare: error: {' '.join(message.split())}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     raise typer.Exit(code)
 
 

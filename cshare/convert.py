@@ -42,7 +42,7 @@ from cshare_fuse.overrides import (
 )
 
 from . import treemarks
-from .console import CshareError
+from .errors import CshareError
 from .parallelwalk import default_processes, walk_parallel
 from .treewalk import Dir, display, walk
 

@@ -14,10 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import typer
-
-from .console import CshareError, fail, print_json, progress
 from .convert import ConvertReport, check_can_convert, convert_tree
+from .errors import CshareError, error_line
 from .restore import RestoreReport, restore_tree
 from .treewalk import display
 from .verify import verify_tree
@@ -33,11 +31,16 @@ _UPDATE_EVERY = 1024  # entries between two progress refreshes (a refresh costs 
 
 
 @contextmanager
-def _progress(description: str, quiet: bool) -> Iterator[Callable[[], None]]:
-    """A per-entry callback that drives a rich bar showing entries and rate."""
+def _progress(description: str, quiet: bool) -> Iterator[Callable[[], None] | None]:
+    """A per-entry callback that drives a rich bar showing entries and rate (None: no bar)."""
+    if quiet:
+        yield None  # without loading rich, nor a call per entry: quiet runs are timed against chmod -R
+        return
+    from .console import progress
+
     bar = progress(quiet)
     if bar.disable:
-        yield _nothing
+        yield None
         return
     count = 0
     start = time.monotonic()
@@ -56,10 +59,6 @@ def _progress(description: str, quiet: bool) -> Iterator[Callable[[], None]]:
         bar.update(task, completed=count, total=count, rate=f"{rate:,.0f} entries/s")
 
 
-def _nothing() -> None:
-    pass
-
-
 def _print_errors(errors: list[tuple[str, str]]) -> None:
     for path, message in errors:
         print(f"cshare: {display(path)}: {message}", file=sys.stderr)
@@ -74,6 +73,8 @@ def _report(rootfs: Path, report: ConvertReport | RestoreReport, *, dry_run: boo
             json_out: bool, line: str, done: str) -> None:
     """What convert and restore print: JSON, or the changes, a summary line, skipped mounts."""
     if json_out:
+        from .console import print_json
+
         data = report.summary()
         if dry_run:
             data["changes"] = report.changes
@@ -115,6 +116,8 @@ def run_verify(rootfs: Path, *, json_out: bool) -> None:
         raise CshareError(f"{rootfs}: no such directory")
     report = verify_tree(rootfs)
     if json_out:
+        from .console import print_json
+
         print_json(report.summary())
     else:
         for f in report.findings:
@@ -122,7 +125,7 @@ def run_verify(rootfs: Path, *, json_out: bool) -> None:
         status = "ok" if report.ok else f"{len(report.findings)} problems"
         print(f"{rootfs}: {report.entries} entries checked, {status}")
     if not report.ok:
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
 def _finish(errors: list[tuple[str, str]], verb: str) -> None:
@@ -155,16 +158,14 @@ def fast_path(argv: list[str]) -> bool:
         return False
     rootfs = Path(paths[0])
     try:
-        try:
-            if command == "convert":
-                run_convert(rootfs, **flags)
-            elif command == "restore":
-                run_restore(rootfs, **flags)
-            else:
-                run_verify(rootfs, json_out=flags["json_out"])
-        except CshareError as exc:
-            fail(str(exc))
-    except typer.Exit as exc:
+        if command == "convert":
+            run_convert(rootfs, **flags)
+        elif command == "restore":
+            run_restore(rootfs, **flags)
+        else:
+            run_verify(rootfs, json_out=flags["json_out"])
+    except CshareError as exc:
         sys.stdout.flush()
-        raise SystemExit(exc.exit_code) from None
+        print(error_line(str(exc)), file=sys.stderr)
+        raise SystemExit(1) from None
     return True

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .console import CshareError
+from .errors import CshareError
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 _CHUNK = 1 << 30

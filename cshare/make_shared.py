@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .console import CshareError
 from .copytree import copy_tree
+from .errors import CshareError
 from .storage import SourceImage, SourceLayer, SourceStore
 from .store import ImageRecord, SharedStore, remove_path
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import namespaces
-from .console import CshareError
+from .errors import CshareError
 
 #: Environment variable naming another overlay program (e.g. `fuse-overlayfs`) to run.
 OVERLAY_ENV = "CSHARE_OVERLAY_CMD"

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names as refnames
-from .console import CshareError
+from .errors import CshareError
 
 _PLAIN_KEY_CHARS = frozenset(".0123456789abcdefghijklmnopqrstuvwxyz")
 

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names as refnames
-from .console import CshareError
+from .errors import CshareError
 
 STORE_LOCK = "store.lock"
 LAYERS = "layers"

@@ -17,7 +17,7 @@ import pytest
 from conftest import ensure_user, is_root, require, tool, unmount_all_below
 from tree_support import Meta, build_large_tree, build_varied_tree, diff_listings, listing
 
-from cshare.console import CshareError
+from cshare.errors import CshareError
 from cshare.convert import check_can_convert, convert_tree
 from cshare_fuse.overrides import (
     FUSE_OVERLAYFS_PRIVILEGED_XATTR,
@@ -398,3 +398,23 @@ def test_fast_path_knows_only_options_the_typer_commands_have() -> None:
         cmd = group.commands[command]  # type: ignore[attr-defined]
         typer_options = {o for p in cmd.params if p.param_type_name == "option" for o in p.opts}
         assert set(options) <= typer_options, command
+
+
+def test_quiet_convert_runs_without_typer_or_rich(scratch: Path) -> None:
+    # A quiet convert is timed against chmod -R; loading typer and rich would
+    # triple a small run's time.  The installed entry point must not load them.
+    root = scratch / "tree"
+    root.mkdir()
+    (root / "f").write_bytes(b"x")
+    os.chmod(root / "f", 0o644)
+    probe = (
+        "import sys; from cshare.launch import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'typer', 'rich', 'click'}))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe, "convert", "--quiet", str(root)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "[]", run.stdout
+    assert os.getxattr(root / "f", OVERRIDE_XATTR) == b"0:0:0644:file"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import is_root, require
 
-from cshare.console import CshareError
+from cshare.errors import CshareError
 from cshare.copytree import copy_tree
 
 OLD = 1_000_000_000  # fixed mtimes: the copy must keep them

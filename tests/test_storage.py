@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from podman_support import BASE, CHANGED, DEMO, PodmanImages, podman_images, podman_store  # noqa: F401
 
-from cshare.console import CshareError
+from cshare.errors import CshareError
 from cshare.storage import SourceStore, big_data_file_name
 
 pytestmark = pytest.mark.timeout(120)

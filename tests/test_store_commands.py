@@ -22,7 +22,7 @@ import pytest
 from conftest import is_root, require, tool
 from podman_support import BASE, CHANGED, PodmanImages, podman_images  # noqa: F401
 
-from cshare.console import CshareError
+from cshare.errors import CshareError
 from cshare.store import ImageRecord, SharedStore
 
 ID_A, ID_B, ID_C = ("a" * 64, "b" * 64, "c" * 64)

@@ -231,16 +231,10 @@ def _worker(
 ) -> int:
     visitor.defer = []
     visitor.report = type(visitor.report)()  # fork copied the parent's: report only our own
-    count = 0
-
-    def tick() -> None:
-        nonlocal count
-        count += 1
-        if count == PROGRESS_BATCH:
-            os.write(progress_w, b".")
-            count = 0
-
-    visitor.on_entry = tick
+    # Progress is counted from the report after each directory handed out, not
+    # per entry: a call per entry costs more than the entry's own Python work.
+    visitor.on_entry = None
+    sent = 0
     pool = _Pool(1)  # never shares: this worker walks its directory alone
     failure: str | None = None
     try:
@@ -255,8 +249,13 @@ def _worker(
             _walk_from(d, pool, visitor, dev)
             if pool.error is not None:
                 raise pool.error
+            batches = (visitor.report.entries - sent) // PROGRESS_BATCH
+            if batches:
+                os.write(progress_w, b"." * batches)
+                sent += batches * PROGRESS_BATCH
     except BaseException as exc:  # reported by the parent, which raises it
         failure = f"{type(exc).__name__}: {exc}"
+    count = visitor.report.entries - sent
     payload = pickle.dumps((visitor.report, visitor.defer, count, failure))
     view = memoryview(payload)
     while view:

@@ -90,7 +90,7 @@ class _Restorer:
                 return False
         if treemarks.OPAQUE_ADDED in names:
             self._opaque(d, names)
-        self._restore_inode(d.fd, d.st, names, d.path)
+        self._restore_inode(d, names)
         return True
 
     def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
@@ -126,13 +126,13 @@ class _Restorer:
     def _restore_file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
         if not names or names.isdisjoint(_OVERRIDE_NAMES):
             return
-        override = self._parse(fd, names, d.join(name))
+        override = self._parse(fd, names, d, name)
         if override is None:
             return
         if override.file_type in _SPECIAL_TYPES:
             self._recreate(d, name, st, override)
         elif override.file_type in (None, stat.S_IFREG):
-            self._apply(fd, st, names, override, d.join(name))
+            self._apply(fd, st, names, override, d, name)
         else:
             self.report.errors.append(
                 (d.join(name), f"records type {override.type_name()} but is a regular file; left untouched")
@@ -184,45 +184,52 @@ class _Restorer:
         if self.on_entry is not None:
             self.on_entry()
 
-    def _parse(self, fd: int, names: frozenset[str], path: str) -> Override | None:
-        """The preferred record among `names` (read_override's order), parsed once per value."""
-        for name in ALL_OVERRIDE_XATTRS:
-            if name not in names:
+    def _parse(self, fd: int, names: frozenset[str], d: Dir, name: str | None) -> Override | None:
+        """The preferred record among `names` (read_override's order), parsed once per value.
+
+        The entry is `name` in `d`, or `d` itself when `name` is None (the path
+        is only spelled out for a message: most entries never need it)."""
+        for xattr in ALL_OVERRIDE_XATTRS:
+            if xattr not in names:
                 continue
-            value = os.getxattr(fd, name)
-            key = (name, value)
+            value = os.getxattr(fd, xattr)
+            key = (xattr, value)
             override = self.parsed.get(key)
             if override is None:
                 try:
-                    override = parse_named(name, value)
+                    override = parse_named(xattr, value)
                 except OverrideError as exc:
-                    self.report.errors.append((path, f"unparsable override {name}={exc}; left untouched"))
+                    self.report.errors.append(
+                        (_where(d, name), f"unparsable override {xattr}={exc}; left untouched")
+                    )
                     return None
                 self.parsed[key] = override
             return override
         return None
 
-    def _restore_inode(self, fd: int, st: os.stat_result, names: frozenset[str], path: str) -> None:
+    def _restore_inode(self, d: Dir, names: frozenset[str]) -> None:
+        """The directory `d` itself."""
         if not names or names.isdisjoint(_OVERRIDE_NAMES):
             return
-        override = self._parse(fd, names, path)
+        override = self._parse(d.fd, names, d, None)
         if override is None:
             return
-        if override.file_type not in (None, stat.S_IFMT(st.st_mode)):
+        if override.file_type not in (None, stat.S_IFMT(d.st.st_mode)):
             self.report.errors.append(
-                (path, f"records type {override.type_name()} but is a directory; left untouched")
+                (d.path, f"records type {override.type_name()} but is a directory; left untouched")
             )
             return
-        self._apply(fd, st, names, override, path)
+        self._apply(d.fd, d.st, names, override, d, None)
 
     def _apply(
-        self, fd: int, st: os.stat_result, names: frozenset[str], override: Override, path: str
+        self, fd: int, st: os.stat_result, names: frozenset[str], override: Override, d: Dir,
+        name: str | None,
     ) -> None:
         """Owner and mode back from the record, then the record removed (last: crash safety)."""
         self.report.restored += 1
         if self.dry_run:
             self.report.changes.append(
-                f"restore {override.uid}:{override.gid} {override.mode:04o}: {display(path)}"
+                f"restore {override.uid}:{override.gid} {override.mode:04o}: {display(_where(d, name))}"
             )
             return
         chowned = (st.st_uid, st.st_gid) != (override.uid, override.gid)
@@ -231,9 +238,9 @@ class _Restorer:
         # chown clears setuid/setgid, so the mode is set after it.
         if chowned or stat.S_IMODE(st.st_mode) != override.mode:
             os.fchmod(fd, override.mode)
-        for name in ALL_OVERRIDE_XATTRS:
-            if name in names:
-                os.removexattr(fd, name)
+        for xattr in ALL_OVERRIDE_XATTRS:
+            if xattr in names:
+                os.removexattr(fd, xattr)
 
     def _opaque(self, d: Dir, names: frozenset[str]) -> None:
         self.report.opaque_removed += 1
@@ -276,6 +283,11 @@ class _Restorer:
         _unlink_quietly(d, tmp)
         treemarks.link_fd(node, d, tmp)
         os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+
+
+def _where(d: Dir, name: str | None) -> str:
+    """The path of entry `name` of `d`, or of `d` itself when `name` is None."""
+    return d.path if name is None else d.join(name)
 
 
 def _unlink_quietly(d: Dir, name: str) -> None:

@@ -85,6 +85,10 @@ def _listxattr(fd: int) -> frozenset[str]:
 
 _EMPTY: frozenset[str] = frozenset()
 
+# Bound once: _visit runs per entry, and a module global is cheaper than os.X.
+_open, _fstat, _close, _os_listxattr = os.open, os.fstat, os.close, os.listxattr
+_S_IFMT, _S_IFREG = 0o170000, stat.S_IFREG
+
 
 def _raise_fd_limit(depth_hint: int = 4096) -> None:
     # One fd per directory level: a deep tree must not run out of descriptors.
@@ -239,10 +243,37 @@ def _entries(d: Dir, visitor: Visitor) -> Iterator[os.DirEntry[str]]:
 
 
 def _visit(d: Dir, entry: os.DirEntry[str], dev: int, visitor: Visitor) -> Dir | None:
+    """Visit one listed entry; return it, entered, when it is a directory to descend into."""
+    # This runs once per entry of the tree, so the common case (a regular
+    # file) comes first and goes straight through; everything else is in
+    # _visit_other.  d_type tells files and dirs apart without a syscall;
+    # what is opened is checked again through the fd, so a swap in between is
+    # harmless.
+    name = entry.name
+    if entry.is_file(follow_symlinks=False):
+        try:
+            fd = _open(name, OPEN_FLAGS, dir_fd=d.fd)
+        except OSError as exc:
+            visitor.error(d.join(name), exc.strerror or str(exc))
+            return None
+        try:
+            st = _fstat(fd)
+            if st.st_mode & _S_IFMT == _S_IFREG and st.st_dev == dev:
+                xnames = _os_listxattr(fd)
+                visitor.file(d, name, fd, st, frozenset(xnames) if xnames else _EMPTY)
+                return None
+        except OSError as exc:
+            visitor.error(d.join(name), exc.strerror or str(exc))
+            return None
+        finally:
+            _close(fd)
+    return _visit_other(d, entry, dev, visitor)
+
+
+def _visit_other(d: Dir, entry: os.DirEntry[str], dev: int, visitor: Visitor) -> Dir | None:
+    """_visit for directories, non-regular entries, and files swapped or on another filesystem."""
     name = entry.name
     try:
-        # d_type tells files and dirs apart without a syscall; what is then opened
-        # is checked again through the fd, so a swap in between is harmless.
         if entry.is_dir(follow_symlinks=False):
             fd = os.open(name, DIR_FLAGS, dir_fd=d.fd)
             try:
@@ -268,34 +299,26 @@ def _visit(d: Dir, entry: os.DirEntry[str], dev: int, visitor: Visitor) -> Dir |
             finally:
                 os.close(fd)
             return None
-        if entry.is_file(follow_symlinks=False):
+        # Not a directory, or a regular file that is not one any more (swapped
+        # since the listing) or lives on another filesystem: take it as it is now.
+        st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+        if st.st_dev != dev:
+            visitor.other_filesystem(d.join(name))
+        elif stat.S_ISREG(st.st_mode):
+            # Swapped back to a regular file since our open: look at it once more.
             fd = os.open(name, OPEN_FLAGS, dir_fd=d.fd)
             try:
                 st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    # Swapped for something else since the listing: treat it as it is now.
-                    os.close(fd)
-                    fd = -1
-                    st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
-                    if st.st_dev != dev:
-                        visitor.other_filesystem(d.join(name))
-                    else:
-                        visitor.special(d, name, st)
-                    return None
-                if st.st_dev != dev:
-                    visitor.other_filesystem(d.join(name))
-                    return None
-                xnames = os.listxattr(fd)
-                visitor.file(d, name, fd, st, frozenset(xnames) if xnames else _EMPTY)
+                if stat.S_ISREG(st.st_mode) and st.st_dev == dev:
+                    visitor.file(d, name, fd, st, _listxattr(fd))
+                else:
+                    visitor.error(d.join(name), "changed type while being visited; skipped")
             finally:
-                if fd >= 0:
-                    os.close(fd)
-            return None
-        st = entry.stat(follow_symlinks=False)
-        if st.st_dev != dev:
-            visitor.other_filesystem(d.join(name))
-            return None
-        visitor.special(d, name, st)
+                os.close(fd)
+        elif stat.S_ISDIR(st.st_mode):
+            visitor.error(d.join(name), "changed type while being visited; skipped")
+        else:
+            visitor.special(d, name, st)
     except OSError as exc:
         visitor.error(d.join(name), exc.strerror or str(exc))
     return None

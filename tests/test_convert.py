@@ -17,8 +17,8 @@ import pytest
 from conftest import ensure_user, is_root, require, tool, unmount_all_below
 from tree_support import Meta, build_large_tree, build_varied_tree, diff_listings, listing
 
-from cshare.errors import CshareError
 from cshare.convert import check_can_convert, convert_tree
+from cshare.errors import CshareError
 from cshare_fuse.overrides import (
     FUSE_OVERLAYFS_PRIVILEGED_XATTR,
     FUSE_OVERLAYFS_XATTR,

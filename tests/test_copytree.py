@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from conftest import is_root, require
 
-from cshare.errors import CshareError
 from cshare.copytree import copy_tree
+from cshare.errors import CshareError
 
 OLD = 1_000_000_000  # fixed mtimes: the copy must keep them
 

@@ -111,8 +111,8 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node = await self.overlay.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self.overlay.attributes(node)
+        fh, _, attributes = await self.overlay.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attributes
 
     @fuse_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -189,27 +189,39 @@ class Overlay:
             raise OverlayError(errno.ENOENT, f"{node!r} was removed")
         if node.parent is not None:
             await self.ensure_upper(node.parent)
-        if node.lock is None:
-            node.lock = trio.Lock()
-        assert isinstance(node.lock, trio.Lock)
-        async with node.lock:
+        running = node.lock
+        if isinstance(running, trio.Lock) and running.locked():
+            # A copy of this node is running in a thread: wait for it to finish.
+            async with running:
+                pass
             if node.layer == self.upper_index:
                 return
-            assert self.workdir is not None
-            source = self.layers[node.layer]
-            assert isinstance(source, LowerLayer)
-            path = node.path()
-            real = source.raw_stat(path)
-            want = node.lower_stat or source.stat(path)
-            assert want is not None
-            args = (source, path, real, want, upper, self.workdir, self.copy_policy)
-            if statmod.S_ISREG(real.mode) and real.size > _THREAD_COPY_BYTES:
+        assert self.workdir is not None
+        source = self.layers[node.layer]
+        assert isinstance(source, LowerLayer)
+        path = node.path()
+        real = source.raw_stat(path)
+        want = node.lower_stat or source.stat(path)
+        assert want is not None
+        args = (source, path, real, want, upper, self.workdir, self.copy_policy)
+        if statmod.S_ISREG(real.mode) and real.size > _THREAD_COPY_BYTES:
+            # Large: copied in a thread so that other requests go on meanwhile;
+            # the lock makes requests for this same node wait for the copy.
+            if node.lock is None:
+                node.lock = trio.Lock()
+            assert isinstance(node.lock, trio.Lock)
+            async with node.lock:
+                if node.layer == self.upper_index:
+                    return
                 await trio.to_thread.run_sync(copy_up, *args)
-            else:
-                copy_up(*args)
+                self._now_in_upper(node)
+        else:
+            # Small: copied synchronously, so no other task runs until it is
+            # done and no lock (a trio checkpoint per copy-up) is needed.
+            copy_up(*args)
             self._now_in_upper(node)
-            copied = upper.stat(path)
-            node.backing_key = (copied.dev, copied.ino) if copied is not None else None
+        copied = upper.stat(path)
+        node.backing_key = (copied.dev, copied.ino) if copied is not None else None
 
     def _now_in_upper(self, node: Node) -> None:
         node.layer = self.upper_index
@@ -304,6 +316,22 @@ class Overlay:
         node.lookups += 1
         return node
 
+    def _added_upper(self, parent: Node, name: bytes, whiteout_removed: bool, st: Stat) -> Node:
+        """`_added` for a regular file just created in upper, its stat taken from its fd.
+
+        Saves resolving the name again (small-file creation is request-bound).
+        What resolve would find: the upper file; a lower shows the name only if
+        the whiteout that hid it was just removed; a fresh file has no override
+        record, so its raw stat is its stat.
+        """
+        assert self.upper_index is not None
+        parent.children.pop(name, None)
+        parent.listing = None
+        node = self._make_node(parent, name, merge.Resolved(self.upper_index, st, (), whiteout_removed))
+        parent.children[name] = node
+        node.lookups += 1
+        return node
+
     async def _new_entry(self, parent_ino: int, name: bytes, uid: int, gid: int
                          ) -> tuple[Node, bytes, bool, int, int, bool]:
         """Prepare creating `name` in `parent_ino`: checks, copy-up of the parent.
@@ -354,18 +382,24 @@ class Overlay:
         return self._added(parent, name, removed)
 
     async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int,
-                     gid: int) -> tuple[int, Node]:
+                     gid: int) -> tuple[int, Node, pyfuse3.EntryAttributes]:
+        """Create and open a regular file; returns its handle, node and attributes."""
         parent, real, removed, owner_uid, owner_gid, _ = await self._new_entry(
             parent_ino, name, uid, gid)
         fd = os.open(real, self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, statmod.S_IMODE(mode))
         try:
-            self._give(fd, owner_uid, owner_gid, mode)
-            node = self._added(parent, name, removed)
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (owner_uid, owner_gid):
+                self._give(fd, owner_uid, owner_gid, mode)
+                st = os.fstat(fd)
+            new = Stat.from_os(st)
+            node = self._added_upper(parent, name, removed, new)
         except BaseException:
             os.close(fd)
             raise
-        return self._register_fd(fd, node, writable=True), node
+        attributes = entry_attributes(node.ino, new, self.policy, merged_dir=False)
+        return self._register_fd(fd, node, writable=True), node, attributes
 
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
         self._writable()

@@ -38,6 +38,7 @@ from .common import (
     format_seconds,
     last_line,
     median,
+    precompile_cshare,
     prepared_data,
     remove_tree,
     require_root,
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     finish_args(parser, args, SYSTEMS)
     require_root(PROG, "cshare convert changes owners and modes; trees hold devices")
+    precompile_cshare()
     shape = QUICK if args.quick else FULL
     name = "convert-quick" if args.quick else "convert"
     golden = prepared_data(name, {"version": 2, **shape.as_params()}, lambda root: build_tree(root, shape))

@@ -39,6 +39,7 @@ from .common import (
     drop_caches,
     finish_args,
     one_line,
+    precompile_cshare,
     prepared_data,
     remove_tree,
     require_root,
@@ -567,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     finish_args(parser, args, SYSTEMS)
     require_root(PROG, "it mounts overlays and drops the page cache")
+    precompile_cshare()
     sizes = QUICK if args.quick else FULL
     if "fuse-overlayfs" in args.systems and shutil.which("fuse-overlayfs") is None:
         console.print("[yellow]fuse-overlayfs is not installed (Debian package fuse-overlayfs)[/yellow]")

@@ -233,17 +233,24 @@ class ConvertBench:
         return self.report
 
     def startup(self) -> None:
-        """How much of cshare's time is the interpreter starting (`cshare --version`), for the reader."""
+        """How much of cshare's time is its fixed start-up: `cshare convert --quiet` of an empty directory."""
         times = []
         for _ in range(3):
+            empty = WORK_ROOT / "startup"
+            remove_tree(empty)
+            empty.mkdir(parents=True)
             try:
-                seconds, _, _ = run_timed([cshare_command(), "--version"], 60, what="cshare --version")
+                seconds, _, _ = run_timed([cshare_command(), "convert", str(empty), "--quiet"], 60,
+                                          what="cshare convert of an empty directory")
             except BenchFailure:
                 return
+            finally:
+                remove_tree(empty)
             times.append(seconds)
         self.report.system_info["cshare"]["startup_s"] = median(times)
         self.report.notes.append(
-            f"cshare's times include its start-up: `cshare --version` takes {format_seconds(median(times))}"
+            "cshare's times include its start-up: `cshare convert` of an empty directory takes "
+            f"{format_seconds(median(times))}"
         )
 
     def one_run(self, r: int) -> None:

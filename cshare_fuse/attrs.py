@@ -51,6 +51,19 @@ class AttrPolicy:
         return OVERFLOW_ID if mapped is None else mapped
 
 
+def negative_entry(policy: AttrPolicy) -> pyfuse3.EntryAttributes:
+    """The reply to a lookup of a missing name: the kernel keeps it for the entry timeout.
+
+    Lower layers do not change under a mount and the upper layer changes only
+    through it (the kernel then drops the cached miss), so a miss stays true,
+    as the kernel's overlayfs assumes for its negative dentries too.
+    """
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0  # pyfuse3: a negative entry
+    entry.entry_timeout = policy.timeout
+    return entry
+
+
 def entry_attributes(ino: int, st: Stat, policy: AttrPolicy, *, merged_dir: bool) -> pyfuse3.EntryAttributes:
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = ino

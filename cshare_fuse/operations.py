@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import pyfuse3
 
+from .attrs import negative_entry
 from .errors import OverlayError, fuse_boundary
 from .overlay import Overlay
 
@@ -41,6 +42,8 @@ class OverlayOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         node = self.overlay.lookup(parent_inode, name)
+        if node is None:
+            return negative_entry(self.overlay.policy)
         attributes = self.overlay.attributes(node)
         node.lookups += 1
         return attributes

@@ -124,14 +124,12 @@ class Overlay:
             self.table.by_backing[key] = node
         return node
 
-    def lookup(self, parent_ino: int, name: bytes) -> Node:
+    def lookup(self, parent_ino: int, name: bytes) -> Node | None:
+        """The node of `name` in directory `parent_ino`, or None when it does not exist."""
         parent = self.node(parent_ino)
         if not parent.is_dir:
             raise OverlayError(errno.ENOTDIR)
-        node = self.child(parent, name)
-        if node is None:
-            raise OverlayError(errno.ENOENT)
-        return node
+        return self.child(parent, name)
 
     def stat_of(self, node: Node) -> Stat:
         if node.lower_stat is not None and node.layer != self.upper_index:

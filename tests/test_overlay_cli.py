@@ -127,6 +127,25 @@ def test_debug_logs_operations(dirs: LayerDirs, world_tmp: Path) -> None:
         assert proc.wait(timeout=15) == 0
 
 
+def test_a_missing_name_is_answered_once_and_a_later_create_shows(dirs: LayerDirs, world_tmp: Path) -> None:
+    # Lookups of missing names get a negative entry the kernel keeps (shells and
+    # interpreters probe many paths); creating the name through the mount must
+    # still make it appear at once.
+    logpath = world_tmp / "negative.log"
+    missing = dirs.mnt / "dir" / "not-there"
+    with foreground_overlay(dirs, logpath, flag="-d") as proc:
+        assert proc.poll() is None, logpath.read_text(errors="replace")
+        for _ in range(3):
+            assert not missing.exists()
+        asked = logpath.read_text(errors="replace").count("b'not-there'")
+        assert asked == 1, f"the daemon was asked {asked} times:\n" + logpath.read_text(errors="replace")[-2000:]
+        missing.write_text("now\n")
+        assert missing.read_text() == "now\n"
+        assert "not-there" in os.listdir(dirs.mnt / "dir")
+        unmount(dirs.mnt, fuse=True)
+        assert proc.wait(timeout=15) == 0
+
+
 @pytest.mark.parametrize("how", ["fusermount3", "umount"])
 def test_mount_helper_and_unmount(dirs: LayerDirs, world_tmp: Path, how: str) -> None:
     name = overlay_program_name()

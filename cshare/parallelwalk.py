@@ -25,7 +25,6 @@ import os
 import pickle
 import select
 import signal
-import stat
 import struct
 import sys
 from collections.abc import Callable
@@ -34,7 +33,6 @@ from typing import Any, Protocol
 
 from .treewalk import (
     DIR_FLAGS,
-    OPEN_FLAGS,
     Dir,
     Visitor,
     _entries,
@@ -44,6 +42,7 @@ from .treewalk import (
     _visit,
     _walk_from,
     open_root,
+    visit_name,
 )
 
 PROGRESS_BATCH = 1024
@@ -322,26 +321,7 @@ def _handle_deferred(root_fd: int, dev: int, paths: list[str], visitor: Parallel
             if not visitor.resume(d, _listxattr(fd)):
                 continue
             for name in names:
-                _visit_name(d, name, dev, visitor)
+                visit_name(d, name, dev, visitor)
             visitor.leave(d)
         finally:
             os.close(fd)
-
-
-def _visit_name(d: Dir, name: str, dev: int, visitor: Visitor) -> None:
-    try:
-        st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
-        if st.st_dev != dev:
-            visitor.other_filesystem(d.join(name))
-        elif stat.S_ISREG(st.st_mode):
-            fd = os.open(name, OPEN_FLAGS, dir_fd=d.fd)
-            try:
-                st = os.fstat(fd)
-                if stat.S_ISREG(st.st_mode):
-                    visitor.file(d, name, fd, st, _listxattr(fd))
-            finally:
-                os.close(fd)
-        elif not stat.S_ISDIR(st.st_mode):
-            visitor.special(d, name, st)
-    except OSError as exc:
-        visitor.error(d.join(name), exc.strerror or str(exc))

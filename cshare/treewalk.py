@@ -299,13 +299,27 @@ def _visit_other(d: Dir, entry: os.DirEntry[str], dev: int, visitor: Visitor) ->
             finally:
                 os.close(fd)
             return None
-        # Not a directory, or a regular file that is not one any more (swapped
-        # since the listing) or lives on another filesystem: take it as it is now.
+    except OSError as exc:
+        visitor.error(d.join(name), exc.strerror or str(exc))
+        return None
+    # Not a directory, or a regular file that is not one any more (swapped
+    # since the listing) or lives on another filesystem: take it as it is now.
+    visit_name(d, name, dev, visitor)
+    return None
+
+
+def visit_name(d: Dir, name: str, dev: int, visitor: Visitor) -> None:
+    """Visit the non-directory `name` of `d` as it is now, found by name (lstat first).
+
+    A regular file is opened and checked again through its fd; a directory,
+    or a file that changed type in between, is reported as an error: it is
+    not this walk's to enter any more.
+    """
+    try:
         st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
         if st.st_dev != dev:
             visitor.other_filesystem(d.join(name))
         elif stat.S_ISREG(st.st_mode):
-            # Swapped back to a regular file since our open: look at it once more.
             fd = os.open(name, OPEN_FLAGS, dir_fd=d.fd)
             try:
                 st = os.fstat(fd)
@@ -321,7 +335,6 @@ def _visit_other(d: Dir, entry: os.DirEntry[str], dev: int, visitor: Visitor) ->
             visitor.special(d, name, st)
     except OSError as exc:
         visitor.error(d.join(name), exc.strerror or str(exc))
-    return None
 
 
 def display(path: str) -> str:

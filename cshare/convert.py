@@ -65,6 +65,17 @@ class ConvertReport:
     changes: list[str] = field(default_factory=list)  # dry run only
     skipped_mounts: list[str] = field(default_factory=list)
 
+    def add(self, other: ConvertReport) -> None:
+        """Count `other` (another worker's report) into this one."""
+        self.entries += other.entries
+        self.converted += other.converted
+        self.already_converted += other.already_converted
+        self.devices_replaced += other.devices_replaced
+        self.opaque_rewritten += other.opaque_rewritten
+        self.errors.extend(other.errors)
+        self.changes.extend(other.changes)
+        self.skipped_mounts.extend(other.skipped_mounts)
+
     def summary(self) -> dict[str, object]:
         return {
             "entries": self.entries,
@@ -213,14 +224,7 @@ class _Converter:
         return True
 
     def absorb(self, report: ConvertReport) -> None:
-        self.report.entries += report.entries
-        self.report.converted += report.converted
-        self.report.already_converted += report.already_converted
-        self.report.devices_replaced += report.devices_replaced
-        self.report.opaque_rewritten += report.opaque_rewritten
-        self.report.errors.extend(report.errors)
-        self.report.changes.extend(report.changes)
-        self.report.skipped_mounts.extend(report.skipped_mounts)
+        self.report.add(report)
 
     # ------------------------------------------------------------------ work
     def _count(self) -> None:
@@ -377,14 +381,7 @@ def convert_tree(
 def _merge(reports: list[ConvertReport]) -> ConvertReport:
     total = ConvertReport()
     for r in reports:
-        total.entries += r.entries
-        total.converted += r.converted
-        total.already_converted += r.already_converted
-        total.devices_replaced += r.devices_replaced
-        total.opaque_rewritten += r.opaque_rewritten
-        total.errors.extend(r.errors)
-        total.changes.extend(r.changes)
-        total.skipped_mounts.extend(r.skipped_mounts)
+        total.add(r)
     total.errors.sort()
     total.skipped_mounts.sort()
     return total

@@ -42,6 +42,16 @@ class RestoreReport:
     changes: list[str] = field(default_factory=list)  # dry run only
     skipped_mounts: list[str] = field(default_factory=list)
 
+    def add(self, other: RestoreReport) -> None:
+        """Count `other` (another worker's report) into this one."""
+        self.entries += other.entries
+        self.restored += other.restored
+        self.devices_recreated += other.devices_recreated
+        self.opaque_removed += other.opaque_removed
+        self.errors.extend(other.errors)
+        self.changes.extend(other.changes)
+        self.skipped_mounts.extend(other.skipped_mounts)
+
     def summary(self) -> dict[str, object]:
         return {
             "entries": self.entries,
@@ -170,13 +180,7 @@ class _Restorer:
         return True
 
     def absorb(self, report: RestoreReport) -> None:
-        self.report.entries += report.entries
-        self.report.restored += report.restored
-        self.report.devices_recreated += report.devices_recreated
-        self.report.opaque_removed += report.opaque_removed
-        self.report.errors.extend(report.errors)
-        self.report.changes.extend(report.changes)
-        self.report.skipped_mounts.extend(report.skipped_mounts)
+        self.report.add(report)
 
     # ------------------------------------------------------------------ work
     def _count(self) -> None:
@@ -327,13 +331,7 @@ def restore_tree(
         shared.close()
     total = RestoreReport()
     for r in (x.report for x in restorers):
-        total.entries += r.entries
-        total.restored += r.restored
-        total.devices_recreated += r.devices_recreated
-        total.opaque_removed += r.opaque_removed
-        total.errors.extend(r.errors)
-        total.changes.extend(r.changes)
-        total.skipped_mounts.extend(r.skipped_mounts)
+        total.add(r)
     total.errors.sort()
     total.skipped_mounts.sort()
     return total

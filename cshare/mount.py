@@ -115,7 +115,7 @@ def find_record(mountpoint: Path) -> tuple[Path, MountRecord] | None:
 
 
 # ------------------------------------------------------------------ mount table
-def _unescape(field_text: str) -> str:
+def unescape_mountinfo(field_text: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo."""
     out, i = [], 0
     while i < len(field_text):
@@ -135,7 +135,7 @@ def mount_table() -> dict[str, str]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            table[_unescape(fields[4])] = fields[sep + 1]
+            table[unescape_mountinfo(fields[4])] = fields[sep + 1]
     return table
 
 
@@ -149,7 +149,7 @@ def mount_device(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str | N
     with open(mountinfo) as f:
         for line in f:
             fields = line.split()
-            if _unescape(fields[4]) == str(path):
+            if unescape_mountinfo(fields[4]) == str(path):
                 found = fields[2]
     return found
 

@@ -34,6 +34,8 @@ from typing import Any
 
 from conftest import require, tool
 
+from cshare.mount import mount_table
+
 # --------------------------------------------------------------------------
 # Times
 
@@ -230,20 +232,7 @@ def lowerdir_value(lowers: Sequence[Path]) -> str:
 
 
 def mount_points() -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        return {_unescape_mountinfo(line.split()[4]) for line in f}
-
-
-def _unescape_mountinfo(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 4 <= len(text) and text[i + 1 : i + 4].isdigit():
-            out.append(chr(int(text[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+    return set(mount_table())
 
 
 def is_mounted(path: Path) -> bool:
@@ -251,13 +240,8 @@ def is_mounted(path: Path) -> bool:
 
 
 def mount_type(path: Path) -> str | None:
-    target = str(Path(path).resolve())
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape_mountinfo(fields[4]) == target:
-                return fields[fields.index("-") + 1]
-    return None
+    """The type of the filesystem mounted at `path` (the visible, last mount there)."""
+    return mount_table().get(str(Path(path).resolve()))
 
 
 def kernel_mount(dirs: LayerDirs, *, upper: bool = True) -> None:

@@ -30,7 +30,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cshare_fuse.overrides import (
@@ -44,7 +44,7 @@ from cshare_fuse.overrides import (
 from . import treemarks
 from .errors import CshareError
 from .parallelwalk import default_processes, walk_parallel
-from .treewalk import Dir, display, walk
+from .treewalk import Dir, WalkReport, display, walk
 
 CONVERTED_MODE = 0o755
 PROBE_XATTR = "user.cshare.probe"
@@ -53,39 +53,13 @@ _TMP_START = treemarks.TEMPORARY_START
 
 
 @dataclass
-class ConvertReport:
+class ConvertReport(WalkReport):
     """What a convert run did (or, with dry_run, would do)."""
 
-    entries: int = 0
     converted: int = 0
     already_converted: int = 0
     devices_replaced: int = 0
     opaque_rewritten: int = 0
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    changes: list[str] = field(default_factory=list)  # dry run only
-    skipped_mounts: list[str] = field(default_factory=list)
-
-    def add(self, other: ConvertReport) -> None:
-        """Count `other` (another worker's report) into this one."""
-        self.entries += other.entries
-        self.converted += other.converted
-        self.already_converted += other.already_converted
-        self.devices_replaced += other.devices_replaced
-        self.opaque_rewritten += other.opaque_rewritten
-        self.errors.extend(other.errors)
-        self.changes.extend(other.changes)
-        self.skipped_mounts.extend(other.skipped_mounts)
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "entries": self.entries,
-            "converted": self.converted,
-            "already_converted": self.already_converted,
-            "devices_replaced": self.devices_replaced,
-            "opaque_rewritten": self.opaque_rewritten,
-            "errors": [{"path": p, "message": m} for p, m in self.errors],
-            "skipped_mounts": self.skipped_mounts,
-        }
 
 
 def check_can_convert(root: Path, *, probe_write: bool = True) -> None:
@@ -366,22 +340,13 @@ def convert_tree(
         if workers is not None and workers > 1:
             converters = [_Converter(shared, dry_run, on_entry) for _ in range(workers)]
             walk(Path(root), list(converters))
-            return _merge([c.report for c in converters])
+            return ConvertReport.total(c.report for c in converters)
         converter = _Converter(shared, dry_run, on_entry)
         count = processes if processes is not None else default_processes()
         if count > 1:
             walk_parallel(Path(root), converter, count)
         else:
             walk(Path(root), converter)
-        return _merge([converter.report])
+        return ConvertReport.total([converter.report])
     finally:
         shared.close()
-
-
-def _merge(reports: list[ConvertReport]) -> ConvertReport:
-    total = ConvertReport()
-    for r in reports:
-        total.add(r)
-    total.errors.sort()
-    total.skipped_mounts.sort()
-    return total

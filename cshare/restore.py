@@ -16,14 +16,14 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
 
 from . import treemarks
 from .parallelwalk import default_processes, walk_parallel
-from .treewalk import Dir, display, walk
+from .treewalk import Dir, WalkReport, display, walk
 
 _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
 _TMP_START = treemarks.TEMPORARY_START
@@ -31,36 +31,12 @@ _SPECIAL_TYPES = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
 @dataclass
-class RestoreReport:
+class RestoreReport(WalkReport):
     """What a restore run did (or, with dry_run, would do)."""
 
-    entries: int = 0
     restored: int = 0
     devices_recreated: int = 0
     opaque_removed: int = 0
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    changes: list[str] = field(default_factory=list)  # dry run only
-    skipped_mounts: list[str] = field(default_factory=list)
-
-    def add(self, other: RestoreReport) -> None:
-        """Count `other` (another worker's report) into this one."""
-        self.entries += other.entries
-        self.restored += other.restored
-        self.devices_recreated += other.devices_recreated
-        self.opaque_removed += other.opaque_removed
-        self.errors.extend(other.errors)
-        self.changes.extend(other.changes)
-        self.skipped_mounts.extend(other.skipped_mounts)
-
-    def summary(self) -> dict[str, object]:
-        return {
-            "entries": self.entries,
-            "restored": self.restored,
-            "devices_recreated": self.devices_recreated,
-            "opaque_removed": self.opaque_removed,
-            "errors": [{"path": p, "message": m} for p, m in self.errors],
-            "skipped_mounts": self.skipped_mounts,
-        }
 
 
 class _Shared:
@@ -329,9 +305,4 @@ def restore_tree(
                 walk(Path(root), restorers[0])
     finally:
         shared.close()
-    total = RestoreReport()
-    for r in (x.report for x in restorers):
-        total.add(r)
-    total.errors.sort()
-    total.skipped_mounts.sort()
-    return total
+    return RestoreReport.total(x.report for x in restorers)

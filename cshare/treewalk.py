@@ -22,10 +22,10 @@ import os
 import resource
 import stat
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 #: Flags for opening anything in the tree: never follow a symlink, never become
 #: a controlling terminal, never block (a fifo swapped in by a race).
@@ -48,6 +48,50 @@ class Dir:
     def join(self, name: str) -> str:
         """The relative path of entry `name` of this directory (for messages)."""
         return name if self.path == "." else f"{self.path}/{name}"
+
+
+_Report = TypeVar("_Report", bound="WalkReport")
+
+
+@dataclass
+class WalkReport:
+    """What a walk that changes a tree reports; convert and restore add their counters.
+
+    Every int field is a counter, every list field a list of findings.
+    """
+
+    entries: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)  # dry run only
+    skipped_mounts: list[str] = field(default_factory=list)
+
+    def add(self, other: WalkReport) -> None:
+        """Count `other` (another worker's report) into this one."""
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            if isinstance(mine, list):
+                mine.extend(getattr(other, f.name))
+            else:
+                setattr(self, f.name, mine + getattr(other, f.name))
+
+    @classmethod
+    def total(cls: type[_Report], reports: Iterable[WalkReport]) -> _Report:
+        """All `reports` added up, errors and skipped mounts in path order."""
+        total = cls()
+        for report in reports:
+            total.add(report)
+        total.errors.sort()
+        total.skipped_mounts.sort()
+        return total
+
+    def summary(self) -> dict[str, object]:
+        """For --json: every counter, the errors and the skipped mounts."""
+        data: dict[str, object] = {
+            f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), int)
+        }
+        data["errors"] = [{"path": p, "message": m} for p, m in self.errors]
+        data["skipped_mounts"] = self.skipped_mounts
+        return data
 
 
 class Visitor(Protocol):

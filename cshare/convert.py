@@ -115,26 +115,19 @@ class _Shared:
         self.placeholders.clear()
 
 
-class _Converter:
+class _Converter(treemarks.MarkingVisitor[ConvertReport]):
     """The walk visitor; one per thread, each with its own report."""
 
     def __init__(self, shared: _Shared, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
-        self.report = ConvertReport()
+        super().__init__(ConvertReport(), dry_run, on_entry)
         self.shared = shared
-        self.dry_run = dry_run
-        self.on_entry = on_entry
-        self.defer: list[str] | None = None  # set in a worker process (parallelwalk)
         self.values = shared.values
 
     # ------------------------------------------------------------------ visitor
     def enter(self, d: Dir, names: frozenset[str]) -> bool:
         self._count()
-        if not self.dry_run:
-            try:
-                treemarks.load_times(d, names)
-            except ValueError as exc:
-                self.report.errors.append((d.path, str(exc)))
-                return False
+        if not self.resume(d, names):
+            return False
         if treemarks.TRUSTED_OPAQUE in names:
             self._opaque(d, names)
         self._record(d.fd, d.st, names, d.path)
@@ -177,35 +170,7 @@ class _Converter:
             return  # a kernel-style whiteout stays a whiteout
         self._replace(d, name, st)
 
-    def leave(self, d: Dir) -> None:
-        if not self.dry_run:
-            treemarks.put_back_times(d)
-
-    def error(self, path: str, message: str) -> None:
-        self.report.errors.append((path, message))
-
-    def other_filesystem(self, path: str) -> None:
-        self.report.skipped_mounts.append(path)
-
-    def resume(self, d: Dir, names: frozenset[str]) -> bool:
-        if self.dry_run:
-            return True
-        try:
-            treemarks.load_times(d, names)
-        except ValueError as exc:
-            self.report.errors.append((d.path, str(exc)))
-            return False
-        return True
-
-    def absorb(self, report: ConvertReport) -> None:
-        self.report.add(report)
-
     # ------------------------------------------------------------------ work
-    def _count(self) -> None:
-        self.report.entries += 1
-        if self.on_entry is not None:
-            self.on_entry()
-
     def _value(self, st: os.stat_result) -> bytes:
         key = (st.st_mode, st.st_uid, st.st_gid)
         value = self.values.get(key)

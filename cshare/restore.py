@@ -54,26 +54,19 @@ class _Shared:
         self.nodes.clear()
 
 
-class _Restorer:
+class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
     """The walk visitor; one per thread, each with its own report."""
 
     def __init__(self, shared: _Shared, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
-        self.report = RestoreReport()
+        super().__init__(RestoreReport(), dry_run, on_entry)
         self.shared = shared
-        self.dry_run = dry_run
-        self.on_entry = on_entry
-        self.defer: list[str] | None = None  # set in a worker process (parallelwalk)
         self.parsed = shared.parsed
 
     # ------------------------------------------------------------------ visitor
     def enter(self, d: Dir, names: frozenset[str]) -> bool:
         self._count()
-        if not self.dry_run:
-            try:
-                treemarks.load_times(d, names)
-            except ValueError as exc:
-                self.report.errors.append((d.path, str(exc)))
-                return False
+        if not self.resume(d, names):
+            return False
         if treemarks.OPAQUE_ADDED in names:
             self._opaque(d, names)
         self._restore_inode(d, names)
@@ -135,35 +128,7 @@ class _Restorer:
             else:
                 treemarks.remove_leftover(d, name)
 
-    def leave(self, d: Dir) -> None:
-        if not self.dry_run:
-            treemarks.put_back_times(d)
-
-    def error(self, path: str, message: str) -> None:
-        self.report.errors.append((path, message))
-
-    def other_filesystem(self, path: str) -> None:
-        self.report.skipped_mounts.append(path)
-
-    def resume(self, d: Dir, names: frozenset[str]) -> bool:
-        if self.dry_run:
-            return True
-        try:
-            treemarks.load_times(d, names)
-        except ValueError as exc:
-            self.report.errors.append((d.path, str(exc)))
-            return False
-        return True
-
-    def absorb(self, report: RestoreReport) -> None:
-        self.report.add(report)
-
     # ------------------------------------------------------------------ work
-    def _count(self) -> None:
-        self.report.entries += 1
-        if self.on_entry is not None:
-            self.on_entry()
-
     def _parse(self, fd: int, names: frozenset[str], d: Dir, name: str | None) -> Override | None:
         """The preferred record among `names` (read_override's order), parsed once per value.
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
-from .treewalk import Dir
+from .treewalk import Dir, WalkReport
 
 CONVERT_TMP_PREFIX = ".cshare-convert-tmp."
 RESTORE_TMP_PREFIX = ".cshare-restore-tmp."
@@ -108,3 +110,50 @@ def link_fd(fd: int, d: Dir, name: str) -> None:
     # linkat(AT_SYMLINK_FOLLOW) through /proc/self/fd links the inode itself;
     # it needs no path of the first name, which may have been renamed since.
     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=d.fd, follow_symlinks=True)
+
+
+_Report = TypeVar("_Report", bound=WalkReport)
+
+
+class MarkingVisitor(Generic[_Report]):
+    """What the walk visitors of convert and restore share.
+
+    Their report, the dry-run flag, the progress callback, the list of
+    deferred paths a parallelwalk worker fills, and the handling of the
+    directory-times marks above on entering (`resume`) and leaving.
+    """
+
+    def __init__(self, report: _Report, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
+        self.report = report
+        self.dry_run = dry_run
+        self.on_entry = on_entry
+        self.defer: list[str] | None = None  # set in a worker process (parallelwalk)
+
+    def resume(self, d: Dir, names: frozenset[str]) -> bool:
+        """Pick up the times an interrupted run recorded for `d`; False skips it (bad mark)."""
+        if self.dry_run:
+            return True
+        try:
+            load_times(d, names)
+        except ValueError as exc:
+            self.report.errors.append((d.path, str(exc)))
+            return False
+        return True
+
+    def leave(self, d: Dir) -> None:
+        if not self.dry_run:
+            put_back_times(d)
+
+    def error(self, path: str, message: str) -> None:
+        self.report.errors.append((path, message))
+
+    def other_filesystem(self, path: str) -> None:
+        self.report.skipped_mounts.append(path)
+
+    def absorb(self, report: _Report) -> None:
+        self.report.add(report)
+
+    def _count(self) -> None:
+        self.report.entries += 1
+        if self.on_entry is not None:
+            self.on_entry()

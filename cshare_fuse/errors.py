@@ -5,23 +5,25 @@ letting an `OSError` from the backing filesystem propagate.  `fuse_boundary`
 wraps every pyfuse3 handler: it turns both into `pyfuse3.FUSEError`, and turns
 anything else (a bug, a plugin that raised) into EIO plus a log line, because
 pyfuse3 ends the whole mount on any exception that is not a FUSEError.
+
+Light at import (no pyfuse3, trio, logging or typing): `cshare-overlay` raises
+ConfigError while it checks a command line and mounts, before it loads
+pyfuse3 (see fusemount).  pyfuse3 and logging are bound when the first
+handler is wrapped, which happens only in the daemon.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import logging
 import os
-from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
 
-import pyfuse3
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+    from typing import Any, ParamSpec, TypeVar
 
-log = logging.getLogger("cshare_fuse")
-
-P = ParamSpec("P")
-R = TypeVar("R")
+    P = ParamSpec("P")
+    R = TypeVar("R")
 
 
 class OverlayError(Exception):
@@ -36,16 +38,29 @@ class ConfigError(Exception):
     """The mount cannot start: bad options, missing layers.  One line, for the user."""
 
 
-#: Test hook: "OPNAME" makes that handler raise RuntimeError, to prove the boundary.
+#: Test hook: "OPNAME" makes that handler raise RuntimeError, to prove the boundary;
+#: "init" makes the daemon fail after it has mounted (main.operations).
 #: Read once at start from CSHARE_OVERLAY_INJECT_FAULT (comma separated names).
 _injected_faults: frozenset[str] = frozenset(
     n for n in os.environ.get("CSHARE_OVERLAY_INJECT_FAULT", "").split(",") if n
 )
 
 
+def fault_injected(name: str) -> bool:
+    """Whether the test hook above asks `name` to fail."""
+    return name in _injected_faults
+
+
 def fuse_boundary(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Make `func` a safe pyfuse3 handler: every failure becomes a FUSEError."""
+    import functools
+    import logging
+
+    import pyfuse3
+
+    log = logging.getLogger("cshare_fuse")
     name = func.__name__
+    context_type = pyfuse3.RequestContext
 
     @functools.wraps(func)
     async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -53,7 +68,7 @@ def fuse_boundary(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coro
             if name in _injected_faults:
                 raise RuntimeError(f"injected fault in {name}")
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s%s", name, _short(args[1:]))
+                log.debug("%s%s", name, _short(args[1:], context_type))
             return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
@@ -62,12 +77,12 @@ def fuse_boundary(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coro
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
-            log.exception("%s%s failed unexpectedly; answering EIO", name, _short(args[1:]))
+            log.exception("%s%s failed unexpectedly; answering EIO", name, _short(args[1:], context_type))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return handler
 
 
-def _short(args: tuple[Any, ...]) -> str:
-    text = ", ".join(repr(a) for a in args if not isinstance(a, pyfuse3.RequestContext))
+def _short(args: tuple[Any, ...], context_type: type) -> str:
+    text = ", ".join(repr(a) for a in args if not isinstance(a, context_type))
     return f"({text[:200]})"

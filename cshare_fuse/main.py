@@ -1,30 +1,41 @@
 """`cshare-overlay`: the executable.  The only place that mounts and runs the loop.
 
-Order matters: the command line is parsed and, unless -f, the process forks
-before anything opens /dev/fuse or starts trio (a fork after either is unsafe).
-The child checks the layers, loads plugins, mounts, and only then tells the
-parent over a pipe that the mount is ready; the parent exits 0, or prints the
-child's one-line reason and exits 1.  So `cshare-overlay ... MNT && use MNT` is
-race-free, and nothing is mounted when a check fails.
+Order matters, for safety and for speed:
+
+1. The command line is parsed and, unless -f, the process forks before
+   anything opens /dev/fuse or starts trio (a fork after either is unsafe).
+2. The child checks everything that can be wrong (layers, upper and work
+   directories, the mountpoint, plugins) and empties the workdir, so nothing is
+   mounted when a check fails; the parent prints the child's one-line reason
+   and exits 1.
+3. The child mounts (fusemount: mount(2) with the standard library only) and
+   tells the parent the mount is ready; the parent exits 0.
+4. Only then does the child load pyfuse3 and trio (~70 ms) and serve.  The
+   kernel holds requests made in the meantime until the daemon answers
+   FUSE_INIT, as it does for fuse-overlayfs, which also mounts before it
+   serves: `cshare-overlay ... MNT && use MNT` is race-free.
+
+Where this process may not mount(2) (an ordinary user outside a user
+namespace) libfuse mounts through fusermount3 at step 4, and the parent is
+told only after that.  Everything this module imports at the top is light on
+purpose; the start-up path stays free of pyfuse3, trio, logging, typing,
+dataclasses and re.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import sys
 
-from . import __version__
-from .copyup import clean_workdir
-from .datasource import DataSource
-from .errors import ConfigError
-from .operations import OverlayOperations
+from . import __version__, fusemount
+from .errors import ConfigError, fault_injected
 from .options import USAGE, MountConfig, parse_command_line
-from .overlay import Overlay
-from .overrides import OverrideError, read_override
 
-log = logging.getLogger("cshare_fuse")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .datasource import DataSource
+    from .operations import OverlayOperations
+
 PROG = "cshare-overlay"
 
 
@@ -44,43 +55,85 @@ def _check_dir(what: str, path: str) -> str:
     return _real(path)
 
 
-def _root_has_override(source: DataSource) -> bool:
+def _honours_overrides(path: str) -> bool:
     """fuse-overlayfs's rule: a layer whose root carries an override honours them all."""
+    try:
+        names = os.listxattr(path)
+    except OSError:
+        return False
+    if not names:
+        return False  # the common case, decided without loading the codec
+    from .overrides import OverrideError, read_override
+
     def get(name: str) -> bytes | None:
+        if name not in names:
+            return None
         try:
-            return source.getxattr(b"", name)
+            return os.getxattr(path, name)
         except OSError:
             return None
 
     try:
         return read_override(get) is not None
     except OverrideError as exc:
-        raise ConfigError(f"lower layer {source.describe()}: malformed override on its root: {exc}") from None
+        raise ConfigError(f"lower layer {path}: malformed override on its root: {exc}") from None
 
 
-def open_lowers(config: MountConfig) -> list[DataSource]:
+class CheckedLayout:
+    """What the checks before mounting established; enough to start serving.
+
+    A directory layer is kept as (real path, honours overrides) and opened as
+    a DataSource only in the daemon, so that the checks need no import that
+    the mount does not; a plugin layer is its plugin's DataSource already
+    (loading it is one of the checks).
+    """
+
+    def __init__(self, lowers: list[tuple[str, bool] | DataSource], upper: str | None,
+                 work: str | None) -> None:
+        self.lowers = lowers
+        self.upper = upper
+        self.work = work
+
+    def sources(self) -> list[DataSource]:
+        from .datasource import DataSource
+
+        out: list[DataSource] = []
+        for lower in self.lowers:
+            if isinstance(lower, tuple):
+                source = DataSource(lower[0])
+                source.honour_overrides = lower[1]
+                out.append(source)
+            else:
+                out.append(lower)
+        return out
+
+
+def check_lowers(config: MountConfig) -> tuple[list[tuple[str, bool] | DataSource], list[str]]:
+    """The checked lower layers, and the real directories they live in."""
     cwd = os.getcwd()
-    sources: list[DataSource] = []
+    lowers: list[tuple[str, bool] | DataSource] = []
+    dirs: list[str] = []
     registry = None
     for spec in config.lowers:
         if spec.plugin is None:
             path = _check_dir("lowerdir", spec.path)
-            source = DataSource(path)
-            source.honour_overrides = _root_has_override(source)
+            lowers.append((path, _honours_overrides(path)))
+            dirs.append(path)
         else:
             from .plugins import load_registry, open_plugin_layer
 
             if registry is None:
                 registry = load_registry(config.plugins)
             source = open_plugin_layer(spec, registry, cwd)
-        sources.append(source)
-    return sources
+            lowers.append(source)
+            dirs.append(_real(os.fsdecode(source.root)))
+    return lowers, dirs
 
 
-def check_layout(config: MountConfig, lowers: list[DataSource]) -> tuple[str | None, str | None]:
-    """Validate upper/work/mountpoint; returns the real upper and work paths."""
+def check_layout(config: MountConfig) -> CheckedLayout:
+    """Every check that can refuse a mount; also empties the workdir."""
+    lowers, layer_dirs = check_lowers(config)
     mountpoint = _check_dir("mountpoint", config.mountpoint)
-    layer_dirs = [os.fsdecode(_real(os.fsdecode(s.root))) for s in lowers]
     upper = work = None
     if config.upperdir is not None:
         upper = _check_dir("upperdir", config.upperdir)
@@ -100,7 +153,11 @@ def check_layout(config: MountConfig, lowers: list[DataSource]) -> tuple[str | N
             raise ConfigError(
                 f"mountpoint {config.mountpoint} is a layer or inside one ({layer}); "
                 "mount somewhere else")
-    return upper, work
+    if work is not None and os.listdir(work):
+        from .copyup import clean_workdir
+
+        clean_workdir(os.fsencode(work))
+    return CheckedLayout(lowers, upper, work)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -120,16 +177,20 @@ def fuse_options(config: MountConfig) -> set[str]:
     return opts
 
 
-def prepare(config: MountConfig) -> OverlayOperations:
-    lowers = open_lowers(config)
-    upper, work = check_layout(config, lowers)
-    if work is not None:
-        clean_workdir(os.fsencode(work))
-    overlay = Overlay(config, lowers, upper, work)
-    return OverlayOperations(overlay)
+def operations(config: MountConfig, layout: CheckedLayout) -> OverlayOperations:
+    """The filesystem's handlers; built in the daemon, once the mount exists."""
+    from .operations import OverlayOperations
+    from .overlay import Overlay
+
+    if fault_injected("init"):
+        raise RuntimeError("injected fault in init")
+    return OverlayOperations(Overlay(config, layout.sources(), layout.upper, layout.work))
 
 
 def _setup_logging(config: MountConfig, daemon: bool) -> None:
+    import logging
+
+    log = logging.getLogger("cshare_fuse")
     level = logging.DEBUG if config.debug else logging.INFO
     log.setLevel(level)
     log.handlers.clear()
@@ -140,7 +201,6 @@ def _setup_logging(config: MountConfig, daemon: bool) -> None:
     elif not daemon:
         handler = logging.StreamHandler(sys.stderr)
     elif os.path.exists("/dev/log"):
-        # Imported here: only a daemon needs it, and every import delays the mount.
         from logging.handlers import SysLogHandler
 
         handler = SysLogHandler("/dev/log")
@@ -150,34 +210,91 @@ def _setup_logging(config: MountConfig, daemon: bool) -> None:
     log.addHandler(handler)
 
 
-def _mount_and_serve(config: MountConfig, ready_fd: int | None) -> int:
-    import pyfuse3
-    import trio
+class _Refusal(Exception):
+    """The mount cannot start; the one-line reason for the user."""
 
+
+def _refusal(exc: ConfigError | OSError) -> _Refusal:
+    if isinstance(exc, ConfigError):
+        return _Refusal(str(exc))
+    return _Refusal(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror or exc))
+
+
+def _mount_and_serve(config: MountConfig, ready_fd: int | None) -> int:
+    """Check, mount, say so on `ready_fd` (None: -f), then serve until unmounted."""
     # The kernel already applied the caller's umask to every mode it sends us.
     os.umask(0)
+    options = fuse_options(config)
+    mountpoint = _real(config.mountpoint)
+    fd: int | None = None
     try:
-        ops = prepare(config)
         try:
-            pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+            layout = check_layout(config)
+            try:
+                fd = fusemount.mount_fuse(mountpoint, options)
+            except fusemount.MountRefused:
+                fd = None  # libfuse mounts through fusermount3, below
+        except (ConfigError, OSError) as exc:
+            raise _refusal(exc) from None
+        if fd is not None:
+            _report_ready(ready_fd)
+        _setup_logging(config, daemon=ready_fd is not None)
+        import pyfuse3
+
+        try:
+            ops = operations(config, layout)
+        except (ConfigError, OSError) as exc:
+            raise _refusal(exc) from None
+        try:
+            pyfuse3.init(ops, f"/dev/fd/{fd}" if fd is not None else mountpoint, options)
         except RuntimeError as exc:
-            raise ConfigError(f"cannot mount on {config.mountpoint}: {exc} (is /dev/fuse usable?)") from None
-    except (ConfigError, OSError) as exc:
-        message = str(exc) if isinstance(exc, ConfigError) else f"{exc.strerror}: {exc.filename}"
-        if ready_fd is None:
-            print(f"{PROG}: error: {message}", file=sys.stderr)
+            raise _Refusal(f"cannot mount on {config.mountpoint}: {exc} (is /dev/fuse usable?)") from None
+    except _Refusal as refusal:
+        if fd is not None:
+            # Mounted and reported ready already: take the mount away again.
+            _log_error(f"cannot serve {mountpoint}: {refusal}; unmounting", traceback=False)
+            fusemount.unmount_connection(fd, mountpoint)
+        elif ready_fd is None:
+            print(f"{PROG}: error: {refusal}", file=sys.stderr)
         else:
-            os.write(ready_fd, message.encode(errors="replace"))
+            os.write(ready_fd, str(refusal).encode(errors="replace"))
             os.close(ready_fd)
         return 1
+    except BaseException:
+        if fd is not None:
+            _log_error(f"cannot serve {mountpoint}; unmounting", traceback=True)
+            fusemount.unmount_connection(fd, mountpoint)
+        raise
+    if fd is None:
+        _report_ready(ready_fd)
+    return _serve(fd, mountpoint)
+
+
+def _report_ready(ready_fd: int | None) -> None:
     if ready_fd is not None:
         os.write(ready_fd, b"\0ready")
         os.close(ready_fd)
         _detach_stdio()
 
+
+def _log_error(message: str, traceback: bool) -> None:
+    import logging
+
+    logging.getLogger("cshare_fuse").error(message, exc_info=traceback)
+
+
+def _serve(fd: int | None, mountpoint: str) -> int:
+    """Run the request loop until the mount ends, then leave no dead mount behind."""
+    import logging
+    import signal
+
+    import pyfuse3
+    import trio
+
     from . import session
 
     session.install()
+    log = logging.getLogger("cshare_fuse")
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
@@ -197,8 +314,13 @@ def _mount_and_serve(config: MountConfig, ready_fd: int | None) -> int:
         log.exception("the main loop failed")
         return 1
     finally:
-        # However the loop ended, leave no dead mount behind.
-        pyfuse3.close(unmount=True)
+        if fd is not None:
+            # libfuse unmounts only what it mounted itself.
+            try:
+                fusemount.unmount_connection(fd, mountpoint)
+            except OSError:
+                log.exception("cannot unmount %s", mountpoint)
+        pyfuse3.close(unmount=fd is None)
     return 0
 
 
@@ -225,7 +347,6 @@ def run(argv: list[str]) -> int:
     for warning in config.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if config.foreground:
-        _setup_logging(config, daemon=False)
         return _mount_and_serve(config, None)
 
     read_end, write_end = os.pipe()
@@ -233,9 +354,11 @@ def run(argv: list[str]) -> int:
     if pid == 0:
         os.close(read_end)
         os.setsid()
-        _setup_logging(config, daemon=True)
-        code = _mount_and_serve(config, write_end)
-        os._exit(code)
+        code = 1
+        try:
+            code = _mount_and_serve(config, write_end)
+        finally:
+            os._exit(code)  # never back into the parent's code
     os.close(write_end)
     chunks = []
     while True:
@@ -246,8 +369,7 @@ def run(argv: list[str]) -> int:
     os.close(read_end)
     answer = b"".join(chunks)
     if answer == b"\0ready":
-        # Leave at once: tearing down the interpreter (trio and pyfuse3 are
-        # loaded) would add tens of milliseconds to a mount's start.
+        # Leave at once: nothing is left to tear down that the daemon needs.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -1,7 +1,8 @@
 """The overlay's command line, as fuse-overlayfs users and mount(8) drive it.
 
 - it daemonizes and returns only once the mount is ready; `-f` stays in the
-  foreground; `-d` logs operations;
+  foreground; `-d` logs operations; a daemon that fails after it has mounted
+  takes its mount away again, and SIGTERM unmounts;
 - `mount -t fuse.NAME SOURCE MNT -o ...` works (through mount.fuse3), and both
   `fusermount3 -u` and `umount` unmount it;
 - bad input gets a one-line error and a non-zero exit with nothing mounted;
@@ -15,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -82,6 +84,40 @@ def test_daemonizes_and_returns_when_ready(dirs: LayerDirs, world_tmp: Path) -> 
     assert not is_mounted(dirs.mnt)
     assert wait_until(lambda: not serving_processes(dirs.mnt), timeout=10), \
         "the daemon did not exit after fusermount3 -u"
+
+
+def test_a_daemon_failing_after_the_mount_takes_it_away(dirs: LayerDirs, world_tmp: Path) -> None:
+    # The command returns once mounted, before the daemon has loaded pyfuse3
+    # (as fuse-overlayfs returns before it serves); if serving then fails, no
+    # dead mount may stay behind, and the log says why.
+    daemon_log = world_tmp / "daemon.log"
+    env = dict(os.environ, CSHARE_OVERLAY_INJECT_FAULT="init", CSHARE_OVERLAY_LOG=str(daemon_log))
+    rc = run([*overlay_command(), "-o", fuse_options(dirs), str(dirs.mnt)], world_tmp / "out.log", env=env)
+    assert rc == 0, (world_tmp / "out.log").read_text()
+    assert wait_until(lambda: not is_mounted(dirs.mnt), timeout=15), "the failed daemon left its mount"
+    assert wait_until(lambda: not serving_processes(dirs.mnt), timeout=10)
+    text = daemon_log.read_text(errors="replace")
+    assert "cannot serve" in text and "injected fault in init" in text, text[-2000:]
+
+
+def test_foreground_failing_after_the_mount_exits_nonzero(dirs: LayerDirs, world_tmp: Path) -> None:
+    log = world_tmp / "fg-fail.log"
+    env = dict(os.environ, CSHARE_OVERLAY_INJECT_FAULT="init")
+    rc = run([*overlay_command(), "-f", "-o", fuse_options(dirs), str(dirs.mnt)], log, env=env)
+    assert rc == 1
+    assert "cannot serve" in log.read_text(errors="replace")
+    assert not is_mounted(dirs.mnt)
+
+
+def test_sigterm_unmounts_and_exits(dirs: LayerDirs, world_tmp: Path) -> None:
+    log = world_tmp / "term.log"
+    assert run([*overlay_command(), "-o", fuse_options(dirs), str(dirs.mnt)], log) == 0, log.read_text()
+    check_serves(dirs.mnt)
+    pids = serving_processes(dirs.mnt)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGTERM)
+    assert wait_until(lambda: not is_mounted(dirs.mnt), timeout=15), "SIGTERM left the mount"
+    assert wait_until(lambda: not serving_processes(dirs.mnt), timeout=10)
 
 
 @contextmanager

@@ -1,11 +1,14 @@
-"""The overlay's pure logic, without FUSE: command-line parsing, name
-resolution and merged listings across layers, node numbering, overrides on
-layer attributes.  Fast, and runnable as any user (`make test-fast`)."""
+"""The overlay's pure logic, without FUSE: command-line parsing, the mount(2)
+arguments and the light start-up path, name resolution and merged listings
+across layers, node numbering, overrides on layer attributes.  Fast, and
+runnable as any user (`make test-fast`)."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,15 @@ from hypothesis import strategies as st
 from cshare_fuse import merge
 from cshare_fuse.datasource import DataSource, Stat
 from cshare_fuse.errors import ConfigError
+from cshare_fuse.fusemount import (
+    MS_NOATIME,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MountRefused,
+    mount_arguments,
+)
 from cshare_fuse.inodes import NodeTable
 from cshare_fuse.layers import LowerLayer, UpperLayer
 from cshare_fuse.options import LowerSpec, parse_command_line, split_escaped
@@ -75,6 +87,41 @@ def test_volatile_turns_fsync_off_and_squash_to_root_sets_both() -> None:
 def test_escaped_colons_round_trip(parts: list[str]) -> None:
     escaped = ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in parts)
     assert split_escaped(escaped, ":") == parts
+
+
+# ------------------------------------------------------------------ mounting
+
+
+def test_mount_arguments_follow_libfuse() -> None:
+    options = {"fsname=img", "subtype=cshare-overlay", "default_permissions", "allow_other",
+               "suid", "dev", "ro", "noexec", "noatime"}
+    source, fstype, flags, data = mount_arguments(options, 7, 0o40755, 0, 0)
+    assert (source, fstype) == ("img", "fuse.cshare-overlay")
+    assert flags == MS_RDONLY | MS_NOEXEC | MS_NOATIME  # suid and dev cleared the defaults
+    assert data.split(",") == ["fd=7", "rootmode=40000", "user_id=0", "group_id=0",
+                               "allow_other", "default_permissions"]
+
+
+def test_mount_arguments_default_to_nosuid_nodev_and_the_callers_ids() -> None:
+    source, fstype, flags, data = mount_arguments(set(), 3, 0o40700, 1000, 1001)
+    assert (source, fstype, flags) == ("fuse", "fuse", MS_NOSUID | MS_NODEV)
+    assert data == "fd=3,rootmode=40000,user_id=1000,group_id=1001"
+
+
+@pytest.mark.parametrize("option", ["auto_unmount", "allow_root"])
+def test_options_only_libfuse_implements_leave_mounting_to_it(option: str) -> None:
+    with pytest.raises(MountRefused):
+        mount_arguments({option}, 3, 0o40755, 0, 0)
+
+
+def test_the_start_path_loads_nothing_heavy() -> None:
+    # cshare-overlay mounts before it loads pyfuse3 and trio (~70 ms); what it
+    # imports to parse, check and mount must stay light, or the wait comes back.
+    heavy = ["pyfuse3", "trio", "logging", "ctypes", "importlib.metadata", "typing"]
+    code = ("import sys, cshare_fuse.main; "
+            f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the start path imports {out.stdout.strip()}"
 
 
 # ------------------------------------------------------------------ merge

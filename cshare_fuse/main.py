@@ -234,6 +234,9 @@ def _mount_and_serve(config: MountConfig, ready_fd: int | None) -> int:
                 fd = fusemount.mount_fuse(mountpoint, options)
             except fusemount.MountRefused:
                 fd = None  # libfuse mounts through fusermount3, below
+            except OSError as exc:
+                raise ConfigError(f"cannot mount on {config.mountpoint}: {exc.filename}: "
+                                  f"{exc.strerror} (is /dev/fuse usable?)") from None
         except (ConfigError, OSError) as exc:
             raise _refusal(exc) from None
         if fd is not None:

@@ -281,6 +281,18 @@ def test_bad_input_is_refused(dirs: LayerDirs, small_tmpfs: Path, world_tmp: Pat
         unmount(Path(mnt), fuse=True)
 
 
+def test_no_usable_dev_fuse_is_refused(dirs: LayerDirs, world_tmp: Path) -> None:
+    # In a private mount namespace whose /dev is an empty tmpfs.
+    script = 'mount -t tmpfs tmpfs /dev && exec "$@"'
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                        *overlay_command(), "-o", fuse_options(dirs), str(dirs.mnt)],
+                       capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "/dev/fuse" in lines[0] and "Traceback" not in r.stderr, lines
+    assert not is_mounted(dirs.mnt)
+
+
 def test_unknown_option_warns_and_mounts(dirs: LayerDirs, world_tmp: Path) -> None:
     log = world_tmp / "warn.log"
     opts = fuse_options(dirs, extra=["no_such_option_xyz=1"])

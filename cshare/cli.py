@@ -217,16 +217,23 @@ def rm(
     image: str = typer.Argument(..., help="The image in the shared store: id, id prefix, name or short name."),
     store: Path = StoreOption,
     json_out: bool = typer.Option(False, "--json", help="Print what was removed as JSON."),
+    force: bool = typer.Option(
+        False, "--force", "-f", help="Remove the image even while overlays use its layers."
+    ),
 ) -> None:
     """Remove IMAGE from the shared store; layers other images use are kept (root only).
 
-    The image record goes first, so no reader ever finds an image with missing
-    layers; then every layer that no remaining image uses is deleted at once,
-    so unmount the overlays users have mounted on the image first.
+    While any overlay on the machine has one of the layers to delete as a
+    lower layer (a user's cshare mount in its own namespace, another FUSE
+    overlay, a kernel overlay mount), nothing is removed and the error names
+    one of them. Otherwise the image record goes first, so no reader ever
+    finds an image with missing layers, then every layer that no remaining
+    image uses is deleted at once. With --force the layers are deleted under
+    the overlays that use them, which then fail.
     """
     from .store_cmd import run_rm
 
-    _guard(lambda: run_rm(image, store=store, json_out=json_out))
+    _guard(lambda: run_rm(image, store=store, json_out=json_out, force=force))
 
 
 # ---------------------------------------------------------------- mount family

@@ -154,6 +154,28 @@ def mount_device(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str | N
     return found
 
 
+def mount_tables(skip: str | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(a pid, its mountinfo lines), once for every mount namespace but `skip`.
+
+    Root sees every namespace this way, users' (podman unshare) and containers'
+    included; an ordinary user only those of its own processes.
+    """
+    seen = {skip} if skip is not None else set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"{entry.path}/ns/mnt")
+            if ns in seen:
+                continue
+            seen.add(ns)
+            with open(f"{entry.path}/mountinfo") as f:
+                lines = f.readlines()
+        except OSError:
+            continue  # gone, or not ours to look at
+        yield int(entry.name), lines
+
+
 def users_elsewhere(path: Path) -> list[int]:
     """Pids (one per mount namespace) outside ours that still have the filesystem at `path` mounted.
 
@@ -164,23 +186,10 @@ def users_elsewhere(path: Path) -> list[int]:
     device = mount_device(path)
     if device is None:
         return []
-    ours = namespaces.mount_namespace_id()
-    seen: dict[str, int] = {ours: os.getpid()}
-    users = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            ns = os.readlink(f"{entry.path}/ns/mnt")
-            if ns in seen:
-                continue
-            seen[ns] = int(entry.name)
-            with open(f"{entry.path}/mountinfo") as f:
-                if any(line.split()[2] == device for line in f):
-                    users.append(int(entry.name))
-        except (OSError, IndexError):
-            continue  # gone, or not ours to look at
-    return users
+    return [
+        pid for pid, lines in mount_tables(skip=namespaces.mount_namespace_id())
+        if any(len(fields) > 2 and fields[2] == device for fields in map(str.split, lines))
+    ]
 
 
 # ------------------------------------------------------------------ the overlay program
@@ -271,7 +280,8 @@ def _check_dirs(upper: Path | None, work: Path | None) -> None:
         raise CshareError("--upper and --work go together: give both or neither")
 
 
-def _argv(pid: int) -> list[bytes]:
+def process_argv(pid: int) -> list[bytes]:
+    """The command line of `pid`, one bytes object an argument ([] when unreadable)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     except OSError:
@@ -288,7 +298,7 @@ def serving(pid: int | None, mountpoint: str | Path) -> bool:
         return False
     if state in ("Z", "X"):  # a zombie has finished its work
         return False
-    argv = _argv(pid)
+    argv = process_argv(pid)
     return (
         len(argv) >= 2
         and argv[-1] == os.fsencode(str(mountpoint))

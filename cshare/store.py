@@ -63,6 +63,7 @@ from typing import Any
 
 from . import names as refnames
 from .errors import CshareError
+from .inuse import holders
 
 STORE_LOCK = "store.lock"
 LAYERS = "layers"
@@ -422,8 +423,23 @@ class SharedStore:
                 changed.append(record.id)
         return changed
 
-    def remove_image(self, record: ImageRecord) -> RemoveResult:
-        """Remove the record, then every layer no other image uses (orphans too)."""
+    def remove_image(self, record: ImageRecord, *, force: bool = False) -> RemoveResult:
+        """Remove the record, then every layer no other image uses (orphans too).
+
+        Refused, before anything changes, while an overlay anywhere on the
+        machine has one of those layers as a lower layer (cshare.inuse), unless
+        `force`.
+        """
+        if not force:
+            doomed = [lid for lid, users in self.layer_users().items() if set(users) <= {record.id}]
+            held = holders(self.layers_dir, doomed)
+            if held:
+                name = record.names[0] if record.names else record.id[:12]
+                more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+                raise CshareError(
+                    f"{name} is in use: {held[0].describe()}{more}; unmount it first "
+                    "(cshare umount, as that user), or pass --force to remove it anyway"
+                )
         path = self.images_dir / f"{record.id}.json"
         os.unlink(path)
         _fsync_dir(self.images_dir)

@@ -191,12 +191,12 @@ def run_inspect(image: str, *, store: Path) -> None:
     print_json(inspect_json(SharedStore(store), image))
 
 
-def run_rm(image: str, *, store: Path, json_out: bool) -> None:
+def run_rm(image: str, *, store: Path, json_out: bool, force: bool = False) -> None:
     shared = SharedStore(store)
     if not shared.exists():
         raise CshareError(f"no shared store at {store}; nothing to remove")
     with shared.write_lock():
-        result = shared.remove_image(shared.resolve(image))
+        result = shared.remove_image(shared.resolve(image), force=force)
     if json_out:
         print_json(
             {

@@ -343,3 +343,47 @@ def test_umount_refuses_while_another_namespace_uses_the_mount(
         assert "second-umount:ok" in lines
     finally:
         kill_overlays_below([alice], world_tmp, [mnt])
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.rootless
+@pytest.mark.podman
+@pytest.mark.timeout(120)
+def test_rm_refuses_an_image_a_user_has_mounted(
+    alice, world_tmp: Path, podman_images: PodmanImages  # type: ignore[no-untyped-def]
+) -> None:
+    """root's `cshare rm` sees alice's mount in her namespace and leaves her layers alone."""
+    from cshare.make_shared import make_shared
+
+    store = world_tmp / "rm-store"
+    make_shared(DEMO, storage_root=podman_images.store.root, store_root=store)
+    cshare = cshare_cmd()
+    mnt = user_dir(alice, world_tmp / "mnt")
+    m, s = shlex.quote(str(mnt)), shlex.quote(str(store))
+    session = alice.popen([*UNSHARE, "sh", "-c", f"""
+        {cshare} mount {DEMO} {m} --store {s} >/dev/null || exit 9
+        echo mounted; read line
+        cat {m}/etc/secret >/dev/null && echo still-reads:yes
+        {cshare} umount {m}
+    """], stdin=subprocess.PIPE)
+    try:
+        assert session.stdout is not None and session.stdout.readline() == "mounted\n"
+        refused = subprocess.run([cshare, "rm", DEMO, "--store", str(store)],
+                                 capture_output=True, text=True, timeout=60)
+        line = _one_line_error(refused)
+        assert "in use" in line and "user alice" in line and "cshare-overlay" in line, line
+        listed = subprocess.run([cshare, "images", "--store", str(store), "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert DEMO in listed.stdout, "the refused rm removed the image anyway"
+        out, err = session.communicate("go\n", timeout=60)
+        assert session.returncode == 0, err
+        assert "still-reads:yes" in out.splitlines()
+        removed = subprocess.run([cshare, "rm", DEMO, "--store", str(store)],
+                                 capture_output=True, text=True, timeout=60)
+        assert removed.returncode == 0, removed.stderr
+        assert os.listdir(store / "layers") == []
+    finally:
+        if session.poll() is None:
+            session.kill()
+        kill_overlays_below([alice], world_tmp, [mnt])

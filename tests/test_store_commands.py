@@ -109,6 +109,43 @@ def test_rm_keeps_layers_in_use(root_store: SharedStore) -> None:
     assert os.listdir(root_store.tmp_dir) == []
 
 
+@pytest.mark.root
+@pytest.mark.timeout(60)
+def test_rm_refuses_layers_an_overlay_in_another_namespace_uses(root_store: SharedStore) -> None:
+    with root_store.write_lock():
+        add_layer(root_store, ID_A)
+        add_layer(root_store, ID_B, ID_A)
+        add_layer(root_store, ID_C, ID_A)
+        root_store.write_image(record(IMG_1, ["localhost/one:latest"], [ID_B, ID_A]))
+        root_store.write_image(record(IMG_2, ["localhost/two:latest"], [ID_C, ID_A]))
+    mnt = root_store.root.parent / "mnt"
+    mnt.mkdir()
+    lowers = f"{root_store.layers_dir / ID_B / 'diff'}:{root_store.layers_dir / ID_A / 'diff'}"
+    # A kernel overlay on image one's layers, in a mount namespace root's table does not show.
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount -t overlay overlay -o lowerdir={lowers} {mnt} && echo ready && read line'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        assert not os.path.ismount(mnt)  # invisible here: only /proc tells
+        with root_store.write_lock(), pytest.raises(CshareError) as info:
+            root_store.remove_image(root_store.resolve("one"))
+        message = str(info.value)
+        assert "in use" in message and f"overlay mounted on {mnt}" in message and ID_B[:12] in message
+        assert "--force" in message
+        assert sorted(os.listdir(root_store.layers_dir)) == [ID_A, ID_B, ID_C]  # nothing changed
+        assert sorted(r.id for r in root_store.images()) == [IMG_1, IMG_2]
+        # Image two's own layer is not held (A stays for image one): removed at once.
+        with root_store.write_lock():
+            assert root_store.remove_image(root_store.resolve("two")).removed_layers == [ID_C]
+        with root_store.write_lock():
+            result = root_store.remove_image(root_store.resolve("one"), force=True)
+        assert sorted(result.removed_layers) == [ID_A, ID_B]
+    finally:
+        holder.communicate("done\n", timeout=10)
+
+
 def test_bad_ids_and_records_are_errors(root_store: SharedStore) -> None:
     with root_store.write_lock():
         pass

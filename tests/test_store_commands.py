@@ -95,13 +95,18 @@ def test_a_name_moves_to_the_newer_image(root_store: SharedStore) -> None:
     assert root_store.resolve("app:v1").id == IMG_1
 
 
+def two_images_sharing_a_base(store: SharedStore) -> None:
+    """Images one (B on A) and two (C on A)."""
+    add_layer(store, ID_A)
+    add_layer(store, ID_B, ID_A)
+    add_layer(store, ID_C, ID_A)
+    store.write_image(record(IMG_1, ["localhost/one:latest"], [ID_B, ID_A]))
+    store.write_image(record(IMG_2, ["localhost/two:latest"], [ID_C, ID_A]))
+
+
 def test_rm_keeps_layers_in_use(root_store: SharedStore) -> None:
     with root_store.write_lock():
-        add_layer(root_store, ID_A)
-        add_layer(root_store, ID_B, ID_A)
-        add_layer(root_store, ID_C, ID_A)
-        root_store.write_image(record(IMG_1, ["localhost/one:latest"], [ID_B, ID_A]))
-        root_store.write_image(record(IMG_2, ["localhost/two:latest"], [ID_C, ID_A]))
+        two_images_sharing_a_base(root_store)
         result = root_store.remove_image(root_store.resolve("one"))
     assert result.removed_layers == [ID_B] and result.kept_layers == [ID_A]
     assert sorted(os.listdir(root_store.layers_dir)) == [ID_A, ID_C]
@@ -113,11 +118,7 @@ def test_rm_keeps_layers_in_use(root_store: SharedStore) -> None:
 @pytest.mark.timeout(60)
 def test_rm_refuses_layers_an_overlay_in_another_namespace_uses(root_store: SharedStore) -> None:
     with root_store.write_lock():
-        add_layer(root_store, ID_A)
-        add_layer(root_store, ID_B, ID_A)
-        add_layer(root_store, ID_C, ID_A)
-        root_store.write_image(record(IMG_1, ["localhost/one:latest"], [ID_B, ID_A]))
-        root_store.write_image(record(IMG_2, ["localhost/two:latest"], [ID_C, ID_A]))
+        two_images_sharing_a_base(root_store)
     mnt = root_store.root.parent / "mnt"
     mnt.mkdir()
     lowers = f"{root_store.layers_dir / ID_B / 'diff'}:{root_store.layers_dir / ID_A / 'diff'}"

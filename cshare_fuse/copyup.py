@@ -197,14 +197,3 @@ def _remove_quietly(path: bytes) -> None:
             os.unlink(path)
     except OSError:
         pass
-
-
-def clean_workdir(workdir: bytes) -> None:
-    """Empty the workdir at start: leftovers of a crash are never valid copies."""
-    for entry in os.scandir(workdir):
-        full = os.path.join(workdir, entry.name)
-        if entry.is_dir(follow_symlinks=False):
-            clean_workdir(full)
-            os.rmdir(full)
-        else:
-            os.unlink(full)

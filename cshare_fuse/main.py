@@ -153,11 +153,21 @@ def check_layout(config: MountConfig) -> CheckedLayout:
             raise ConfigError(
                 f"mountpoint {config.mountpoint} is a layer or inside one ({layer}); "
                 "mount somewhere else")
-    if work is not None and os.listdir(work):
-        from .copyup import clean_workdir
-
-        clean_workdir(os.fsencode(work))
+    if work is not None:
+        empty_workdir(os.fsencode(work))
     return CheckedLayout(lowers, upper, work)
+
+
+def empty_workdir(workdir: bytes) -> None:
+    """Empty the workdir at start: leftovers of a crash (or of another overlay
+    program on the same directories) are never valid copies."""
+    for entry in os.scandir(workdir):
+        full = os.path.join(workdir, entry.name)
+        if entry.is_dir(follow_symlinks=False):
+            empty_workdir(full)
+            os.rmdir(full)
+        else:
+            os.unlink(full)
 
 
 def fuse_options(config: MountConfig) -> set[str]:

@@ -2,18 +2,18 @@
 
 Pure: no file is touched here (checking that layers exist is `main`'s job), so
 the cshare CLI can build and check a command line with the same code.  Grammar
-and option names: shared/docs/formats.md §4.
+and option names: shared/docs/formats.md §4.  Every mount parses its command
+line before it mounts, so this module imports nothing heavy (cshare_fuse.records
+instead of dataclasses, no re).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 from .errors import ConfigError
+from .records import record
 
 
-@dataclass(frozen=True)
+@record
 class LowerSpec:
     """One lower layer: a directory, or `//NAME/DATA/PATH` served by plugin NAME."""
 
@@ -27,7 +27,7 @@ class LowerSpec:
         return f"//{self.plugin}/{self.data}/{self.path}"
 
 
-@dataclass(frozen=True)
+@record
 class IdMapping:
     """`FILEID:FUSEID:LEN` ranges: an id stored in the layers <-> an id shown by the mount."""
 
@@ -60,9 +60,11 @@ ACCEPTED_NOOPS = frozenset({"noacl", "redirect_dir", "xino", "fast_ino", "nofail
                             "_netdev", "user", "users", "auto", "noauto", "defaults"})
 
 
-@dataclass(frozen=True)
+@record
 class MountConfig:
     """Everything the command line said, validated for syntax."""
+
+    __uncompared__ = frozenset({"warnings"})
 
     mountpoint: str
     lowers: tuple[LowerSpec, ...]
@@ -88,7 +90,7 @@ class MountConfig:
     noxattrs: bool = False
     read_only: bool = False
     fuse_options: frozenset[str] = frozenset()
-    warnings: tuple[str, ...] = field(default=(), compare=False)
+    warnings: tuple[str, ...] = ()
 
 
 USAGE = (
@@ -164,11 +166,9 @@ def parse_lowerdir(value: str) -> tuple[LowerSpec, ...]:
     return tuple(parse_lower(e) for e in split_escaped(value, ":"))
 
 
-_MAPPING_RE = re.compile(r"\d+:\d+:\d+(:\d+:\d+:\d+)*")
-
-
 def parse_mapping(name: str, value: str) -> IdMapping:
-    if not _MAPPING_RE.fullmatch(value):
+    parts = value.split(":")
+    if len(parts) % 3 or not all(p.isascii() and p.isdigit() for p in parts):
         raise ConfigError(f"{name}={value!r}: expected FILEID:FUSEID:LEN[:FILEID:FUSEID:LEN...]")
     nums = [int(x) for x in value.split(":")]
     ranges = tuple((nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3))

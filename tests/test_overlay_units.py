@@ -92,6 +92,23 @@ def test_escaped_colons_round_trip(parts: list[str]) -> None:
 # ------------------------------------------------------------------ mounting
 
 
+def test_option_records_are_frozen_values() -> None:
+    one = parse_command_line(["-o", "lowerdir=/l,unknown_thing", "/mnt"])
+    two = parse_command_line(["-o", "lowerdir=/l", "/mnt"])
+    assert one == two and hash(one) == hash(two)  # warnings do not count
+    assert one.warnings and not two.warnings
+    assert one != parse_command_line(["-o", "lowerdir=/other", "/mnt"])
+    with pytest.raises(AttributeError):
+        one.mountpoint = "/elsewhere"  # type: ignore[misc]
+    spec = LowerSpec("rootfs", "test")
+    assert (spec.path, spec.plugin, spec.data) == ("rootfs", "test", "")
+    assert repr(spec) == "LowerSpec(path='rootfs', plugin='test', data='')"
+    for bad in (lambda: LowerSpec(), lambda: LowerSpec("a", nosuch=1),  # type: ignore[call-arg]
+                lambda: LowerSpec("a", path="b"), lambda: LowerSpec("a", "b", "c", "d")):  # type: ignore[call-arg, misc]
+        with pytest.raises(TypeError):
+            bad()
+
+
 def test_mount_arguments_follow_libfuse() -> None:
     options = {"fsname=img", "subtype=cshare-overlay", "default_permissions", "allow_other",
                "suid", "dev", "ro", "noexec", "noatime"}
@@ -117,7 +134,8 @@ def test_options_only_libfuse_implements_leave_mounting_to_it(option: str) -> No
 def test_the_start_path_loads_nothing_heavy() -> None:
     # cshare-overlay mounts before it loads pyfuse3 and trio (~70 ms); what it
     # imports to parse, check and mount must stay light, or the wait comes back.
-    heavy = ["pyfuse3", "trio", "logging", "ctypes", "importlib.metadata", "typing"]
+    heavy = ["pyfuse3", "trio", "logging", "ctypes", "importlib.metadata", "typing",
+             "dataclasses", "re"]
     code = ("import sys, cshare_fuse.main; "
             f"print(' '.join(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cshare_fuse.overrides import CAPABILITY_XATTR, STASHED_CAPABILITY_XATTR
+
 from .copytree import copy_tree
 from .errors import CshareError
 from .storage import SourceImage, SourceLayer, SourceStore
@@ -100,11 +102,6 @@ def _convert(tree: Path, on_entry: Callable[[], None]) -> None:
         raise CshareError(
             f"converting layer {tree.parent.name} failed: {len(errors)} error(s): {shown}"
         )
-
-
-CAPABILITY_XATTR = "security.capability"
-#: Where a layer's file capabilities are kept once removed from the host file.
-STASHED_CAPABILITY_XATTR = "user.cshare.capability"
 
 
 def secure_tree(tree: Path) -> int:

@@ -22,6 +22,12 @@ FUSE_OVERLAYFS_PRIVILEGED_XATTR = "security.fuseoverlayfs.override_stat"
 #: The first prototype's name; its value is MODE:UID:GID.
 PROTOTYPE_XATTR = "user.original-permissions"
 
+#: A shared layer's file capabilities, set aside: as security.capability on the
+#: host, any user could run the file with them (cshare make-shared moves them;
+#: the `test` plugin reports them as CAPABILITY_XATTR again).
+STASHED_CAPABILITY_XATTR = "user.cshare.capability"
+CAPABILITY_XATTR = "security.capability"
+
 #: Every name an override may be stored under, in the order readers prefer them.
 ALL_OVERRIDE_XATTRS: tuple[str, ...] = (
     OVERRIDE_XATTR,

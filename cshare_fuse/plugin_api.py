@@ -29,7 +29,9 @@ from typing import Protocol, runtime_checkable
 from .datasource import DataSource, Stat, join
 from .overrides import (
     ALL_OVERRIDE_XATTRS,
+    CAPABILITY_XATTR,
     OVERRIDE_XATTR,
+    STASHED_CAPABILITY_XATTR,
     Override,
     OverrideError,
     parse_override,
@@ -55,6 +57,8 @@ class Plugin(Protocol):
 __all__ = [
     "API_VERSION",
     "ALL_OVERRIDE_XATTRS",
+    "CAPABILITY_XATTR",
+    "STASHED_CAPABILITY_XATTR",
     "DataSource",
     "ENTRY_POINT_GROUP",
     "OVERRIDE_XATTR",

@@ -20,6 +20,11 @@ Per entry:
 - a symlink carries no override (the kernel refuses user xattrs on it) and is
   reported as owned by 0:0 with its own mode;
 - anything else without an override is reported as it is;
+- file capabilities come back too: `cshare make-shared` moves a file's
+  `security.capability` to `user.cshare.capability` (on the host any user
+  could otherwise run the file with them), and this plugin reports that
+  record as `security.capability` again.  Through a mount made in a user
+  namespace the kernel honours it relative to that namespace's root only;
 - a malformed override, or one that contradicts the entry (a directory recorded
   as a file, a non-empty stand-in for a device), raises OverrideError: the
   overlay answers EIO for that entry and logs it, rather than guessing.
@@ -29,10 +34,18 @@ Written only against cshare_fuse.plugin_api, exactly as a third party would.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
-from cshare_fuse.plugin_api import API_VERSION, DataSource, OverrideError, Stat
+from cshare_fuse.plugin_api import (
+    API_VERSION,
+    CAPABILITY_XATTR,
+    STASHED_CAPABILITY_XATTR,
+    DataSource,
+    OverrideError,
+    Stat,
+)
 
 #: Types a converted tree stores as an empty regular file (no user xattrs on them).
 _STAND_IN_TYPES = frozenset({stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK})
@@ -64,6 +77,21 @@ class OverrideSource(DataSource):
                 raise OverrideError(f"{self.describe()}/{os.fsdecode(path)}: stand-in for "
                                     f"{record.type_name()} is not empty ({st.size} bytes)")
         return st.with_override(record)
+
+    def getxattr(self, path: bytes, name: str) -> bytes:
+        if name == CAPABILITY_XATTR:
+            try:
+                return super().getxattr(path, STASHED_CAPABILITY_XATTR)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise  # otherwise: a real one, if the layer has it
+        return super().getxattr(path, name)
+
+    def listxattr(self, path: bytes) -> list[str]:
+        names = super().listxattr(path)
+        if STASHED_CAPABILITY_XATTR in names and CAPABILITY_XATTR not in names:
+            names.append(CAPABILITY_XATTR)
+        return names
 
 
 def _kind(mode: int) -> str:

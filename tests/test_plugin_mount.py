@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -130,6 +131,13 @@ def as_uid(uid, path):
                         sys.executable, "-c", code, path], capture_output=True, text=True)
     return r.stdout.strip() or r.stderr.strip()
 
+def capabilities(uid, program):
+    # `program` is a copy of cat: run as `uid`, it shows the capabilities its exec gave.
+    r = subprocess.run(["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+                        program, "/proc/self/status"], capture_output=True, text=True)
+    found = [ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("CapPrm:")]
+    return found[0] if found else r.stderr.strip()
+
 if r.returncode == 0:
     try:
         out["stat"] = {}
@@ -143,6 +151,7 @@ if r.returncode == 0:
         out["list"] = {n: attempt(lambda: sorted(os.listdir(os.path.join(mnt, n))))
                        for n in spec["list"]}
         out["as_uid"] = {f"{u}:{n}": as_uid(u, os.path.join(mnt, n)) for u, n in spec["as_uid"]}
+        out["caps"] = {f"{u}:{n}": capabilities(u, os.path.join(mnt, n)) for u, n in spec["caps"]}
     finally:
         subprocess.run(["fusermount3", "-u", mnt])
 print(json.dumps(out))
@@ -160,7 +169,7 @@ def as_alice_in_namespace(work: Path, spec: dict) -> dict:
     probe.write_text(PROBE)
     probe.chmod(0o644)
     spec = {"mnt": str(work / "mnt"), "overlay": tool("cshare-overlay"), "stat": [], "read": [],
-            "list": [], "as_uid": [], **spec}
+            "list": [], "as_uid": [], "caps": [], **spec}
     spec["options"] += f",upperdir={work / 'up'},workdir={work / 'work'}"
     r = subprocess.run(["runuser", "-u", "alice", "--", "unshare", "--map-auto",
                         "--map-root-user", "--mount", sys.executable, str(probe),
@@ -208,6 +217,34 @@ def test_rootless_user_sees_original_owners_and_modes(world_tmp: Path) -> None:
     assert result["as_uid"]["33:www"] == "ok"
     assert result["as_uid"]["33:secret"] == "EACCES"
     assert result["as_uid"]["33:rootdir/inner"] == "EACCES"
+
+
+# cap_net_raw, permitted and effective (VFS_CAP_REVISION_2).
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+
+
+@pytest.mark.rootless
+def test_file_capabilities_set_aside_by_make_shared_work_in_the_users_container(
+        world_tmp: Path) -> None:
+    """A file capability works again for the container's uid 33, and only on that file."""
+    from cshare.make_shared import secure_tree
+
+    require_rootless()
+    tree = world_tmp / "caps"
+    tree.mkdir(mode=0o755)
+    cat = shutil.which("cat") or "/bin/cat"
+    for name in ("ping", "plaincat"):
+        shutil.copy(cat, tree / name)
+        os.chmod(tree / name, 0o755)
+    os.setxattr(tree / "ping", "security.capability", CAP_NET_RAW)
+    convert(tree)
+    secure_tree(tree)  # what make-shared does before publishing a layer
+    assert "security.capability" not in os.listxattr(tree / "ping")  # nothing on the host
+    result = as_alice_in_namespace(world_tmp / "alice", {
+        "options": f"plugins=test,lowerdir=//test//{tree}",
+        "caps": [[33, "ping"], [33, "plaincat"]]})
+    assert int(result["caps"]["33:ping"], 16) == 1 << 13, result["caps"]  # cap_net_raw
+    assert int(result["caps"]["33:plaincat"], 16) == 0, result["caps"]
 
 
 @pytest.mark.rootless

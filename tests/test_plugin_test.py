@@ -3,6 +3,7 @@ formats.md §1 gives back the original owner, mode and type.  No FUSE needed."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -12,7 +13,7 @@ from conftest import is_root, require
 
 from cshare_fuse.datasource import DataSource
 from cshare_fuse.options import parse_lower
-from cshare_fuse.plugin_api import OverrideError
+from cshare_fuse.plugin_api import CAPABILITY_XATTR, STASHED_CAPABILITY_XATTR, OverrideError
 from cshare_fuse.plugins import load_registry, open_plugin_layer
 
 
@@ -121,6 +122,23 @@ def test_entries_without_override_are_reported_as_they_are(layer: Path) -> None:
     os.chmod(layer / "plain", 0o640)
     source = serve(layer)
     assert source.stat(path) == source.raw_stat(path)
+
+
+# cap_net_raw, permitted and effective (VFS_CAP_REVISION_2), as make-shared stashes it.
+CAP_NET_RAW = bytes.fromhex("01000002") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+def test_stashed_file_capabilities_come_back(layer: Path) -> None:
+    ping = make(layer, "ping")
+    os.setxattr(layer / "ping", STASHED_CAPABILITY_XATTR, CAP_NET_RAW)
+    plain = make(layer, "plain")
+    source = serve(layer)
+    assert source.getxattr(ping, CAPABILITY_XATTR) == CAP_NET_RAW
+    assert CAPABILITY_XATTR in source.listxattr(ping)
+    with pytest.raises(OSError) as info:
+        source.getxattr(plain, CAPABILITY_XATTR)
+    assert info.value.errno == errno.ENODATA
+    assert CAPABILITY_XATTR not in source.listxattr(plain)
 
 
 def test_real_device_nodes_and_fifos_pass_through(layer: Path) -> None:

@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cshare.mount import unescape_mountinfo
+
 from .common import (
     DATA_ROOT,
     BenchFailure,
@@ -216,7 +218,7 @@ def mountinfo_entry(mnt: Path) -> tuple[str, str] | None:
     found = None
     for line in lines:
         fields = line.split()
-        if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+        if len(fields) > 4 and unescape_mountinfo(fields[4]) == target:
             sep = fields.index("-")
             found = (fields[2], fields[sep + 1])  # the last one is the visible one
     return found

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from cshare.mount import unescape_mountinfo
+
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 VENV_BIN = Path(sys.executable).parent
 
@@ -106,6 +108,6 @@ def unmount_all_below(path: Path) -> None:
     except OSError:
         return
     for point in sorted(points, key=len, reverse=True):
-        point = point.replace("\\040", " ")
+        point = unescape_mountinfo(point)
         if point == prefix or point.startswith(prefix + "/"):
             subprocess.run(["umount", "-l", point], capture_output=True)

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cshare_fuse.fusemount import fuse_descriptors
+
 from .mount import mount_tables, process_argv, unescape_mountinfo
 
 
@@ -65,7 +67,8 @@ def holders(layers_dir: Path, layer_ids: Iterable[str]) -> list[Holder]:
             continue
         argv = [os.fsdecode(a) for a in process_argv(int(entry.name))]
         text = "\0".join(argv)
-        if "lowerdir=" not in text or not _serves_fuse(entry.path):
+        # /dev/fuse open: a FUSE daemon, not a shell that merely ran a mount command.
+        if "lowerdir=" not in text or not fuse_descriptors(entry.path):
             continue
         for layer_id in sorted(set(named_layers(text, prefix)) & wanted):
             found.append(Holder(layer_id, int(entry.name), _owner(entry.path), _program(entry.path, argv)))
@@ -82,21 +85,6 @@ def holders(layers_dir: Path, layer_ids: Iterable[str]) -> list[Holder]:
                 what = f"overlay mounted on {unescape_mountinfo(fields[4])}"
                 found.append(Holder(layer_id, pid, _owner(f"/proc/{pid}"), what))
     return found
-
-
-def _serves_fuse(proc_dir: str) -> bool:
-    """Whether the process has /dev/fuse open (a shell that merely ran a mount command has not)."""
-    try:
-        fds = os.listdir(f"{proc_dir}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"{proc_dir}/fd/{fd}") == "/dev/fuse":
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _program(proc_dir: str, argv: list[str]) -> str:

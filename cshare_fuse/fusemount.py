@@ -122,6 +122,25 @@ def mount_fuse(mountpoint: str, options: Iterable[str]) -> int:
     return fd
 
 
+def fuse_descriptors(proc_dir: str = "/proc/self") -> list[int]:
+    """The descriptors of /dev/fuse the process at `proc_dir` holds.
+
+    Our own always; another process's when we may read its /proc entry (root).
+    """
+    try:
+        names = os.listdir(f"{proc_dir}/fd")
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            if os.readlink(f"{proc_dir}/fd/{name}") == "/dev/fuse":
+                found.append(int(name))
+        except OSError:
+            continue  # closed meanwhile
+    return found
+
+
 def unmount_connection(fd: int, mountpoint: str) -> None:
     """Unmount our connection `fd` from `mountpoint`, unless it is gone already.
 

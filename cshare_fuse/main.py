@@ -330,7 +330,7 @@ def _serve(fd: int | None, mountpoint: str) -> int:
 
     from . import session
 
-    session.install()
+    session.install(fd)  # None: libfuse opened the descriptor, and session finds it
     log = logging.getLogger("cshare_fuse")
 
     async def serve() -> None:

@@ -32,12 +32,13 @@ session loop at run time.  When a pyfuse3 version lacks it, nothing is changed.
 
 from __future__ import annotations
 
-import os
 import select
 import time
 
 import pyfuse3
 import trio
+
+from .fusemount import fuse_descriptors
 
 #: Fast returns in a row before one real trio checkpoint, and the longest time between two.
 FAST_BUDGET = 64
@@ -46,25 +47,20 @@ CHECKPOINT_S = 0.005
 _closing = False
 
 
-def _fuse_fd() -> int | None:
-    """The /dev/fuse descriptor pyfuse3.init opened (one session per process)."""
-    found = None
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                found = int(name)
-        except OSError:
-            continue
-    return found
+def install(fd: int | None = None, spin_ms: int = 1) -> bool:
+    """Swap in the polling wait on the session's /dev/fuse descriptor `fd`.
 
-
-def install(spin_ms: int = 1) -> bool:
-    """Swap in the polling wait; returns whether it was installed."""
+    None: the descriptor libfuse opened itself (it mounted through
+    fusermount3), found among ours (one session per process).  Returns whether
+    the wait was installed.
+    """
     if not hasattr(pyfuse3, "_wait_fuse_readable") or spin_ms <= 0:
         return False
-    fd = _fuse_fd()
     if fd is None:
-        return False
+        descriptors = fuse_descriptors()
+        if not descriptors:
+            return False
+        fd = descriptors[-1]
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     parked = False  # a task waits in trio.lowlevel.wait_readable(fd)

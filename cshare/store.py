@@ -430,9 +430,16 @@ class SharedStore:
         machine has one of those layers as a lower layer (cshare.inuse), unless
         `force`.
         """
+        removed, kept = [], []
+        on_disk = set(self.layer_ids())
+        for layer_id, image_ids in self.layer_users().items():
+            if any(i != record.id for i in image_ids):
+                if layer_id in record.layers:
+                    kept.append(layer_id)
+            elif layer_id in on_disk:  # this image's alone, or nobody's (an orphan)
+                removed.append(layer_id)
         if not force:
-            doomed = [lid for lid, users in self.layer_users().items() if set(users) <= {record.id}]
-            held = holders(self.layers_dir, doomed)
+            held = holders(self.layers_dir, removed)
             if held:
                 name = record.names[0] if record.names else record.id[:12]
                 more = f" and {len(held) - 1} more" if len(held) > 1 else ""
@@ -443,17 +450,10 @@ class SharedStore:
         path = self.images_dir / f"{record.id}.json"
         os.unlink(path)
         _fsync_dir(self.images_dir)
-        users = self.layer_users()
-        removed, kept = [], []
-        for layer_id, image_ids in users.items():
-            if image_ids:
-                if layer_id in record.layers:
-                    kept.append(layer_id)
-                continue
+        for layer_id in removed:
             trash = self.tmp_dir / f"rm-{layer_id}"
             os.rename(self.layers_dir / layer_id, trash)
             remove_path(trash)
-            removed.append(layer_id)
         return RemoveResult(record, removed, kept)
 
     def _replace_json(self, path: Path, data: Any) -> None:

@@ -170,7 +170,7 @@ def parse_mapping(name: str, value: str) -> IdMapping:
     parts = value.split(":")
     if len(parts) % 3 or not all(p.isascii() and p.isdigit() for p in parts):
         raise ConfigError(f"{name}={value!r}: expected FILEID:FUSEID:LEN[:FILEID:FUSEID:LEN...]")
-    nums = [int(x) for x in value.split(":")]
+    nums = [int(p) for p in parts]
     ranges = tuple((nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3))
     if any(length == 0 for _, _, length in ranges):
         raise ConfigError(f"{name}={value!r}: a range has length 0")

@@ -11,7 +11,10 @@ The steps, for IMAGE in podman's store (cshare.storage) and the shared store
    with no file capabilities (`secure_tree`), check that it is safe to show to
    every user (`unsafe_entries` and cshare verify's `verify_tree`), then publish
    it with one rename, base layer first;
-4. write the image record last (names, layer order, run config).
+4. publish the image's big-data items (manifest, config: what `podman image
+   inspect` shows), write the image record (names, layer order, run config,
+   podman's own entry), then regenerate podman's view of the store
+   (overlay-images/images.json, overlay-layers/layers.json: cshare.imagestore).
 
 A layer already in the store is reused, so running make-shared twice for the
 same image changes nothing, and images sharing layers store them once.
@@ -208,6 +211,11 @@ def make_shared(
     with source.read_lock():
         source.snapshot().resolve(ref)
     store = SharedStore(store_root)
+    if store.is_legacy():
+        raise CshareError(
+            f"{store.root} has the previous shared-store layout; convert it first with "
+            f"cshare migrate --store {store.root} (no data is copied)"
+        )
     with store.write_lock(group=group):
         staged: dict[str, Path] = {}
         try:
@@ -226,6 +234,7 @@ def _make_shared_locked(
         image: SourceImage = snap.resolve(ref)
         chain: list[SourceLayer] = snap.chain(image)
         config = snap.config(image)
+        big_data = snap.big_data(image)
         total = len(chain)
         # Base first: the order they will be published in.
         for index, layer in enumerate(reversed(chain), start=1):
@@ -279,6 +288,7 @@ def _make_shared_locked(
                 "entries": outcome.entries,
                 "uidset": list(layer.uidset),
                 "gidset": list(layer.gidset),
+                "storage": layer.raw,
             },
         )
         rep.layer_end(outcome)
@@ -289,9 +299,12 @@ def _make_shared_locked(
         config=config.as_dict(),
         digest=image.digest,
         created=image.created,
+        storage=image.raw,
     )
+    store.publish_big_data(image.id, big_data)
     renamed = store.drop_names(record.names, keep_id=record.id)
     changed = store.write_image(record)
+    store.sync_catalogues()
     return MakeSharedResult(
         image=record,
         store=store.root,

@@ -55,6 +55,7 @@ class SourceLayer:
     diff: Path
     uidset: tuple[int, ...] = ()
     gidset: tuple[int, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class SourceImage:
     digest: str | None
     created: str | None
     big_data_names: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,23 @@ class SourceSnapshot:
             result.append(layer)
             layer_id = layer.parent
         return result
+
+    def big_data(self, image: SourceImage) -> dict[str, bytes]:
+        """Every big-data item of the image (manifest, config, signatures), by key."""
+        items = {}
+        for key in image.big_data_names:
+            if not isinstance(key, str):
+                continue
+            path = self.root / "overlay-images" / image.id / big_data_file_name(key)
+            try:
+                items[key] = path.read_bytes()
+            except FileNotFoundError:
+                continue  # listed but never written: podman itself reads it as absent
+            except OSError as exc:
+                raise CshareError(
+                    f"cannot read {path} of image {image.id[:12]} ({exc.strerror}); check podman's store"
+                ) from None
+        return items
 
     def config(self, image: SourceImage) -> ImageConfig:
         """The image's run configuration from its config big-data item (empty if none)."""
@@ -251,6 +270,7 @@ class SourceStore:
                     digest=raw.get("digest") or None,
                     created=raw.get("created") or None,
                     big_data_names=tuple(raw.get("big-data-names") or ()),
+                    raw=raw,
                 )
             )
         return images
@@ -274,6 +294,7 @@ class SourceStore:
                     diff=self.root / "overlay" / layer_id / "diff",
                     uidset=tuple(raw.get("uidset") or ()),
                     gidset=tuple(raw.get("gidset") or ()),
+                    raw=raw,
                 )
         return layers
 

@@ -135,8 +135,11 @@ def _image_size(store: SharedStore, record: ImageRecord) -> int:
 
 
 def images_json(store: SharedStore) -> list[dict[str, Any]]:
+    """Usable images, then damaged records (`damaged`: why; `cshare rm ID` removes one)."""
     with store.read_lock():
-        return [dict(r.to_json(), size=_image_size(store, r)) for r in store.images()]
+        records, bad = store.scan()
+        data = [dict(r.to_json(), size=_image_size(store, r)) for r in records]
+        return data + [d.to_json() for d in bad]
 
 
 def run_images(*, store: Path, json_out: bool) -> None:
@@ -155,6 +158,9 @@ def run_images(*, store: Path, json_out: bool) -> None:
     ):
         table.add_column(col, **kw)  # type: ignore[arg-type]
     for image in data:
+        if "damaged" in image:
+            table.add_row(f"<damaged: {image['damaged']}>", image["id"][:12], "-", "-", "-")
+            continue
         for name in image["names"] or ["<none>"]:
             table.add_row(
                 name,
@@ -196,18 +202,19 @@ def run_rm(image: str, *, store: Path, json_out: bool, force: bool = False) -> N
     if not shared.exists():
         raise CshareError(f"no shared store at {store}; nothing to remove")
     with shared.write_lock():
-        result = shared.remove_image(shared.resolve(image), force=force)
+        result = shared.remove_image(shared.find_for_removal(image), force=force)
+    names = list(result.image.names) if isinstance(result.image, ImageRecord) else []
     if json_out:
         print_json(
             {
                 "id": result.image.id,
-                "names": list(result.image.names),
+                "names": names,
                 "removed_layers": result.removed_layers,
                 "kept_layers": result.kept_layers,
             }
         )
         return
-    name = result.image.names[0] if result.image.names else result.image.id[:12]
+    name = names[0] if names else result.image.id[:12]
     stdout.print(
         f"removed {name} ({result.image.id[:12]}) from {store}: "
         f"{len(result.removed_layers)} layer(s) deleted, {len(result.kept_layers)} kept for other images"

@@ -145,15 +145,18 @@ def _rebuilt(store: SharedStore, record: ImageRecord) -> tuple[dict[str, Any], d
     if record.created:
         config["created"] = record.created
     config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    # podman checks the config against the manifest's digest; the image id
+    # (the original config's digest) cannot be met by a rebuilt config.
+    config_key = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
     manifest = json.dumps({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": f"sha256:{record.id}", "size": len(config_bytes)},
+                   "digest": config_key, "size": len(config_bytes)},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
                     "digest": i.get("diff-digest"), "size": i.get("diff-size") or 0} for i in infos],
     }, separators=(",", ":")).encode()
-    items = {f"sha256:{record.id}": config_bytes, "manifest": manifest}
+    items = {config_key: config_bytes, "manifest": manifest}
     digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     storage = {
         "id": record.id, "digest": record.digest or digest, "names": list(record.names),

@@ -236,6 +236,77 @@ def rm(
     _guard(lambda: run_rm(image, store=store, json_out=json_out, force=force))
 
 
+@app.command()
+def migrate(
+    store: Path = StoreOption,
+    storage_root: Path = typer.Option(
+        DEFAULT_STORAGE_ROOT, "--storage-root",
+        help="podman's graph root, where each image's manifest and config are taken from when it is still there.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print what was done as JSON."),
+) -> None:
+    """Convert a shared store of the previous layout in place, so that podman can use it (root only).
+
+    Every layer directory layers/ID moves to overlay/ID with one rename (no
+    data is copied), gets the short name and ancestor list containers/storage
+    reads, and each image gets its manifest and config: from podman's store
+    when the image is still there, else rebuilt from the entrypoint, cmd,
+    env, workdir and user the record kept (podman then shows a different
+    config digest).  Running it again changes nothing.
+    """
+    from .store_cmd import run_migrate
+
+    _guard(lambda: run_migrate(store=store, storage_root=storage_root, json_out=json_out))
+
+
+@app.command()
+def setup(
+    store: Path = StoreOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the change (as a diff) and the problems found; change nothing."),
+    system: bool = typer.Option(
+        False, "--system",
+        help="Configure every user: edit the system storage.conf (root only; users with a storage.conf of their own are not reached).",
+    ),
+    undo: bool = typer.Option(False, "--undo", help="Remove exactly what an earlier cshare setup added."),
+    mount_program: str | None = typer.Option(
+        None, "--mount-program", help="The overlay podman mounts containers with (default: cshare-overlay beside cshare)."
+    ),
+) -> None:
+    """Make podman use the shared store: then plain podman run IMAGE works for the user.
+
+    As the user: adds the store to additionalimagestores in the user's
+    containers storage.conf ($CONTAINERS_STORAGE_CONF, else
+    $XDG_CONFIG_HOME/containers/storage.conf, else
+    ~/.config/containers/storage.conf) and sets mount_program under
+    [storage.options.overlay] to cshare-overlay, keeping every other setting,
+    and prints each change; running it again changes nothing.  A file that
+    does not parse is never rewritten.  Before any change it checks what
+    would stop podman run: podman too old, no subordinate ids, /dev/fuse not
+    usable, the store not readable, no network helper and no netns setting;
+    each is one line naming the fix.  --system edits /etc/containers/storage.conf,
+    which podman reads for every user without a storage.conf of their own
+    (and for root's own podman too).  --undo takes the store out again and
+    puts back the mount program it replaced (setup records what it added in
+    ~/.config/cshare/setup.json, or /etc/cshare/setup.json).
+    """
+    from .podman.setup import setup as do_setup, undo as do_undo
+
+    def action() -> None:
+        if undo:
+            result = do_undo(store, system=system, dry_run=dry_run)
+        else:
+            result = do_setup(store, system=system, dry_run=dry_run, mount_program=mount_program)
+        for line in result.warnings:
+            print(f"cshare: problem: {line}", file=sys.stderr)
+        if dry_run:
+            print("\n".join(result.diff) if result.diff else "nothing would change")
+            return
+        lines = result.change.lines()
+        print("\n".join(lines) if lines else f"{result.change.path} already uses {store}; nothing changed")
+
+    _guard(action)
+
+
 # ---------------------------------------------------------------- mount family
 @app.command()
 def mount(

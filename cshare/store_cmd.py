@@ -219,3 +219,22 @@ def run_rm(image: str, *, store: Path, json_out: bool, force: bool = False) -> N
         f"removed {name} ({result.image.id[:12]}) from {store}: "
         f"{len(result.removed_layers)} layer(s) deleted, {len(result.kept_layers)} kept for other images"
     )
+
+
+def run_migrate(*, store: Path, storage_root: Path, json_out: bool) -> None:
+    from .migrate import migrate
+
+    result = migrate(store, storage_root)
+    if json_out:
+        print_json({"store": str(result.store), "layers_moved": result.layers_moved,
+                    "images_from_source": result.images_from_source,
+                    "images_rebuilt": result.images_rebuilt})
+        return
+    if not result.changed:
+        stdout.print(f"{store} is in the current layout; nothing changed")
+        return
+    stdout.print(
+        f"migrated {store}: {len(result.layers_moved)} layer(s) moved (renamed, not copied), "
+        f"{len(result.images_from_source)} image(s) completed from podman's store, "
+        f"{len(result.images_rebuilt)} rebuilt from their records"
+    )

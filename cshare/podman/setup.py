@@ -119,8 +119,13 @@ def setup(store: Path, *, system: bool = False, dry_run: bool = False,
     result.diff = list(difflib.unified_diff(before.splitlines(), change.text.splitlines(),
                                             str(path), str(path) + " (new)", lineterm=""))
     if change.changed and not dry_run:
-        write_document(path, change.text)
-        _record(state_path(system), change, seed)
+        state = state_path(system)
+        try:
+            _record(state, change, seed)  # first: an undo must know of every change made
+            write_document(path, change.text)
+        except OSError as exc:
+            raise CshareError(f"cannot write {exc.filename or path} ({exc.strerror}); "
+                              "nothing was changed in " + str(path)) from None
     return result
 
 

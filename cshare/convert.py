@@ -33,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cshare_fuse.overrides import (
+from cshare_fuse.formats import markers
+from cshare_fuse.formats.overrides import (
     ALL_OVERRIDE_XATTRS,
     OVERRIDE_XATTR,
     Override,
@@ -128,7 +129,7 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
         self._count()
         if not self.resume(d, names):
             return False
-        if treemarks.TRUSTED_OPAQUE in names:
+        if markers.TRUSTED_OPAQUE in names:
             self._opaque(d, names)
         self._record(d.fd, d.st, names, d.path)
         return True
@@ -166,7 +167,7 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
         mode = st.st_mode
         if stat.S_ISLNK(mode):
             return  # symlinks keep no override (the kernel refuses user xattrs on them)
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        if markers.is_whiteout_stat(mode, st.st_rdev):
             return  # a kernel-style whiteout stays a whiteout
         self._replace(d, name, st)
 
@@ -210,9 +211,9 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
 
     def _opaque(self, d: Dir, names: frozenset[str]) -> None:
         """Make a trusted.overlay.opaque marker visible to users as user.overlay.opaque."""
-        if os.getxattr(d.fd, treemarks.TRUSTED_OPAQUE) != b"y":
+        if os.getxattr(d.fd, markers.TRUSTED_OPAQUE) != b"y":
             return
-        if treemarks.USER_OPAQUE in names:
+        if markers.USER_OPAQUE in names:
             return  # the layer's own user-visible marker, or one an earlier run added
         self.report.opaque_rewritten += 1
         if self.dry_run:
@@ -220,7 +221,7 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
             return
         if treemarks.OPAQUE_ADDED not in names:
             os.setxattr(d.fd, treemarks.OPAQUE_ADDED, b"y")
-        os.setxattr(d.fd, treemarks.USER_OPAQUE, b"y")
+        os.setxattr(d.fd, markers.USER_OPAQUE, b"y")
 
     def _leftover(self, d: Dir, name: str) -> None:
         if self.dry_run:

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cshare_fuse.overrides import CAPABILITY_XATTR, STASHED_CAPABILITY_XATTR
+from cshare_fuse.formats.markers import is_whiteout_stat
+from cshare_fuse.formats.overrides import CAPABILITY_XATTR, STASHED_CAPABILITY_XATTR
 
 from .copytree import copy_tree
 from .errors import CshareError
@@ -164,7 +165,7 @@ def unsafe_entries(tree: Path, limit: int = 20) -> list[str]:
         rel = os.path.relpath(path, tree)
         if stat.S_ISLNK(mode):
             return
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        if is_whiteout_stat(mode, st.st_rdev):
             if st.st_uid != 0:
                 problems.append(f"{rel}: whiteout owned by uid {st.st_uid}, not root")
             return

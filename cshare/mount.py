@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cshare_fuse.formats.optsyntax import escape
+
 from . import namespaces
 from .errors import CshareError
 
@@ -214,21 +216,16 @@ def uses_plugins(command: list[str]) -> bool:
     return Path(command[0]).name != "fuse-overlayfs"
 
 
-def _escape(path: Path | str) -> str:
-    """Escape the separators of the overlay's -o syntax inside a path."""
-    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
-
-
 def overlay_argv(
     command: list[str], lowers: list[Path], upper: Path, work: Path, mountpoint: Path
 ) -> list[str]:
     """The full command line: every lower layer through the test plugin, upper and work dirs."""
     with_plugin = uses_plugins(command)
-    entries = [f"//{PLUGIN}//{_escape(p)}" if with_plugin else _escape(p) for p in lowers]
+    entries = [f"//{PLUGIN}//{escape(p)}" if with_plugin else escape(p) for p in lowers]
     options = [
         "lowerdir=" + ":".join(entries),
-        f"upperdir={_escape(upper)}",
-        f"workdir={_escape(work)}",
+        f"upperdir={escape(upper)}",
+        f"workdir={escape(work)}",
         # Other ids of the namespace (a container's uid 33) must reach the mount,
         # and the kernel must check permissions against the modes the plugin reports.
         "allow_other",

@@ -1,7 +1,7 @@
 """`cshare restore`: the exact inverse of `cshare convert`.
 
 For every file or directory that carries an override record (any name
-cshare_fuse.overrides understands): owner and mode are set back from the
+cshare_fuse.formats.overrides understands): owner and mode are set back from the
 record, then every override xattr is removed; a placeholder file whose TYPE is
 a device, fifo or socket is replaced by the real node again (mknod, owner,
 mode, times), through a temporary name and one rename (cshare.treemarks).  The
@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
+from cshare_fuse.formats import markers
+from cshare_fuse.formats.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
 
 from . import treemarks
 from .parallelwalk import default_processes, walk_parallel
@@ -192,8 +193,8 @@ class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
         if self.dry_run:
             self.report.changes.append(f"remove user.overlay.opaque added by convert: {display(d.path)}")
             return
-        if treemarks.USER_OPAQUE in names:
-            os.removexattr(d.fd, treemarks.USER_OPAQUE)
+        if markers.USER_OPAQUE in names:
+            os.removexattr(d.fd, markers.USER_OPAQUE)
         os.removexattr(d.fd, treemarks.OPAQUE_ADDED)
 
     def _recreate(self, d: Dir, name: str, st: os.stat_result, override: Override) -> None:

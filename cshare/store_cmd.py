@@ -13,6 +13,8 @@ from typing import Any
 from rich.progress import TaskID
 from rich.table import Table
 
+from cshare_fuse.formats.optsyntax import lowerdir_value
+
 from .console import CshareError, print_json, progress, stdout
 from .make_shared import LayerOutcome, MakeSharedResult, make_shared
 from .store import ImageRecord, SharedStore
@@ -181,7 +183,7 @@ def inspect_json(store: SharedStore, ref: str) -> dict[str, Any]:
         doc.update(
             store=str(store.root),
             size=_image_size(store, record),
-            lowerdir=":".join(str(p).replace(":", "\\:") for p in lowers),
+            lowerdir=lowerdir_value(lowers),
             layer_details=layers,
         )
         return doc

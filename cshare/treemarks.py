@@ -38,8 +38,6 @@ CONVERT_TMP_PREFIX = ".cshare-convert-tmp."
 RESTORE_TMP_PREFIX = ".cshare-restore-tmp."
 TIMES_XATTR = "user.cshare.dir_times"
 
-TRUSTED_OPAQUE = "trusted.overlay.opaque"
-USER_OPAQUE = "user.overlay.opaque"
 OPAQUE_ADDED = "user.cshare.opaque_added"
 
 _TIMES = "times"

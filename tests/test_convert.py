@@ -19,7 +19,7 @@ from tree_support import Meta, build_large_tree, build_varied_tree, diff_listing
 
 from cshare.convert import check_can_convert, convert_tree
 from cshare.errors import CshareError
-from cshare_fuse.overrides import (
+from cshare_fuse.formats.overrides import (
     FUSE_OVERLAYFS_PRIVILEGED_XATTR,
     FUSE_OVERLAYFS_XATTR,
     OVERRIDE_XATTR,

@@ -42,7 +42,7 @@ from cshare.demo_image import build_demo_rootfs
 from cshare.make_shared import make_shared, secure_tree, unsafe_entries
 from cshare.storage import SourceStore
 from cshare.store import SharedStore
-from cshare_fuse.overrides import OVERRIDE_XATTR, STASHED_CAPABILITY_XATTR, parse_override
+from cshare_fuse.formats.overrides import OVERRIDE_XATTR, STASHED_CAPABILITY_XATTR, parse_override
 
 pytestmark = [pytest.mark.root, pytest.mark.podman, pytest.mark.timeout(180)]
 

@@ -38,7 +38,7 @@ from conftest import (
     unmount_all_below,
 )
 
-from cshare_fuse.overrides import OVERRIDE_XATTR, Override
+from cshare_fuse.formats.overrides import OVERRIDE_XATTR, Override
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(60)]
 

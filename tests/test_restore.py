@@ -15,7 +15,7 @@ from tree_support import build_large_tree, build_varied_tree, diff_listings, fix
 from cshare import parallelwalk
 from cshare.convert import convert_tree
 from cshare.restore import restore_tree
-from cshare_fuse.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, PROTOTYPE_XATTR
+from cshare_fuse.formats.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, PROTOTYPE_XATTR
 
 pytestmark = pytest.mark.root
 

@@ -13,7 +13,7 @@ from tree_support import build_varied_tree
 
 from cshare.convert import convert_tree
 from cshare.verify import verify_tree
-from cshare_fuse.overrides import OVERRIDE_XATTR
+from cshare_fuse.formats.overrides import OVERRIDE_XATTR
 
 pytestmark = pytest.mark.root
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from conftest import require, tool
 
-from cshare.mount import mount_table
+from cshare.system.mountinfo import mount_table
 from cshare_fuse.formats import optsyntax
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Rendering for the store commands: make-shared, images, inspect, rm.
 
-The work is done by cshare.make_shared and cshare.store; this module only
+The work is done by cshare.store.make_shared and cshare.store; this module only
 turns results into rich output (progress, tables, one-line summaries) or JSON.
 """
 
@@ -15,9 +15,9 @@ from rich.table import Table
 
 from cshare_fuse.formats.optsyntax import lowerdir_value
 
+from ..store.make_shared import LayerOutcome, MakeSharedResult, make_shared
+from ..store.shared import ImageRecord, SharedStore
 from .console import CshareError, print_json, progress, stdout
-from .make_shared import LayerOutcome, MakeSharedResult, make_shared
-from .store import ImageRecord, SharedStore
 
 
 def human_size(n: int) -> str:

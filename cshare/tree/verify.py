@@ -27,8 +27,8 @@ from pathlib import Path
 from cshare_fuse.formats import markers
 from cshare_fuse.formats.overrides import ALL_OVERRIDE_XATTRS, OverrideError, read_override
 
-from . import treemarks
-from .treewalk import Dir, walk
+from . import marks
+from .walk import Dir, walk
 
 _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
 
@@ -67,7 +67,7 @@ class _Verifier:
 
     def enter(self, d: Dir, names: frozenset[str]) -> bool:
         self.report.entries += 1
-        if treemarks.TIMES_XATTR in names:
+        if marks.TIMES_XATTR in names:
             self._add("incomplete", d.path, "directory-time mark of an interrupted run")
         if (
             self.is_root
@@ -82,7 +82,7 @@ class _Verifier:
     def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
         self.report.entries += 1
         path = d.join(name)
-        if treemarks.is_temporary(name):
+        if marks.is_temporary(name):
             self._add("incomplete", path, "temporary file of an interrupted run")
             return
         self._check(fd, st, names, path, whiteout=markers.is_whiteout_file(name, st.st_size))

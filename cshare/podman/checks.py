@@ -18,7 +18,14 @@ import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..imagestore import IMAGES_DIR, IMAGES_JSON, IMAGES_LOCK, LAYERS_DIR, LAYERS_JSON, LAYERS_LOCK
+from ..store.imagestore import (
+    IMAGES_DIR,
+    IMAGES_JSON,
+    IMAGES_LOCK,
+    LAYERS_DIR,
+    LAYERS_JSON,
+    LAYERS_LOCK,
+)
 
 MIN_PODMAN = (4, 0)
 NETWORK_HELPERS = ("slirp4netns", "pasta")

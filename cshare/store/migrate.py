@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import CshareError
 from . import imagestore
-from .errors import CshareError
-from .storage import SourceSnapshot, SourceStore
-from .store import LAYER_META, ImageRecord, SharedStore, _read_json, _write_json
+from .containers import SourceSnapshot, SourceStore
+from .shared import LAYER_META, ImageRecord, SharedStore, _read_json, _write_json
 
 
 @dataclass

@@ -223,7 +223,7 @@ def _write_file(path: Path, body: bytes) -> None:
 
 
 def _check_dir(path: Path) -> None:
-    from .errors import CshareError
+    from ..errors import CshareError
 
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
@@ -236,7 +236,7 @@ def _check_dir(path: Path) -> None:
 
 
 def _check_file(path: Path) -> None:
-    from .errors import CshareError
+    from ..errors import CshareError
 
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode):

@@ -54,7 +54,7 @@ Guarantees:
   xattr); the original owners live in the override xattr.  There are no
   setuid/setgid files, no device nodes (a whiteout, char 0/0, is not one) and
   no file capabilities: a layer's `security.capability` is kept as
-  `user.cshare.capability` (cshare.make_shared.secure_tree).
+  `user.cshare.capability` (cshare.store.make_shared.secure_tree).
 
 Python API: `SharedStore(root)` with `images()`, `damaged()`, `resolve(name)`,
 `layer_diff(layer_id)`, `lower_dirs(image)` (top first), `read_lock()` (no
@@ -67,7 +67,6 @@ it is counted per process: nesting it is safe.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import grp
@@ -83,9 +82,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import CshareError
+from ..system import libc
 from . import imagestore
 from . import names as refnames
-from .errors import CshareError
 from .inuse import Holder, holders
 
 STORE_LOCK = "store.lock"
@@ -241,17 +241,6 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         finally:
             with _locks_guard:
                 del _held[key]
-    finally:
-        os.close(fd)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the store's filesystem so a published layer survives a crash whole."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            os.sync()
     finally:
         os.close(fd)
 
@@ -593,7 +582,7 @@ class SharedStore:
         imagestore.write_layer_files(staged, link, self._lower_links(meta.get("parent")))
         _write_json(staged / LAYER_META, dict(meta, link=link))
         os.chmod(staged, 0o755)
-        _syncfs(self.root)
+        libc.syncfs(self.root)  # a published layer survives a crash whole
         os.rename(staged, target)
         imagestore.publish_link(self.root, link, layer_id, self.tmp_dir)
         return target
@@ -675,14 +664,15 @@ class SharedStore:
             return None
         if not isinstance(meta, dict):
             return None
-        source = meta.get("storage") if isinstance(meta.get("storage"), dict) else meta
+        storage = meta.get("storage")
+        source: dict[str, Any] = storage if isinstance(storage, dict) else meta
         return imagestore.layer_entry(source, layer_id, meta.get("parent"))
 
     def remove_image(self, record: ImageRecord | DamagedRecord, *, force: bool = False) -> RemoveResult:
         """Remove the record, then every layer no other image uses (orphans too).
 
         Refused, before anything changes, while an overlay anywhere on the
-        machine has one of those layers as a lower layer (cshare.inuse), unless
+        machine has one of those layers as a lower layer (cshare.store.inuse), unless
         `force`.  With damaged records in the store, orphan layers are kept
         (a damaged record may still name them); only this image's are removed.
         """

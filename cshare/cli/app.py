@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from . import __version__
+from .. import __version__
 from .console import CshareError, fail, print_json
 
 app = typer.Typer(
@@ -289,7 +289,8 @@ def setup(
     puts back the mount program it replaced (setup records what it added in
     ~/.config/cshare/setup.json, or /etc/cshare/setup.json).
     """
-    from .podman.setup import setup as do_setup, undo as do_undo
+    from ..podman.setup import setup as do_setup
+    from ..podman.setup import undo as do_undo
 
     def action() -> None:
         if undo:
@@ -351,7 +352,7 @@ def mount(
       podman run --rm -it --rootfs ~/mnt /bin/sh
       podman unshare cshare umount ~/mnt
     """
-    from .mount import mount_image
+    from ..mount.ops import mount_image
 
     def action() -> None:
         record = mount_image(image, mountpoint, store, upper, work, debug=_debug_printer(debug))
@@ -377,7 +378,7 @@ def umount(
     with your changes is kept.  A mountpoint that is not mounted, or still in
     use by a container, is an error.
     """
-    from .mount import unmount
+    from ..mount.ops import unmount
 
     def action() -> None:
         record = unmount(mountpoint, debug=_debug_printer(debug))
@@ -412,7 +413,7 @@ def demo(
     removed afterwards; /dev/fuse is opened to users (0666) for the run when
     it is not already.  The exit status is 1 if any check failed.
     """
-    from .demo import run_demo
+    from ..demo.workflow import run_demo
 
     _guard(lambda: run_demo(user=user, keep=keep, json_out=json_out))
 
@@ -425,7 +426,7 @@ def _guard(action: Callable[[], object]) -> None:
 
 
 def main() -> None:
-    """Run the typer app (the installed `cshare` goes through cshare.launch first)."""
+    """Run the typer app (the installed `cshare` goes through cshare.cli.launch first)."""
     app()
 
 

@@ -12,9 +12,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,16 +60,21 @@ def test_layout_publish_and_lookup(root_store: SharedStore) -> None:
     assert oct(os.stat(root).st_mode & 0o777) == oct(0o755)
     assert oct(os.stat(root / "tmp").st_mode & 0o777) == oct(0o700)
     assert os.listdir(root / "tmp") == []
-    assert sorted(os.listdir(root / "layers")) == [ID_A, ID_B]
+    assert sorted(os.listdir(root / "overlay")) == [ID_A, ID_B, "l"]
+    # containers/storage's short names: overlay/l/LINK -> ../ID/diff, `lower` nearest first.
+    link_a, link_b = ((root / "overlay" / i / "link").read_text() for i in (ID_A, ID_B))
+    assert len(link_a) == 26 and set(link_a) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    assert os.readlink(root / "overlay" / "l" / link_a) == f"../{ID_A}/diff"
+    assert (root / "overlay" / ID_B / "lower").read_text() == f"l/{link_a}"
+    assert not (root / "overlay" / ID_A / "lower").exists()  # a base layer has none
+    assert sorted(os.listdir(root / "overlay" / "l")) == sorted([link_a, link_b])
     with root_store.read_lock():
         image = root_store.resolve("one")
         assert root_store.lower_dirs(image) == [
-            root / "layers" / ID_B / "diff",
-            root / "layers" / ID_A / "diff",
+            root / "overlay" / ID_B / "diff",
+            root / "overlay" / ID_A / "diff",
         ]
         assert root_store.layer_info(ID_B)["parent"] == ID_A
-        with root_store.read_lock():  # nesting in one process must not drop the lock
-            pass
         assert image.config["cmd"] == ["/bin/sh"]
     data = json.loads((root / "images" / f"{IMG_1}.json").read_text())
     assert data["layers"] == [ID_B, ID_A] and data["names"] == ["localhost/one:latest"]
@@ -109,8 +112,10 @@ def test_rm_keeps_layers_in_use(root_store: SharedStore) -> None:
         two_images_sharing_a_base(root_store)
         result = root_store.remove_image(root_store.resolve("one"))
     assert result.removed_layers == [ID_B] and result.kept_layers == [ID_A]
-    assert sorted(os.listdir(root_store.layers_dir)) == [ID_A, ID_C]
+    assert root_store.layer_ids() == [ID_A, ID_C]
     assert [r.id for r in root_store.images()] == [IMG_2]
+    links = {(root_store.layers_dir / i / "link").read_text() for i in (ID_A, ID_C)}
+    assert set(os.listdir(root_store.links_dir)) == links  # B's short name went with it
     assert os.listdir(root_store.tmp_dir) == []
 
 
@@ -135,7 +140,7 @@ def test_rm_refuses_layers_an_overlay_in_another_namespace_uses(root_store: Shar
         message = str(info.value)
         assert "in use" in message and f"overlay mounted on {mnt}" in message and ID_B[:12] in message
         assert "--force" in message
-        assert sorted(os.listdir(root_store.layers_dir)) == [ID_A, ID_B, ID_C]  # nothing changed
+        assert root_store.layer_ids() == [ID_A, ID_B, ID_C]  # nothing changed
         assert sorted(r.id for r in root_store.images()) == [IMG_1, IMG_2]
         # Image two's own layer is not held (A stays for image one): removed at once.
         with root_store.write_lock():
@@ -154,8 +159,11 @@ def test_bad_ids_and_records_are_errors(root_store: SharedStore) -> None:
         with pytest.raises(CshareError):
             root_store.layer_diff(bad)
     (root_store.images_dir / f"{IMG_1}.json").write_text('{"id": 1}')
-    with pytest.raises(CshareError, match="not a valid image record"):
-        root_store.images()
+    assert root_store.images() == []
+    [bad] = root_store.damaged()
+    assert bad.id == IMG_1 and "not a valid image record" in bad.reason
+    with pytest.raises(CshareError, match=f"damaged.*cshare rm {IMG_1[:12]}"):
+        root_store.resolve(IMG_1)
 
 
 def test_not_a_store_is_refused(tmp_path: Path) -> None:
@@ -168,42 +176,6 @@ def test_not_a_store_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CshareError, match="make-shared"):
         with SharedStore(tmp_path / "none").read_lock():
             pass
-
-
-HOLD = """
-import sys, time
-from pathlib import Path
-from cshare.store.shared import SharedStore
-with SharedStore(Path(sys.argv[1])).{lock}():
-    print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
-    print(time.time(), flush=True)  # still holding the lock
-"""
-
-
-def test_writer_waits_for_a_reader_in_another_process(root_store: SharedStore) -> None:
-    with root_store.write_lock():
-        pass
-    reader = subprocess.Popen(
-        [sys.executable, "-c", HOLD.format(lock="read_lock"), str(root_store.root), "3.0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert reader.stdout is not None and reader.stdout.readline().strip() == "held"
-    # a second reader is not blocked: it gets in while the first still holds
-    other = subprocess.run(
-        [sys.executable, "-c", HOLD.format(lock="read_lock"), str(root_store.root), "0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert other.stdout.splitlines()[0] == "held"
-    assert reader.poll() is None, "the first reader should still hold its lock"
-    with root_store.write_lock():
-        acquired = time.time()
-    last_moment_held = float(reader.stdout.readline())
-    reader.wait(timeout=10)
-    assert acquired >= last_moment_held, "the writer got the lock while a reader held it"
 
 
 def test_commands_on_a_missing_store_say_so(tmp_path: Path) -> None:
@@ -249,7 +221,7 @@ def test_images_inspect_and_rm(root_store: SharedStore, podman_images: PodmanIma
     doc = json.loads(cshare("inspect", "tinybb-changed", "--store", str(store)).stdout)
     assert doc["id"] == podman_images.changed_id
     lowers = doc["lowerdir"].split(":")
-    assert lowers == [str(store / "layers" / lid / "diff") for lid in doc["layers"]]
+    assert lowers == [str(store / "overlay" / lid / "diff") for lid in doc["layers"]]
     assert [d["id"] for d in doc["layer_details"]] == doc["layers"]
     top, base = doc["layers"]
 
@@ -257,8 +229,14 @@ def test_images_inspect_and_rm(root_store: SharedStore, podman_images: PodmanIma
     assert removed.returncode == 0, removed.stderr
     assert json.loads(removed.stdout)["removed_layers"] == [top]
     assert json.loads(removed.stdout)["kept_layers"] == [base]
-    assert os.listdir(store / "layers") == [base]
-    assert (store / "layers" / base / "diff" / "bin" / "busybox").is_file()
+    assert sorted(os.listdir(store / "overlay")) == [base, "l"]
+    assert (store / "overlay" / base / "diff" / "bin" / "busybox").is_file()
+    # podman's view follows: the removed image and its own layer are gone from it.
+    catalogue = json.loads((store / "overlay-images" / "images.json").read_text())
+    assert [i["id"] for i in catalogue] == [podman_images.base_id]
+    assert [x["id"] for x in json.loads((store / "overlay-layers" / "layers.json").read_text())] == [base]
+    assert sorted(os.listdir(store / "overlay-images")) == sorted(
+        ["images.json", "images.lock", podman_images.base_id])
     listed = json.loads(cshare("images", "--store", str(store), "--json").stdout)
     assert [i["names"] for i in listed] == [[BASE]]
     assert "tinybb-changed" in one_line_error(
@@ -267,7 +245,9 @@ def test_images_inspect_and_rm(root_store: SharedStore, podman_images: PodmanIma
 
     text = cshare("rm", podman_images.base_id[:8], "--store", str(store))
     assert text.returncode == 0 and "removed" in text.stdout
-    assert os.listdir(store / "layers") == [] and os.listdir(store / "images") == []
+    assert os.listdir(store / "overlay") == ["l"] and os.listdir(store / "images") == []
+    assert os.listdir(store / "overlay" / "l") == []
+    assert json.loads((store / "overlay-images" / "images.json").read_text()) == []
     assert os.listdir(store / "tmp") == []
     assert "nothere" in one_line_error(cshare("rm", "nothere", "--store", str(store)))
     empty = cshare("images", "--store", str(store))
@@ -285,10 +265,13 @@ def test_modes_do_not_depend_on_the_umask(root_store: SharedStore) -> None:
     root = root_store.root
     modes = {
         p: os.stat(root / p).st_mode & 0o777
-        for p in ("", "store.lock", "layers", "images", "tmp", f"layers/{ID_A}", f"layers/{ID_A}/layer.json",
-                  f"images/{IMG_1}.json")
+        for p in ("", "store.lock", "overlay", "images", "tmp", f"overlay/{ID_A}", f"overlay/{ID_A}/layer.json",
+                  f"overlay/{ID_A}/link", "overlay/l", f"images/{IMG_1}.json", "overlay-images",
+                  "overlay-images/images.lock", "overlay-layers", "overlay-layers/layers.lock")
     }  # fmt: skip
     assert modes == {
-        "": 0o755, "store.lock": 0o644, "layers": 0o755, "images": 0o755, "tmp": 0o700,
-        f"layers/{ID_A}": 0o755, f"layers/{ID_A}/layer.json": 0o644, f"images/{IMG_1}.json": 0o644,
+        "": 0o755, "store.lock": 0o600, "overlay": 0o755, "images": 0o755, "tmp": 0o700,
+        f"overlay/{ID_A}": 0o755, f"overlay/{ID_A}/layer.json": 0o644, f"overlay/{ID_A}/link": 0o644,
+        "overlay/l": 0o755, f"images/{IMG_1}.json": 0o644, "overlay-images": 0o755,
+        "overlay-images/images.lock": 0o644, "overlay-layers": 0o755, "overlay-layers/layers.lock": 0o644,
     }  # fmt: skip

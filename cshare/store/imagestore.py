@@ -163,6 +163,7 @@ def ensure_skeleton(root: Path) -> None:
             continue
         try:
             os.write(fd, _token())
+            os.fchmod(fd, 0o644)  # whatever the umask: every reader opens it
         finally:
             os.close(fd)
 

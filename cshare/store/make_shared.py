@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cshare_fuse.formats.markers import OPAQUE_MARKER, TRUSTED_OPAQUE, is_whiteout_stat
+from cshare_fuse.formats.markers import is_whiteout_stat
 from cshare_fuse.formats.overrides import CAPABILITY_XATTR, STASHED_CAPABILITY_XATTR
 
 from ..errors import CshareError
@@ -106,30 +106,6 @@ def _convert(tree: Path, on_entry: Callable[[], None]) -> None:
         raise CshareError(
             f"converting layer {tree.parent.name} failed: {len(errors)} error(s): {shown}"
         )
-
-
-def mark_opaque_dirs(tree: Path) -> list[str]:
-    """Add `.wh..wh..opq` to every directory marked opaque by a trusted.* xattr.
-
-    root's podman store marks a directory a later layer replaced with
-    `trusted.overlay.opaque=y`, which no ordinary user (so no rootless
-    overlay) can read: without the marker file the older layers' entries
-    would show through.  Whiteouts need nothing: a char 0/0 device is seen
-    by everyone.  Runs before conversion, so the marker is converted too.
-    Returns the directories marked (relative paths).
-    """
-    marked = []
-    for dirpath, _dirnames, filenames in os.walk(tree):
-        try:
-            value = os.getxattr(dirpath, TRUSTED_OPAQUE, follow_symlinks=False)
-        except OSError:
-            continue
-        if value.strip(b"\0") == b"y" and os.fsdecode(OPAQUE_MARKER) not in filenames:
-            fd = os.open(os.path.join(dirpath, os.fsdecode(OPAQUE_MARKER)),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            os.close(fd)
-            marked.append(os.path.relpath(dirpath, tree))
-    return marked
 
 
 def secure_tree(tree: Path) -> int:
@@ -292,7 +268,6 @@ def _make_shared_locked(
         rep.layer_start(index, total, layer.id, "convert")
         started = time.monotonic()
         diff = staged[layer.id] / "diff"
-        mark_opaque_dirs(diff)
         _convert(diff, rep.entry)
         secure_tree(diff)
         problems = unsafe_entries(diff) + _verify(diff)

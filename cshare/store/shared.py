@@ -304,9 +304,13 @@ class SharedStore:
         if not os.path.lexists(self.root):
             raise CshareError(f"no shared store at {self.root}; create it with cshare make-shared IMAGE")
         try:
-            st = os.lstat(self.lock_path)
+            st: os.stat_result | None = os.lstat(self.lock_path)
         except FileNotFoundError:
             st = None
+        except PermissionError:
+            raise CshareError(
+                f"cannot read {self.root}: permission denied (not in the store's group?)"
+            ) from None
         if st is not None and stat.S_ISLNK(st.st_mode):
             raise _damaged_lock(self.lock_path, "a symlink")
         if st is not None and stat.S_ISDIR(st.st_mode):
@@ -591,13 +595,12 @@ class SharedStore:
         """overlay-images/ID/: the image's manifest, config and other items, replaced whole."""
         _check_id(image_id)
         target = self.big_data_root / image_id
+        if target.is_dir() and _same_items(target, items):
+            return  # nothing to change (not even tmp/'s mtime)
         staged = self.stage("bigdata-")
         os.chmod(staged, 0o755)
         imagestore.write_big_data(staged, items)
         if target.is_dir():
-            if _same_files(staged, target):
-                remove_path(staged)
-                return
             trash = self.stage("old-bigdata-")
             os.rename(target, trash / "old")
         os.rename(staged, target)
@@ -736,12 +739,13 @@ def _reason(message: str, path: Path) -> str:
     return text.strip(" :") or "damaged"
 
 
-def _same_files(a: Path, b: Path) -> bool:
+def _same_items(directory: Path, items: Mapping[str, bytes]) -> bool:
+    """Does `directory` hold exactly these big-data items?"""
     try:
-        names = sorted(os.listdir(a))
-        if names != sorted(os.listdir(b)):
+        wanted = {imagestore.big_data_file_name(k): v for k, v in items.items()}
+        if sorted(os.listdir(directory)) != sorted(wanted):
             return False
-        return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+        return all((directory / n).read_bytes() == v for n, v in wanted.items())
     except OSError:
         return False
 

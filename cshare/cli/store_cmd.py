@@ -201,6 +201,7 @@ def run_inspect(image: str, *, store: Path) -> None:
 
 def run_rm(image: str, *, store: Path, json_out: bool, force: bool = False) -> None:
     shared = SharedStore(store)
+    shared.check_layout()  # a damaged layout is named as such, not as "no store"
     if not shared.exists():
         raise CshareError(f"no shared store at {store}; nothing to remove")
     with shared.write_lock():

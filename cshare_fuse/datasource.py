@@ -8,7 +8,8 @@ read-only here: nothing in this protocol writes.
 
 When `honour_overrides` is set, `stat` reports the original owner, mode and type
 recorded by `cshare convert` (override xattr, see formats/overrides.py) instead of the
-converted inode's own.  The overlay sets it for a plain directory layer whose
+converted inode's own, a symlink as root's, and a file's capabilities that
+make-shared set aside (`user.cshare.capability`) as `security.capability`.  The overlay sets it for a plain directory layer whose
 root carries the xattr, as fuse-overlayfs does; the `test` plugin always sets it.
 """
 
@@ -110,6 +111,11 @@ class DataSource:
         """The entry's attributes as the overlay should report them."""
         st = self.raw_stat(path)
         if self.honour_overrides:
+            if statmod.S_ISLNK(st.mode):
+                # No user xattr fits on a symlink, and make-shared leaves it with
+                # the image's owner, which a user namespace shows as 65534: in a
+                # converted layer a symlink is root's (its mode never matters).
+                return st.replace(uid=0, gid=0)
             record = self.override(path, st)
             if record is not None:
                 return st.with_override(record)
@@ -158,7 +164,20 @@ class DataSource:
 
     # -- xattrs ------------------------------------------------------------------
     def getxattr(self, path: bytes, name: str) -> bytes:
-        return os.getxattr(join(self.root, path), name, follow_symlinks=False)
+        real = join(self.root, path)
+        if name == overrides.CAPABILITY_XATTR and self.honour_overrides:
+            # make-shared set the file's capabilities aside (on the host anyone
+            # could run it with them); in the user's mount they are the file's again.
+            try:
+                return os.getxattr(real, overrides.STASHED_CAPABILITY_XATTR, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != _ENODATA:
+                    raise
+        return os.getxattr(real, name, follow_symlinks=False)
 
     def listxattr(self, path: bytes) -> list[str]:
-        return os.listxattr(join(self.root, path), follow_symlinks=False)
+        names = os.listxattr(join(self.root, path), follow_symlinks=False)
+        if (self.honour_overrides and overrides.STASHED_CAPABILITY_XATTR in names
+                and overrides.CAPABILITY_XATTR not in names):
+            names.append(overrides.CAPABILITY_XATTR)
+        return names

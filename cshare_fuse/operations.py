@@ -4,7 +4,7 @@ Each handler goes through `fuse_boundary` (errors.py), so no exception can end
 the mount: expected failures become their errno, anything else EIO and a log
 line.  Lookup counts are taken only for replies the kernel accepted: one per
 lookup/create/mkdir/mknod/symlink/link reply, one per readdirplus entry that
-fit in the buffer.
+fit in the buffer (but "." and "..", which the kernel does not count).
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class OverlayOperations(pyfuse3.Operations):
                 continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, attributes, index + 1):
                 break
-            node.lookups += 1
+            if name not in (b".", b".."):  # the kernel counts no lookup for these
+                node.lookups += 1
 
     @fuse_boundary
     async def releasedir(self, fh: int) -> None:

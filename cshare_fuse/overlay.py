@@ -767,9 +767,11 @@ class Overlay:
         return self.handles.add(DirHandle(node))
 
     def dir_entries(self, fh: int, start: int) -> list[tuple[bytes, Node]]:
+        """The directory's entries for readdir: "." and ".." first, as the kernel gives them."""
         handle = self.handles.directory(fh)
         if handle.entries is None or start == 0:
-            handle.entries = list(self.listing(handle.node))
+            node = handle.node
+            handle.entries = [(b".", node), (b"..", node.parent or node), *self.listing(node)]
         return handle.entries
 
     def releasedir(self, fh: int) -> None:

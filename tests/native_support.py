@@ -91,9 +91,12 @@ def build_rootfs(root: Path) -> Path:
     shutil.copyfile(suid, cap)
     os.chmod(cap, 0o755)
     os.setxattr(cap, "security.capability", CAPABILITY)
+    (root / "opt").mkdir(exist_ok=True)
     os.mkfifo(root / "run/fifo", 0o640)
+    os.mknod(root / "opt/null", 0o020666, os.makedev(1, 3))  # podman hides the image's /dev
+    os.chmod(root / "opt/null", 0o666)
     (root / "etc/gone").write_text("deleted by the top layer\n")
-    (root / "opt/d").mkdir(parents=True)
+    (root / "opt/d").mkdir(parents=True, exist_ok=True)
     (root / "opt/d/old").write_text("hidden by the opaque directory\n")
     (root / "etc/secret-link").symlink_to("secret")
     return root

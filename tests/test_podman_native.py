@@ -33,7 +33,7 @@ PROBES = {
     "/root/private": "0|0|700|directory",
     "/var/www/index.html": "33|33|640|regular file",
     "/usr/bin/suid-probe": "0|0|4755|regular file",
-    "/dev/null": "0|0|666|character special file",
+    "/opt/null": "0|0|666|character special file",
     "/run/fifo": "0|0|640|fifo",
     "/etc/secret-link": "0|0|777|symbolic link",
 }
@@ -101,6 +101,9 @@ def _user_script(name: str, ro: Path) -> str:
         "ls -a /opt/d | tr '\\n' ' ' | sed 's/^/opaque=/'; echo",
         "ls -a / | grep -qx '[.][.]' && echo dotdot=yes || echo dotdot=no",
         f"echo {name} > /owner-{name} && echo wrote=yes",
+        # copy-up keeps owner and mode; chmod/chown are what the next stat shows
+        "echo more >> /var/www/index.html && echo copyup=$(stat -c %u:%g:%a /var/www/index.html)",
+        "chmod 0604 /etc/secret && chown 33:33 /etc/secret && echo changed=$(stat -c %u:%g:%a /etc/secret)",
     ])
     as_www = "; ".join([
         "cat /var/www/index.html >/dev/null && echo www-own=yes || echo www-own=no",
@@ -146,6 +149,7 @@ def test_alice_and_bob_run_the_shared_image_with_plain_podman(shared: Shared) ->
         assert flags["gone"] == "gone", f"{name}: a deleted file came back"
         assert flags["opaque"].split() == [".", "..", "new"], f"{name}: opaque dir shows {flags['opaque']}"
         assert flags["dotdot"] == "yes", f"{name}: readdir has no '..'"
+        assert flags["copyup"] == "33:33:640" and flags["changed"] == "33:33:604", output
         assert flags["www-own"] == "yes" and flags["www-secret"] == "no", output
         assert flags["suid-euid"] == "0" and flags["suid-open"] == "ok", f"{name}: setuid not effective"
         assert flags["cap-euid"] == "33" and flags["cap-open"] == "ok", f"{name}: capability not effective"

@@ -4,7 +4,7 @@
   `localhost/cshare-e2e:latest`, two layers:
   1. imported from a tree holding a root 0600 file, a root 0700 directory, a
      uid-33 0640 file, a setuid-root probe program, a probe program with a
-     file capability (cap_dac_read_search, effective), a device node, a fifo,
+     file capability (cap_dac_override, effective), a device node, a fifo,
      a symlink, a file and a directory the next layer removes;
   2. made by a container (`podman commit`) that deletes the file (a
      whiteout) and replaces the directory (opaque), with the run config
@@ -46,9 +46,10 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
-CAP_DAC_READ_SEARCH = 2
-#: struct vfs_cap_data, revision 2, effective flag set: permitted = {cap_dac_read_search}.
-CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << CAP_DAC_READ_SEARCH, 0, 0, 0)
+#: In podman's default bounding set (a file capability outside it makes exec fail).
+CAP_DAC_OVERRIDE = 1
+#: struct vfs_cap_data, revision 2, effective flag set: permitted = {cap_dac_override}.
+CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << CAP_DAC_OVERRIDE, 0, 0, 0)
 CHANGE_SCRIPT = "rm /etc/gone; rm -rf /opt/d; mkdir /opt/d; touch /opt/d/new"
 CHANGES = [
     'ENTRYPOINT ["/bin/sh", "-c"]',
@@ -78,7 +79,7 @@ def _probe(path: Path) -> None:
 
 def build_rootfs(root: Path) -> Path:
     """The base layer's tree (needs root: owners, a device node, a capability)."""
-    from cshare.demo_image import build_demo_rootfs
+    from cshare.demo.image import build_demo_rootfs
 
     build_demo_rootfs(root)
     for applet in ("sleep", "id", "stat", "ls", "cat", "pwd"):

@@ -718,7 +718,10 @@ class SharedStore:
         """Overlays using these layers, through their diff paths or their overlay/l/ short names."""
         found = holders(self.layers_dir, layer_ids) + holders(self.legacy_layers_dir, layer_ids)
         links = {link: lid for lid in layer_ids if (link := self.layer_link(lid))}
-        for h in holders(self.links_dir, links):
+        # podman names layers by their short links, through whatever path the user
+        # reaches the store by (a read-only bind mount, say): the random 26-letter
+        # names are unique enough to match under any `/overlay/l/`.
+        for h in holders(Path("/") / imagestore.OVERLAY / imagestore.LINKS, links):
             found.append(Holder(links[h.layer_id], h.pid, h.user, h.what))
         return found
 

@@ -33,8 +33,12 @@ NETWORK_HELPERS = ("slirp4netns", "pasta")
 
 def podman_version(podman: str = "podman") -> tuple[int, ...] | None:
     """podman's version as numbers, None when it cannot be run."""
+    # podman fails at once when $CONTAINERS_STORAGE_CONF names a file not there yet,
+    # which is what setup is about to create: the version does not depend on it.
+    env = {k: v for k, v in os.environ.items() if k != "CONTAINERS_STORAGE_CONF"}
     try:
-        out = subprocess.run([podman, "--version"], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([podman, "--version"], capture_output=True, text=True, timeout=30,
+                             env=env).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     found = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
@@ -94,6 +98,10 @@ def check_fuse(device: str = "/dev/fuse") -> str | None:
 
 def check_store(store: Path) -> str | None:
     """Everything podman reads from the store is readable (shared/docs/formats.md §5)."""
+    if not os.access(store, os.X_OK):
+        if not os.path.exists(store) and os.access(store.parent, os.X_OK):
+            return f"there is no shared store at {store}; give the right --store (as root: cshare make-shared IMAGE)"
+        return _unreadable(store, store)
     if (store / "layers").is_dir() and not (store / IMAGES_DIR).is_dir():
         return (f"{store} has the previous shared-store layout, which podman cannot read; "
                 f"as root: cshare migrate --store {store}")

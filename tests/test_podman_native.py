@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -208,3 +209,31 @@ def test_rm_of_an_image_a_running_container_uses_names_the_user(shared: Shared) 
     assert done.returncode == 0, done.stderr
     images = alice.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"]).stdout.split()
     assert SECOND not in images and IMAGE in images
+
+
+@pytest.mark.timeout(300)
+def test_the_same_store_with_fuse_overlayfs_as_mount_program(shared: Shared) -> None:
+    """What fuse-overlayfs shows of the store, and what only cshare-overlay shows (cshare-setup(1))."""
+    require(shutil.which("fuse-overlayfs") is not None, "fuse-overlayfs (Debian package fuse-overlayfs)")
+    bob = shared.users["bob"]
+    done = bob.run(["cshare", "setup", "--store", str(shared.ro), "--mount-program",
+                    shutil.which("fuse-overlayfs") or ""])
+    assert done.returncode == 0, done.stderr
+    script = "; ".join([
+        f"stat -c '{STAT_FMT}' {' '.join(PROBES)}",
+        "cat /etc/secret >/dev/null && echo root-secret=yes || echo root-secret=no",
+        "test -e /etc/gone && echo gone=back || echo gone=gone",
+    ])
+    ran = bob.run(["podman", "run", "--rm", "--user", "0", IMAGE, script])
+    assert ran.returncode == 0, ran.stderr
+    stats = {ln.split("|", 1)[0]: ln.split("|", 1)[1] for ln in ran.stdout.splitlines() if ln.count("|") == 4}
+    flags = _flags(ran.stdout)
+    # What fuse-overlayfs supports: owners and modes of files and directories, deletions.
+    for path in ("/etc/secret", "/root/private", "/var/www/index.html", "/usr/bin/suid-probe"):
+        assert stats[path] == PROBES[path], (path, stats[path])
+    assert flags["root-secret"] == "yes" and flags["gone"] == "gone"
+    # What only cshare-overlay shows: the types of converted devices and fifos, symlinks as root's.
+    assert stats["/run/fifo"] != PROBES["/run/fifo"] and stats["/opt/null"] != PROBES["/opt/null"]
+    assert stats["/etc/secret-link"] != PROBES["/etc/secret-link"]
+    caps = bob.run(["podman", "run", "--rm", IMAGE, "/usr/bin/cap-probe /etc/secret"])
+    assert "open=ok" not in caps.stdout  # the capability make-shared set aside is not restored

@@ -171,6 +171,17 @@ def make_shared(
     (names, layer order, entrypoint, cmd, env, workdir, user) is written last.
     Running it again for the same image changes nothing; concurrent runs wait
     for each other.
+
+    The store is also a read-only containers/storage image store: overlay/ID/diff
+    is each converted layer (its only copy), with overlay/l/ short names, and
+    overlay-images/ and overlay-layers/ hold what podman reads (the image's
+    manifest and config as root's podman has them, and the two catalogues,
+    regenerated from cshare's own records at every change, with the lock
+    files' last-writer tokens rewritten).  After cshare setup, a user's plain
+    podman run IMAGE uses it.  Readers (podman, cshare images, inspect, mount)
+    take no lock and need no write access anywhere, so the store can be
+    mounted read-only; no reader can hold up make-shared or rm.  A store of
+    the previous layout (layers/ID) is converted by cshare migrate.
     """
     from .store_cmd import run_make_shared
 
@@ -190,6 +201,9 @@ def images(
 
     Shows each name with its image id, number of layers, size and creation
     time; --json prints the image records (as in images/ID.json, plus size).
+    A record that cannot be used (not JSON, wrong fields, a missing layer) is
+    listed as damaged, with why ({"id", "record", "damaged"} in --json); the
+    other images are not affected, and cshare rm ID removes it.
     """
     from .store_cmd import run_images
 
@@ -230,6 +244,16 @@ def rm(
     finds an image with missing layers, then every layer that no remaining
     image uses is deleted at once. With --force the layers are deleted under
     the overlays that use them, which then fail.
+
+    What root can see: every running overlay daemon (cshare-overlay,
+    fuse-overlayfs) and kernel overlay mount in any mount namespace, so a
+    running podman container of any user is found, named with its user,
+    whatever path the user reaches the store by.  A stopped container holds
+    no mount and is not seen: its next start fails once its layers are gone.
+    IMAGE may also be the id (or id prefix) of a damaged record, as cshare
+    images lists it: the record and its podman view are removed, and layers
+    only it used are deleted (orphan layers are kept while any damaged
+    record remains).
     """
     from .store_cmd import run_rm
 
@@ -288,6 +312,14 @@ def setup(
     (and for root's own podman too).  --undo takes the store out again and
     puts back the mount program it replaced (setup records what it added in
     ~/.config/cshare/setup.json, or /etc/cshare/setup.json).
+
+    With --mount-program /usr/bin/fuse-overlayfs the same store works for
+    what fuse-overlayfs supports: original owners and modes of files and
+    directories.  Only cshare-overlay shows devices and fifos with their
+    types (fuse-overlayfs 1.10 ignores the type), symlinks as root's, file
+    capabilities (set aside by make-shared) and keeps a copied-up
+    directory's owner (with fuse-overlayfs, --uidmap then fails on
+    /etc/hosts).
     """
     from ..podman.setup import setup as do_setup
     from ..podman.setup import undo as do_undo

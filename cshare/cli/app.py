@@ -438,7 +438,9 @@ def demo(
     device node), imports it into a private podman store and runs make-shared
     into a demo store.  Then the user (created with useradd if missing) runs
     podman unshare cshare mount, podman run --rootfs as container root and as
-    uid 33, and podman unshare cshare umount.  The tables show, for each
+    uid 33, and podman unshare cshare umount; then the podman-native path:
+    cshare setup (with a podman configuration private to the demo) and plain
+    podman run IMAGE as container root and as uid 33.  The tables show, for each
     path, its owner and mode in root's image, what the user gets without
     cshare, and what the user's container sees with cshare, followed by a
     summary line.  Everything is made below /var/tmp/cshare-demo-* and

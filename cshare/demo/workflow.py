@@ -3,7 +3,8 @@
 Root builds the demo image (cshare.demo.image) into a private podman store,
 makes it shared into a demo shared store, then an ordinary user (alice by
 default, created if missing) does what users do: `podman unshare cshare mount`,
-`podman run --rootfs`, `podman unshare cshare umount`.  Every fact in the
+`podman run --rootfs`, `podman unshare cshare umount`, then the podman-native
+path (cshare.demo.native): `cshare setup` and plain `podman run IMAGE`.  Every fact in the
 table is observed, not assumed: the host column is `stat` on root's own image
 layer, the "without cshare" column is the user trying to reach that same file,
 and the container column is `stat` and `cat` run inside the user's container.
@@ -32,7 +33,10 @@ from ..cli.console import CshareError, print_json, stderr, stdout
 #: containers.conf for the demo user's rootless podman.  runc: crun refuses some
 #: cgroup setups ("hybrid mode"); cgroupfs and a file event log: the user has no
 #: systemd session when started from root's shell.
-USER_CONTAINERS_CONF = """[engine]
+USER_CONTAINERS_CONF = """[containers]
+netns = "none"
+
+[engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
@@ -108,6 +112,7 @@ class DemoUser:
     containers_conf: Path
     data_home: Path
     created: bool = False
+    config_home: Path | None = None  # XDG_CONFIG_HOME (the podman-native part's own podman)
 
     @property
     def runtime_dir(self) -> Path:
@@ -124,7 +129,7 @@ class DemoUser:
             "XDG_DATA_HOME": str(self.data_home),
             "CONTAINERS_CONF": str(self.containers_conf),
             "LANG": "C.UTF-8",
-        }
+        } | ({"XDG_CONFIG_HOME": str(self.config_home)} if self.config_home else {})
 
     def run(self, argv: Sequence[str], timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -417,7 +422,12 @@ def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Step
         if not unmounted:
             # The mount lives in the user's podman namespace, out of root's reach.
             user.run(["podman", "unshare", "umount", "-l", str(mnt)], timeout=30)
+    from .native import run_native
+
+    _setup_out, native_root, native_www = run_native(
+        user, DEMO_IMAGE, store, workdir, steps.step, (_container_script(), WWW_SCRIPT))
     digest_after = tree_digest(store)
+    _native_rows(result, host, without, native_root, native_www)
 
     seen = _stats(as_root)
     seen.update({path.removeprefix(str(mnt)): desc for path, desc in _stats(on_mount).items()})
@@ -451,6 +461,22 @@ def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Step
                            ok=digest_before == digest_after))
 
 
+def _native_rows(result: DemoResult, host: dict[str, str], without: dict[str, str],
+                 as_root: str, as_www: str) -> None:
+    """The rows of plain `podman run IMAGE` (podman's own /dev hides the image's device)."""
+    seen, flags = _stats(as_root), _flags(as_root) | _flags(as_www)
+    for p in PROBES:
+        if not p.path.startswith("/dev/"):
+            got = seen.get(p.path, "not seen")
+            result.rows.append(Row("podman", p.path, host[p.path], _short(without[p.path]), got,
+                                   ok=got == host[p.path]))
+    for item, flag in ((f"root reads {SECRET}", "read-secret"), (f"uid 33 reads {WWW_FILE}", "www-read"),
+                       (f"uid 33 is refused {SECRET}", "www-refused")):
+        value = flags.get(flag)
+        result.rows.append(Row("podman", item, "", "", "not run" if value is None else
+                               ("yes" if value else "no"), ok=value is True))
+
+
 def _short(text: str) -> str:
     return "denied" if "denied" in text else text
 
@@ -475,14 +501,23 @@ def render(result: DemoResult) -> None:
     access.add_column(f"{result.user},\nno cshare")
     access.add_column("with cshare")
     access.add_column("")
+    native = Table(title=f"{result.user}: cshare setup, then plain podman run {result.image}",
+                   title_justify="left")
+    native.add_column("path or check")
+    native.add_column("root's image")
+    native.add_column("with cshare")
+    native.add_column("")
     for row in result.rows:
-        if row.kind == "owner":
+        if row.kind == "podman":
+            native.add_row(row.item, row.host, row.with_cshare, mark(row.ok))
+        elif row.kind == "owner":
             owners.add_row(row.item, row.host, red_denied(row.without_cshare), row.with_cshare,
                            mark(row.ok))
         else:
             access.add_row(row.item, red_denied(row.without_cshare), row.with_cshare, mark(row.ok))
     stdout.print(owners)
     stdout.print(access)
+    stdout.print(native)
     for note in result.notes:
         stdout.print(f"[dim]{note}[/]")
     passed = sum(r.ok for r in result.rows)

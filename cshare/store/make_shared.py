@@ -207,16 +207,16 @@ def make_shared(
 ) -> MakeSharedResult:
     """Put image `ref` of podman's store `storage_root` into the shared store `store_root`."""
     rep: Reporter = reporter or _Silent()
-    source = SourceStore(storage_root)
-    # Resolve once before touching the shared store, so a typo creates nothing.
-    with source.read_lock():
-        source.snapshot().resolve(ref)
     store = SharedStore(store_root)
     if store.is_legacy():
         raise CshareError(
             f"{store.root} has the previous shared-store layout; convert it first with "
             f"cshare migrate --store {store.root} (no data is copied)"
         )
+    source = SourceStore(storage_root)
+    # Resolve once before touching the shared store, so a typo creates nothing.
+    with source.read_lock():
+        source.snapshot().resolve(ref)
     with store.write_lock(group=group):
         staged: dict[str, Path] = {}
         try:

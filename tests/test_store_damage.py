@@ -201,3 +201,51 @@ def test_a_damaged_layout_is_one_line_naming_the_path_and_fix(store: SharedStore
             pass
     assert sorted(os.listdir(store.root)) == before
     assert os.readlink(store.lock_path) == "/etc/passwd" if damage is _lock_symlink else True
+
+
+# ---------------------------------------------------------------- issue 13: a locked or damaged source store
+LOCKER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _source(base: Path) -> Path:
+    root = base / "podman-root"
+    for d in ("overlay-images", "overlay-layers", "overlay"):
+        (root / d).mkdir(parents=True)
+    (root / "overlay-images" / "images.json").write_text("[]")
+    for lock in ("overlay-images/images.lock", "overlay-layers/layers.lock"):
+        (root / lock).write_text("")
+    return root
+
+
+def test_a_source_store_locked_by_a_writer_is_one_line_naming_it(tmp_path: Path) -> None:
+    require(is_root(), "root")
+    source = _source(tmp_path)
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(source / "overlay-layers" / "layers.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+        done = subprocess.run([tool("cshare"), "make-shared", "x", "--storage-root", str(source),
+                               "--store", str(tmp_path / "store")], capture_output=True, text=True,
+                              timeout=60, env=dict(os.environ, CSHARE_LOCK_WAIT="1"))
+        message = one_line_error(done)
+        assert f"pid {locker.pid}" in message and "layers.lock" in message, message
+        assert not (tmp_path / "store").exists()  # nothing was created
+    finally:
+        locker.kill()
+        locker.wait()
+
+
+def test_a_damaged_source_store_is_one_line(tmp_path: Path) -> None:
+    require(is_root(), "root")
+    source = _source(tmp_path)
+    (source / "overlay-images" / "images.json").write_text("{not json")
+    message = one_line_error(cshare("make-shared", "x", "--storage-root", str(source),
+                                    "--store", str(tmp_path / "store")))
+    assert "images.json is not valid JSON" in message
+    assert not (tmp_path / "store").exists()

@@ -31,6 +31,8 @@ import fcntl
 import json
 import os
 import stat
+import struct
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -330,7 +332,55 @@ def _shared_lock(path: Path) -> Iterator[None]:
             raise CshareError(f"{path} is a symlink; refusing to use it as a lock") from None
         raise
     try:
-        fcntl.lockf(fd, fcntl.LOCK_SH)
+        _wait_for_read_lock(fd, path)
         yield
     finally:
         os.close(fd)  # closing releases the record lock
+
+
+#: How long make-shared waits for a podman that is writing its store (seconds).
+LOCK_WAIT_ENV = "CSHARE_LOCK_WAIT"
+DEFAULT_LOCK_WAIT = 60.0
+
+
+def _wait_for_read_lock(fd: int, path: Path) -> None:
+    """LOCK_SH on `fd`, waiting at most CSHARE_LOCK_WAIT seconds; then one line naming the holder."""
+    try:
+        limit = float(os.environ.get(LOCK_WAIT_ENV, DEFAULT_LOCK_WAIT))
+    except ValueError:
+        limit = DEFAULT_LOCK_WAIT
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            holder = _lock_holder(fd)
+            who = f" by pid {holder} ({_command(holder)})" if holder else ""
+            raise CshareError(
+                f"podman's store is locked for writing{who}: {path} stayed locked for {limit:g} s; "
+                f"wait until that podman command ends and run make-shared again (or set {LOCK_WAIT_ENV})"
+            )
+        time.sleep(0.1)
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid holding a conflicting record lock on `fd` (F_GETLK), or None."""
+    query = struct.pack("hhqqi", fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    except OSError:
+        return None
+    l_type, _whence, _start, _len, pid = struct.unpack("hhqqi", answer)
+    return pid if l_type != fcntl.F_UNLCK and pid > 0 else None
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() or "?"
+    except OSError:
+        return "?"

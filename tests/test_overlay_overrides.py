@@ -164,3 +164,66 @@ def test_rootless_copy_up_keeps_original_owner_and_mode(converted: Path) -> None
     assert out["upper_real"] == [33, 33, 0o640]  # really given to the namespace's uid 33
     assert out["after_change"] == [44, 44, 0o600]
     assert out["secret"] == [0, 0, 0o600]
+
+
+PLAIN_PROBE = r"""
+import json, os, stat, subprocess, sys
+spec = json.loads(sys.argv[1])
+mnt, upper = spec["mnt"], spec["upper"]
+r = subprocess.run([spec["overlay"], "-o", spec["options"], mnt], capture_output=True, text=True)
+out = {"mount": [r.returncode, r.stderr]}
+def om(p):
+    st = os.lstat(p)
+    return [st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), stat.S_IFMT(st.st_mode)]
+if r.returncode == 0:
+    try:
+        out["link"] = om(mnt + "/link")
+        out["null"] = om(mnt + "/null")
+        out["cap"] = os.getxattr(mnt + "/capfile", "security.capability").hex()
+        out["cap_listed"] = "security.capability" in os.listxattr(mnt + "/capfile")
+        out["ls_a"] = subprocess.run(["ls", "-a", mnt + "/rootdir"], capture_output=True,
+                                     text=True).stdout.split()
+        with open(mnt + "/www", "ab") as f:
+            f.write(b"x")
+        out["after_write"] = om(mnt + "/www")
+        out["upper_xattrs"] = sorted(os.listxattr(upper + "/www"))
+        os.chmod(mnt + "/www", 0o604)
+        out["after_chmod"] = om(mnt + "/www")
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt])
+print(json.dumps(out))
+"""
+
+
+def test_rootless_plain_lowerdir_shows_what_the_test_plugin_shows(converted: Path) -> None:
+    """podman's mount_program case: a converted lowerdir, no plugin, in a user namespace (issue 13 point 2)."""
+    layer = converted / "layer"
+    capability = bytes.fromhex("0100000201000000000000000000000000000000")
+    (layer / "capfile").write_bytes(b"#!/bin/sh\n")
+    os.chmod(layer / "capfile", 0o755)
+    os.setxattr(layer / "capfile", "user.containers.override_stat", b"0:0:0755:file")
+    os.setxattr(layer / "capfile", "user.cshare.capability", capability)  # as make-shared sets it aside
+    user = ensure_user("alice")
+    make_fuse_usable_for_users()
+    base = converted / "alice-plain"
+    base.mkdir()
+    for d in ("", "upper", "work", "mnt"):
+        (base / d).mkdir(exist_ok=True)
+        os.chown(base / d, user.pw_uid, user.pw_gid)
+    spec = {"overlay": tool("cshare-overlay"), "mnt": str(base / "mnt"), "upper": str(base / "upper"),
+            "options": f"lowerdir={layer},upperdir={base / 'upper'},workdir={base / 'work'}"}
+    r = subprocess.run(
+        ["setpriv", "--reuid", str(user.pw_uid), "--regid", str(user.pw_gid), "--init-groups",
+         "unshare", "--map-auto", "--map-root-user", "--mount",
+         sys.executable, "-c", PLAIN_PROBE, json.dumps(spec)],
+        capture_output=True, text=True, timeout=60, env={"PATH": os.environ["PATH"]})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["mount"][0] == 0, out["mount"][1]
+    assert out["link"][:2] == [0, 0] and out["link"][3] == stat.S_IFLNK  # not 65534
+    assert out["null"] == [0, 0, 0o666, stat.S_IFCHR]
+    assert out["cap"] == capability.hex() and out["cap_listed"]
+    assert out["ls_a"] == [".", "..", "inner"]
+    assert out["after_write"] == [33, 33, 0o640, stat.S_IFREG]
+    assert OVERRIDE_XATTR not in out["upper_xattrs"]  # the copy is real: no stale record
+    assert out["after_chmod"] == [33, 33, 0o604, stat.S_IFREG]

@@ -130,7 +130,8 @@ def _user_script(name: str, ro: Path) -> str:
 
 
 @pytest.mark.timeout(400)
-def test_alice_and_bob_run_the_shared_image_with_plain_podman(shared: Shared) -> None:
+def test_alice_and_bob_run_the_shared_image_with_plain_podman(shared: Shared, native_images: NativeImages) -> None:
+    native = native_images
     before = store_checksum(shared.store)
     procs = {name: user.popen(["sh", "-c", _user_script(name, shared.ro)])
              for name, user in shared.users.items()}
@@ -160,6 +161,15 @@ def test_alice_and_bob_run_the_shared_image_with_plain_podman(shared: Shared) ->
         assert flags["keepid-secret"] == "yes" and flags["keepid-owner"] == "33", output
         assert flags["uidmap-secret"] == "yes" and flags["uidmap-owner"] == "33", output
         assert flags["rmi"] == "refused"
+
+    # podman image inspect as a user shows what root's podman shows in its own store.
+    fmt = "{{json .Config}}|{{json .RootFS.Layers}}|{{.Digest}}|{{json .Labels}}"
+    mine = native.store.inspect(IMAGE, fmt)
+    for name, user in shared.users.items():
+        theirs = user.run(["podman", "image", "inspect", "--format", fmt, IMAGE])
+        assert theirs.returncode == 0, theirs.stderr
+        assert theirs.stdout.strip() == mine, f"{name} sees another config than root"
+    assert '"org.example.e2e":"yes"' in mine and '"WorkingDir":"/var/www"' in mine
 
     # A file written in one user's container: absent from the other's and from the store.
     for name, user in shared.users.items():

@@ -182,3 +182,14 @@ def test_preflight_problems_are_one_line_and_change_nothing(env: dict[str, Path]
     done = run("--store", str(store))
     assert done.returncode == 0, done.stderr
     assert "added" in done.stdout and (home / "cfg" / "containers" / "storage.conf").is_file()
+
+
+def test_an_old_podman_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "podman"
+    fake.write_text("#!/bin/sh\necho 'podman version 3.4.4'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    problem = checks.check_podman()
+    assert problem is not None and "3.4.4 is too old" in problem
+    fake.write_text("#!/bin/sh\necho 'podman version 4.3.1'\n")
+    assert checks.check_podman() is None

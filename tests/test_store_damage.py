@@ -249,3 +249,19 @@ def test_a_damaged_source_store_is_one_line(tmp_path: Path) -> None:
                                     "--store", str(tmp_path / "store")))
     assert "images.json is not valid JSON" in message
     assert not (tmp_path / "store").exists()
+
+
+# ---------------------------------------------------------------- issue 13: podman notices every change
+def test_every_change_rewrites_the_last_writer_tokens_and_no_op_does_not(store: SharedStore) -> None:
+    locks = [store.root / "overlay-images" / "images.lock", store.root / "overlay-layers" / "layers.lock"]
+    tokens = [p.read_bytes() for p in locks]
+    assert all(len(t) == 64 for t in tokens)
+    with store.write_lock():
+        assert not store.sync_catalogues()  # nothing changed: podman need not reload
+    assert [p.read_bytes() for p in locks] == tokens
+    with store.write_lock():
+        add_image(store, IMG_3, "three", [ID_C, ID_A])
+        assert store.sync_catalogues()
+    changed = [p.read_bytes() for p in locks]
+    assert all(new != old and len(new) == 64 for new, old in zip(changed, tokens, strict=True))
+    assert IMG_3 in catalogue_ids(store)

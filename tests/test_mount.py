@@ -382,7 +382,7 @@ def test_rm_refuses_an_image_a_user_has_mounted(
         removed = subprocess.run([cshare, "rm", DEMO, "--store", str(store)],
                                  capture_output=True, text=True, timeout=60)
         assert removed.returncode == 0, removed.stderr
-        assert os.listdir(store / "layers") == []
+        assert os.listdir(store / "overlay") == ["l"] and os.listdir(store / "overlay" / "l") == []
     finally:
         if session.poll() is None:
             session.kill()

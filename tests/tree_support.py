@@ -329,3 +329,30 @@ def build_large_tree(root: Path, entries: int, per_dir: int = 100) -> int:
         d += 1
     fix_times(root)
     return made
+
+
+def make_chain(root: Path, depth: int, name: str = "d") -> list[str]:
+    """`depth` nested directories `name` under `root`, made through fds (pathlib and
+    shutil recurse, and such a chain is deeper than Python's recursion limit)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, 0o755, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    return [name] * depth
+
+
+def remove_chain(root: Path, depth: int, leaf: str, name: str = "d") -> None:
+    """Remove what make_chain made (and the file `leaf` at its bottom), deepest first."""
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    for _ in range(depth):
+        fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+    os.unlink(leaf, dir_fd=fds[-1])
+    os.close(fds.pop())
+    while fds:
+        os.rmdir(name, dir_fd=fds[-1])
+        os.close(fds.pop())

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import is_root, require
-from tree_support import make_chain, remove_chain
+from tree_support import deep_tree_removed, make_chain
 
 from cshare.errors import CshareError
 from cshare.tree.copy import copy_tree
@@ -210,10 +210,9 @@ def test_a_chain_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
     # the copy walks iteratively, so it must copy such a chain like any other.
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    chain = Path(*make_chain(src, 1100))
-    (src / chain / "leaf").write_text("at the bottom")
-    stats = copy_tree(src, dst)
-    assert (dst / chain / "leaf").read_text() == "at the bottom"
-    assert stats.entries == 1101
-    for root in (src, dst):  # pytest's cleanup recurses
-        remove_chain(root, 1100, "leaf")
+    with deep_tree_removed(src, dst):
+        chain = Path(*make_chain(src, 1100))
+        (src / chain / "leaf").write_text("at the bottom")
+        stats = copy_tree(src, dst)
+        assert (dst / chain / "leaf").read_text() == "at the bottom"
+        assert stats.entries == 1101

@@ -37,7 +37,7 @@ from podman_support import (  # noqa: F401
     podman_images,
     podman_store,
 )
-from tree_support import make_chain, remove_chain
+from tree_support import deep_tree_removed, make_chain
 
 from cshare.demo.image import build_demo_rootfs
 from cshare.store.containers import SourceStore
@@ -566,12 +566,12 @@ def test_layer_checks_walk_a_chain_deeper_than_the_recursion_limit(tmp_path: Pat
     require(is_root(), "root (chown)")
     tree = tmp_path / "layer"
     tree.mkdir()
-    leaf = tree / Path(*make_chain(tree, 1100)) / "leaf"
-    leaf.write_text("x")
-    os.chown(leaf, 33, 33)
-    os.chmod(leaf, 0o755)
-    assert unsafe_entries(tree) == [f"{'d/' * 1100}leaf: owned by uid 33, not root"]
-    assert secure_tree(tree) == 1
-    assert os.stat(leaf).st_uid == 0
-    assert unsafe_entries(tree) == []
-    remove_chain(tree, 1100, "leaf")  # pytest's cleanup recurses
+    with deep_tree_removed(tree):
+        leaf = tree / Path(*make_chain(tree, 1100)) / "leaf"
+        leaf.write_text("x")
+        os.chown(leaf, 33, 33)
+        os.chmod(leaf, 0o755)
+        assert unsafe_entries(tree) == [f"{'d/' * 1100}leaf: owned by uid 33, not root"]
+        assert secure_tree(tree) == 1
+        assert os.stat(leaf).st_uid == 0
+        assert unsafe_entries(tree) == []

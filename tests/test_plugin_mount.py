@@ -38,6 +38,7 @@ from conftest import (
     unmount_all_below,
 )
 
+from cshare.system.mountinfo import is_mount_point
 from cshare_fuse.formats.overrides import OVERRIDE_XATTR, Override
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(60)]
@@ -282,8 +283,7 @@ def root_fuse_dirs(world_tmp: Path) -> Iterator[Path]:
 
 
 def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+    return is_mount_point(path)
 
 
 class Foreground:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..cli.console import CshareError, print_json, stderr, stdout
+from ..system.mountinfo import points_below
 
 #: containers.conf for the demo user's rootless podman.  runc: crun refuses some
 #: cgroup setups ("hybrid mode"); cgroupfs and a file event log: the user has no
@@ -347,12 +348,8 @@ def _check_tools() -> None:
 
 
 def _unmount_below(path: Path) -> None:
-    prefix = str(path)
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted(points, key=len, reverse=True):
-        if point == prefix or point.startswith(prefix + "/"):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    for point in points_below(path):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Steps) -> None:

@@ -96,8 +96,8 @@ def users_elsewhere(path: Path) -> list[int]:
     if device is None:
         return []
     return [
-        pid for pid, lines in mount_tables(skip=namespaces.mount_namespace_id())
-        if any(len(fields) > 2 and fields[2] == device for fields in map(str.split, lines))
+        pid for pid, table in mount_tables(skip=namespaces.mount_namespace_id())
+        if any(entry.device == device for entry in table)
     ]
 
 

@@ -21,7 +21,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..system.mountinfo import unescape_mountinfo
 from ..system.procfs import holds_fuse_device, mount_tables, process_argv, process_dirs
 
 
@@ -71,17 +70,12 @@ def holders(layers_dir: Path, layer_ids: Iterable[str]) -> list[Holder]:
             continue
         for layer_id in sorted(set(named_layers(text, prefix)) & wanted):
             found.append(Holder(layer_id, int(entry.name), _owner(entry.path), _program(entry.path, argv)))
-    for pid, lines in mount_tables():
-        for line in lines:
-            fields = line.split()
-            if "-" not in fields:
+    for pid, table in mount_tables():
+        for mount in table:
+            if mount.fstype != "overlay":
                 continue
-            sep = fields.index("-")
-            if fields[sep + 1] != "overlay" or len(fields) < sep + 4:
-                continue
-            options = unescape_mountinfo(fields[sep + 3])
-            for layer_id in sorted(set(named_layers(options, prefix)) & wanted):
-                what = f"overlay mounted on {unescape_mountinfo(fields[4])}"
+            for layer_id in sorted(set(named_layers(mount.super_options, prefix)) & wanted):
+                what = f"overlay mounted on {mount.mount_point}"
                 found.append(Holder(layer_id, pid, _owner(f"/proc/{pid}"), what))
     return found
 

@@ -12,6 +12,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import mountinfo
+from .mountinfo import MountEntry
+
 
 def process_dirs() -> Iterator[os.DirEntry[str]]:
     """The /proc/PID entries of every process visible to us (pid = int(entry.name))."""
@@ -43,8 +46,8 @@ def holds_fuse_device(proc_dir: str) -> bool:
     return False
 
 
-def mount_tables(skip: str | None = None) -> Iterator[tuple[int, list[str]]]:
-    """(a pid, its mountinfo lines), once for every mount namespace but `skip`.
+def mount_tables(skip: str | None = None) -> Iterator[tuple[int, list[MountEntry]]]:
+    """(a pid, its mount table), once for every mount namespace but `skip`.
 
     Root sees every namespace this way, users' (podman unshare) and containers'
     included; an ordinary user only those of its own processes.
@@ -56,8 +59,7 @@ def mount_tables(skip: str | None = None) -> Iterator[tuple[int, list[str]]]:
             if ns in seen:
                 continue
             seen.add(ns)
-            with open(f"{entry.path}/mountinfo") as f:
-                lines = f.readlines()
+            table = mountinfo.read(f"{entry.path}/mountinfo")
         except OSError:
             continue  # gone, or not ours to look at
-        yield int(entry.name), lines
+        yield int(entry.name), table

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 def escape(path: object) -> str:
-    """A path (str or Path) as it goes into an `-o` value: `\\`, `,` and `:` escaped."""
-    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+    """A path (str or Path) as it goes into an `-o` value: `\\`, `,`, `:` and `"` escaped."""
+    text = str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+    return text.replace('"', '\\"')  # a value may not start a quoted string (split_options)
 
 
 def lowerdir_value(paths: Iterable[object]) -> str:
@@ -26,13 +27,14 @@ def lowerdir_value(paths: Iterable[object]) -> str:
 
 
 def split_escaped(text: str, sep: str) -> list[str]:
-    """Split on `sep` except where it is escaped with a backslash; unescape `\\sep`, `\\\\`."""
+    """Split on `sep` except where it is escaped with a backslash; unescape `\\sep`, `\\\\`,
+    `\\,` and `\\"`."""
     parts: list[str] = []
     current: list[str] = []
     i = 0
     while i < len(text):
         ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in (sep, "\\", ","):
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in (sep, "\\", ",", '"'):
             current.append(text[i + 1])
             i += 2
             continue
@@ -47,20 +49,26 @@ def split_escaped(text: str, sep: str) -> list[str]:
 
 
 def split_options(text: str) -> list[str]:
-    """Split an `-o` string on commas, keeping `\\,` and the `\\:` escapes intact."""
+    """Split an `-o` string on commas, keeping `\\,` and the `\\:` escapes intact.
+
+    A value in double quotes right after `=` keeps its commas: podman passes
+    an SELinux label as `context="...:s0:c1,c2"`.  Empty fields (podman's `,,`)
+    are dropped.
+    """
     out: list[str] = []
     current: list[str] = []
+    quoted = False
     i = 0
     while i < len(text):
         ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            if text[i + 1] == ",":
-                current.append(",")
-            else:
-                current.append(text[i : i + 2])  # keep \: for lowerdir's own split
-            i += 2
-            continue
-        if ch == ",":
+        if quoted or (ch == '"' and current and current[-1] == "="):
+            quoted = (ch != '"') if quoted else True
+            current.append(ch)
+        elif ch == "\\" and i + 1 < len(text):
+            # \, is a comma; other escapes stay for lowerdir's own split of \:
+            current.append("," if text[i + 1] == "," else text[i : i + 2])
+            i += 1
+        elif ch == ",":
             out.append("".join(current))
             current = []
         else:

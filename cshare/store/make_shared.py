@@ -129,67 +129,19 @@ def make_shared(
 def _make_shared_locked(
     ref: str, source: SourceStore, store: SharedStore, rep: Reporter, staged: dict[str, Path]
 ) -> MakeSharedResult:
-    outcomes: dict[str, LayerOutcome] = {}
     with source.read_lock():
         snap = source.snapshot()
         image: SourceImage = snap.resolve(ref)
         chain: list[SourceLayer] = snap.chain(image)
         config = snap.config(image)
-        total = len(chain)
-        # Base first: the order they will be published in.
-        for index, layer in enumerate(reversed(chain), start=1):
-            if store.has_layer(layer.id):
-                _check_same_layer(store, layer)
-                outcomes[layer.id] = LayerOutcome(layer.id, "reused")
-                rep.layer_start(index, total, layer.id, "reuse")
-                rep.layer_end(outcomes[layer.id])
-                continue
-            rep.layer_start(index, total, layer.id, "copy")
-            started = time.monotonic()
-            stage = store.stage(f"layer-{layer.id[:12]}-")
-            staged[layer.id] = stage
-            stats = copy_tree(
-                source.layer_diff(layer), stage / "diff", on_entry=lambda _p: rep.entry()
-            )
-            outcomes[layer.id] = LayerOutcome(
-                layer.id,
-                "added",
-                entries=stats.entries,
-                bytes=stats.bytes,
-                reflinked=stats.reflinked,
-                copy_seconds=time.monotonic() - started,
-            )
+        outcomes = _copy_new_layers(chain, source, store, rep, staged)
     # podman's store is free again; the rest works on our own copies.
     for index, layer in enumerate(reversed(chain), start=1):
         outcome = outcomes[layer.id]
-        if outcome.status != "added":
-            continue
-        rep.layer_start(index, total, layer.id, "convert")
-        started = time.monotonic()
-        diff = staged[layer.id] / "diff"
-        _convert(diff, rep.entry)
-        problems = secure_and_check(diff)
-        if problems:
-            raise CshareError(
-                f"layer {layer.id[:12]} is not safe to share after conversion: {'; '.join(problems[:3])}"
-                f"{' …' if len(problems) > 3 else ''}; nothing was published for it"
-            )
-        outcome.convert_seconds = time.monotonic() - started
-        store.publish_layer(
-            staged.pop(layer.id),
-            {
-                "id": layer.id,
-                "parent": layer.parent,
-                "diff-digest": layer.diff_digest,
-                "diff-size": layer.diff_size,
-                "created": layer.created,
-                "size": outcome.bytes,
-                "entries": outcome.entries,
-                "uidset": list(layer.uidset),
-                "gidset": list(layer.gidset),
-            },
-        )
-        rep.layer_end(outcome)
+        if outcome.status == "added":
+            rep.layer_start(index, len(chain), layer.id, "convert")
+            _convert_check_publish(layer, outcome, store, rep, staged)
+            rep.layer_end(outcome)
     record = ImageRecord(
         id=image.id,
         names=image.names,
@@ -206,6 +158,68 @@ def _make_shared_locked(
         layers=[outcomes[layer.id] for layer in chain],
         record_changed=changed,
         renamed_from=renamed,
+    )
+
+
+def _copy_new_layers(
+    chain: list[SourceLayer], source: SourceStore, store: SharedStore, rep: Reporter,
+    staged: dict[str, Path],
+) -> dict[str, LayerOutcome]:
+    """Copy every layer of `chain` the store lacks into its tmp/ (under podman's read lock)."""
+    outcomes: dict[str, LayerOutcome] = {}
+    total = len(chain)
+    # Base first: the order they will be published in.
+    for index, layer in enumerate(reversed(chain), start=1):
+        if store.has_layer(layer.id):
+            _check_same_layer(store, layer)
+            outcomes[layer.id] = LayerOutcome(layer.id, "reused")
+            rep.layer_start(index, total, layer.id, "reuse")
+            rep.layer_end(outcomes[layer.id])
+            continue
+        rep.layer_start(index, total, layer.id, "copy")
+        started = time.monotonic()
+        stage = store.stage(f"layer-{layer.id[:12]}-")
+        staged[layer.id] = stage
+        stats = copy_tree(source.layer_diff(layer), stage / "diff", on_entry=lambda _p: rep.entry())
+        outcomes[layer.id] = LayerOutcome(
+            layer.id,
+            "added",
+            entries=stats.entries,
+            bytes=stats.bytes,
+            reflinked=stats.reflinked,
+            copy_seconds=time.monotonic() - started,
+        )
+    return outcomes
+
+
+def _convert_check_publish(
+    layer: SourceLayer, outcome: LayerOutcome, store: SharedStore, rep: Reporter,
+    staged: dict[str, Path],
+) -> None:
+    """Convert a copied layer, secure and check it, and publish it."""
+    started = time.monotonic()
+    diff = staged[layer.id] / "diff"
+    _convert(diff, rep.entry)
+    problems = secure_and_check(diff)
+    if problems:
+        raise CshareError(
+            f"layer {layer.id[:12]} is not safe to share after conversion: {'; '.join(problems[:3])}"
+            f"{' …' if len(problems) > 3 else ''}; nothing was published for it"
+        )
+    outcome.convert_seconds = time.monotonic() - started
+    store.publish_layer(
+        staged.pop(layer.id),
+        {
+            "id": layer.id,
+            "parent": layer.parent,
+            "diff-digest": layer.diff_digest,
+            "diff-size": layer.diff_size,
+            "created": layer.created,
+            "size": outcome.bytes,
+            "entries": outcome.entries,
+            "uidset": list(layer.uidset),
+            "gidset": list(layer.gidset),
+        },
     )
 
 

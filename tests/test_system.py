@@ -7,7 +7,13 @@ import subprocess
 import sys
 
 from cshare.system.mountinfo import parse, parse_line, read
-from cshare.system.procfs import holds_fuse_device, process_argv, process_dirs
+from cshare.system.procfs import (
+    holds_fuse_device,
+    process_argv,
+    process_dirs,
+    process_name,
+    process_state,
+)
 
 
 def test_mountinfo_lines_parse_with_escapes_and_optional_fields() -> None:
@@ -37,8 +43,11 @@ def test_process_scan_sees_a_child_and_its_argv() -> None:
         assert child.pid in {int(e.name) for e in process_dirs()}
         assert process_argv(child.pid)[-1] == b"marker-arg"
         assert not holds_fuse_device(f"/proc/{child.pid}")
+        assert process_state(child.pid) in ("S", "R")
+        assert process_name(f"/proc/{child.pid}") is not None
     finally:
         child.kill()
         child.wait()
     assert process_argv(child.pid) == []
+    assert process_state(child.pid) is None
     assert os.getpid() in {int(e.name) for e in process_dirs()}

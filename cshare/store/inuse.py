@@ -21,7 +21,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..system.procfs import holds_fuse_device, mount_tables, process_argv, process_dirs
+from ..system.procfs import (
+    holds_fuse_device,
+    mount_tables,
+    process_argv,
+    process_dirs,
+    process_name,
+)
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,7 @@ def holders(layers_dir: Path, layer_ids: Iterable[str]) -> list[Holder]:
 
 
 def _program(proc_dir: str, argv: list[str]) -> str:
-    # comm is the name of the file executed, also for a script (argv[0] is then
-    # its interpreter).
-    try:
-        with open(f"{proc_dir}/comm") as f:
-            return f.read().strip() or os.path.basename(argv[0])
-    except OSError:
-        return os.path.basename(argv[0])
+    return process_name(proc_dir) or os.path.basename(argv[0])
 
 
 def _owner(proc_dir: str) -> str:

@@ -31,6 +31,25 @@ def process_argv(pid: int) -> list[bytes]:
         return []
 
 
+def process_state(pid: int) -> str | None:
+    """The one-letter state of `pid` (R, S, Z...; proc(5)), None when it is gone."""
+    try:
+        # The command name in parentheses may itself contain ") ".
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def process_name(proc_dir: str) -> str | None:
+    """`comm` of the process at `proc_dir`: the name of the file it executed (a script's
+    own name, where argv[0] is its interpreter); None when unreadable."""
+    try:
+        with open(f"{proc_dir}/comm") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def holds_fuse_device(proc_dir: str) -> bool:
     """Whether the process at `proc_dir` (e.g. /proc/123) has /dev/fuse open: a FUSE daemon."""
     try:

@@ -150,7 +150,10 @@ def verify(
 # ---------------------------------------------------------------- store family
 @app.command("make-shared")
 def make_shared(
-    image: str = typer.Argument(..., help="The image in podman's store: id, id prefix, name or short name."),
+    images: list[str] = typer.Argument(
+        None, help="The images in podman's store: id, id prefix, name or short name.", show_default=False
+    ),
+    all_images: bool = typer.Option(False, "--all", help="Every image of podman's store."),
     storage_root: Path = typer.Option(
         DEFAULT_STORAGE_ROOT, "--storage-root", help="podman's containers/storage graph root (overlay driver)."
     ),
@@ -161,7 +164,10 @@ def make_shared(
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary instead of text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Copy IMAGE from podman's store into the shared store, converted for every user (root only).
+    """Copy each IMAGE (or --all) from podman's store into the shared store, converted for every user (root only).
+
+    Every name is resolved first: one that matches nothing or several images
+    changes nothing at all.  Then the images are shared one after the other.
 
     Each layer of IMAGE is copied (reflinked when the filesystem allows it),
     converted like cshare convert (the original owner, mode and type of every
@@ -187,7 +193,8 @@ def make_shared(
 
     _guard(
         lambda: run_make_shared(
-            image, storage_root=storage_root, store=store, group=group, json_out=json_out, quiet=quiet
+            images or [], all_images=all_images, storage_root=storage_root, store=store, group=group,
+            json_out=json_out, quiet=quiet,
         )
     )
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from cshare_fuse.formats.optsyntax import lowerdir_value
 
-from ..store.make_shared import LayerOutcome, MakeSharedResult, make_shared
+from ..store.make_shared import LayerOutcome, MakeSharedResult, make_shared, resolve_images
 from ..store.shared import ImageRecord, SharedStore
 from .console import CshareError, print_json, progress, stdout
 
@@ -102,15 +102,26 @@ def result_json(result: MakeSharedResult) -> dict[str, Any]:
 
 
 def run_make_shared(
-    image: str, *, storage_root: Path, store: Path, group: str | None, json_out: bool, quiet: bool
+    images: list[str], *, all_images: bool, storage_root: Path, store: Path, group: str | None,
+    json_out: bool, quiet: bool,
 ) -> None:
-    with _RichReporter(quiet or json_out) as reporter:
-        result = make_shared(
-            image, storage_root=storage_root, store_root=store, group=group, reporter=reporter
-        )
+    if all_images == bool(images):
+        raise CshareError("give the images to share, or --all for every image of podman's store (not both)")
+    ids = resolve_images(images, storage_root=storage_root, every=all_images)
+    results = []
+    for image_id in ids:
+        with _RichReporter(quiet or json_out) as reporter:
+            results.append(make_shared(
+                image_id, storage_root=storage_root, store_root=store, group=group, reporter=reporter
+            ))
+        if not json_out:
+            _print_shared(results[-1])
     if json_out:
-        print_json(result_json(result))
-        return
+        single = len(images) == 1 and not all_images
+        print_json(result_json(results[0]) if single else [result_json(r) for r in results])
+
+
+def _print_shared(result: MakeSharedResult) -> None:
     added = sum(1 for o in result.layers if o.status == "added")
     reused = len(result.layers) - added
     name = result.image.names[0] if result.image.names else result.image.id[:12]

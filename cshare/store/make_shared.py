@@ -134,6 +134,21 @@ def make_shared(
                 remove_path(path)
 
 
+def resolve_images(refs: list[str], *, storage_root: Path, every: bool = False) -> list[str]:
+    """The ids of `refs` (or of every image) in podman's store, all resolved before any is shared.
+
+    A reference that matches nothing or several images is a CshareError, so a
+    typo in the third name changes nothing.  Duplicates are shared once.
+    """
+    source = SourceStore(storage_root)
+    with source.read_lock():
+        snap = source.snapshot()
+        found = [i.id for i in snap.images] if every else [snap.resolve(ref).id for ref in refs]
+    if every and not found:
+        raise CshareError(f"podman's store {storage_root} has no images; nothing to share")
+    return list(dict.fromkeys(found))
+
+
 def _make_shared_locked(
     ref: str, source: SourceStore, store: SharedStore, rep: Reporter, staged: dict[str, Path]
 ) -> MakeSharedResult:

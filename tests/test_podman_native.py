@@ -117,6 +117,9 @@ def _user_script(name: str, ro: Path) -> str:
         f"cshare setup --store {store}",
         f"cshare setup --store {store} | sed 's/^/again: /'",
         "podman images --format 'image={{.Repository}}:{{.Tag}} ro={{.ReadOnly}}'",
+        # cshare's own readers need no write access either (the store is mounted read-only)
+        f"cshare images --store {store} --json >/dev/null && echo cshare-images=ok",
+        f"cshare inspect {IMAGE} --store {store} >/dev/null && echo cshare-inspect=ok",
         f"podman run --rm {IMAGE}",
         f"podman run --rm --user 0 {IMAGE} {shlex.quote(as_root)}",
         f"podman run --rm {IMAGE} {shlex.quote(as_www)}",
@@ -125,6 +128,9 @@ def _user_script(name: str, ro: Path) -> str:
         "'cat /etc/secret >/dev/null && echo keepid-secret=yes; echo keepid-owner=$(stat -c %u /var/www/index.html)'",
         f"podman run --rm --user 0 --uidmap 0:1:1000 {IMAGE} "
         "'cat /etc/secret >/dev/null && echo uidmap-secret=yes; echo uidmap-owner=$(stat -c %u /var/www/index.html)'",
+        # a one-id map: podman passes squash_to_uid=0,squash_to_gid=0
+        f"podman run --rm --user 0 --uidmap 0:0:1 --gidmap 0:0:1 {IMAGE} "
+        "'cat /etc/secret >/dev/null && echo squash-secret=yes; echo squash-owner=$(stat -c %u:%g /var/www/index.html)'",
         f"podman rmi {IMAGE} >/dev/null 2>&1 && echo rmi=removed || echo rmi=refused",
     ])
 
@@ -160,7 +166,9 @@ def test_alice_and_bob_run_the_shared_image_with_plain_podman(shared: Shared, na
         assert flags["keepid-uid"] == str(user.uid), output
         assert flags["keepid-secret"] == "yes" and flags["keepid-owner"] == "33", output
         assert flags["uidmap-secret"] == "yes" and flags["uidmap-owner"] == "33", output
+        assert flags["squash-secret"] == "yes" and flags["squash-owner"] == "0:0", output
         assert flags["rmi"] == "refused"
+        assert flags["cshare-images"] == "ok" and flags["cshare-inspect"] == "ok", output
 
     # podman image inspect as a user shows what root's podman shows in its own store.
     fmt = "{{json .Config}}|{{json .RootFS.Layers}}|{{.Digest}}|{{json .Labels}}"

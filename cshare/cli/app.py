@@ -323,10 +323,8 @@ def setup(
     With --mount-program /usr/bin/fuse-overlayfs the same store works for
     what fuse-overlayfs supports: original owners and modes of files and
     directories.  Only cshare-overlay shows devices and fifos with their
-    types (fuse-overlayfs 1.10 ignores the type), symlinks as root's, file
-    capabilities (set aside by make-shared) and keeps a copied-up
-    directory's owner (with fuse-overlayfs, --uidmap then fails on
-    /etc/hosts).
+    types (fuse-overlayfs 1.10 ignores the type), symlinks as root's, and file
+    capabilities (set aside by make-shared, made effective again).
     """
     from ..podman.setup import setup as do_setup
     from ..podman.setup import undo as do_undo

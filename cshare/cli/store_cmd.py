@@ -107,7 +107,7 @@ def run_make_shared(
 ) -> None:
     if all_images == bool(images):
         raise CshareError("give the images to share, or --all for every image of podman's store (not both)")
-    ids = resolve_images(images, storage_root=storage_root, every=all_images)
+    ids = resolve_images(images, storage_root=storage_root, store_root=store, every=all_images)
     results = []
     for image_id in ids:
         with _RichReporter(quiet or json_out) as reporter:

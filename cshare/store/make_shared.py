@@ -115,12 +115,7 @@ def make_shared(
 ) -> MakeSharedResult:
     """Put image `ref` of podman's store `storage_root` into the shared store `store_root`."""
     rep: Reporter = reporter or _Silent()
-    store = SharedStore(store_root)
-    if store.is_legacy():
-        raise CshareError(
-            f"{store.root} has the previous shared-store layout; convert it first with "
-            f"cshare migrate --store {store.root} (no data is copied)"
-        )
+    store = refuse_legacy(store_root)
     source = SourceStore(storage_root)
     # Resolve once before touching the shared store, so a typo creates nothing.
     with source.read_lock():
@@ -134,12 +129,25 @@ def make_shared(
                 remove_path(path)
 
 
-def resolve_images(refs: list[str], *, storage_root: Path, every: bool = False) -> list[str]:
+def refuse_legacy(store_root: Path) -> SharedStore:
+    """The shared store, unless it still has the previous layout (then: run cshare migrate)."""
+    store = SharedStore(store_root)
+    if store.is_legacy():
+        raise CshareError(
+            f"{store.root} has the previous shared-store layout; convert it first with "
+            f"cshare migrate --store {store.root} (no data is copied)"
+        )
+    return store
+
+
+def resolve_images(refs: list[str], *, storage_root: Path, store_root: Path,
+                   every: bool = False) -> list[str]:
     """The ids of `refs` (or of every image) in podman's store, all resolved before any is shared.
 
     A reference that matches nothing or several images is a CshareError, so a
     typo in the third name changes nothing.  Duplicates are shared once.
     """
+    refuse_legacy(store_root)
     source = SourceStore(storage_root)
     with source.read_lock():
         snap = source.snapshot()

@@ -60,7 +60,13 @@ import tarfile
 import threading
 from dataclasses import dataclass, field
 
-from cshare_fuse.plugin_api import ALL_OVERRIDE_XATTRS, API_VERSION, DataSource, Stat
+from cshare_fuse.plugin_api import (
+    ALL_METHODS,
+    ALL_OVERRIDE_XATTRS,
+    API_VERSION,
+    DataSource,
+    Stat,
+)
 
 DEFAULT_ARCHIVE = "layer.tar"
 _XATTR_PREFIX = "SCHILY.xattr."
@@ -219,6 +225,11 @@ def build_index(members: list[tarfile.TarInfo], default_mtime_ns: int) -> dict[b
 
 class TarSource(DataSource):
     """A layer whose tree is the index of a tar archive, extracted into `cache/root`."""
+
+    #: Answers come from the index in memory and from creating empty entries;
+    #: only `open` may take long (it extracts the file's data, decompressing a
+    #: compressed archive from its start), so it runs in the overlay's pool.
+    inline = ALL_METHODS - {"open"}
 
     def __init__(self, archive: str, cache: str) -> None:
         self.archive = archive

@@ -300,9 +300,9 @@ class LowerLayer(Layer):
         """
         st = self.stat(b"")
         if st is None:
-            raise FileNotFoundError(errno.ENOENT, "the layer root does not exist")
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
         if not st.is_dir:
-            raise NotADirectoryError(errno.ENOTDIR, "the layer root is not a directory")
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         self.is_opaque(b"")
         return st
 

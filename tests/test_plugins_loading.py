@@ -193,7 +193,7 @@ def test_syntax_error_in_a_plugin(tmp_path: Path) -> None:
     assert "failed to import" in message and "SyntaxError" in message
 
 
-@pytest.mark.parametrize("version", ["API_VERSION + 1", "0", "'1'", "None"])
+@pytest.mark.parametrize("version", ["API_VERSION + 1", "0", "'1'", "None", "True", "1.0"])
 def test_api_version_mismatch(tmp_path: Path, version: str) -> None:
     path = write_plugin(tmp_path, "old.py", "oldplugin", version=version)
     message = config_error(load_registry, (str(path),))

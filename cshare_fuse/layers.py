@@ -19,11 +19,11 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import overrides
 from .datasource import ALL_METHODS, DataSource, Stat, join
 from .deferral import NeedsFetch, deferring
 from .errors import PluginFault
-from .whiteout import OPAQUE_MARKER, OPAQUE_XATTRS
+from .formats import overrides
+from .formats.markers import OPAQUE_MARKER, OPAQUE_XATTRS
 
 _ENODATA = getattr(errno, "ENODATA", 61)
 _MISSING = (errno.ENOENT, errno.ENOTDIR)

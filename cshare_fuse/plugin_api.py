@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .datasource import ALL_METHODS, DataSource, Stat, join
-from .overrides import (
+from .formats.overrides import (
     ALL_OVERRIDE_XATTRS,
     CAPABILITY_XATTR,
     OVERRIDE_XATTR,

@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import require, tool
+from conftest import require, tool, unmount_all_below
 from plugin_support import Foreground, is_mounted, root_fuse_dirs, write_plugin_file
 
 __all__ = ["root_fuse_dirs"]  # a fixture used here, defined in plugin_support
@@ -204,8 +204,11 @@ def test_plugins_are_checked_when_no_layer_names_one(tmp_path: Path, case: str) 
         "bool-version": ("./truthy.py", "written for plugin API version True"),
         "duplicate": ("test:./dup.py", "two plugins are named test"),
     }[case]
-    r = subprocess.run([tool("cshare-overlay"), "-o", f"plugins={plugins},lowerdir=layer",
-                        "mnt"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    try:
+        r = subprocess.run([tool("cshare-overlay"), "-o", f"plugins={plugins},lowerdir=layer",
+                            "mnt"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    finally:
+        unmount_all_below(tmp_path)  # should there be a mount after all
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cshare-overlay: error: "), r.stderr
@@ -288,3 +291,118 @@ def test_the_contract_is_typed_for_plugin_authors(tmp_path: Path) -> None:
     require("No module named mypy" not in out, "mypy (the [test] extra)")
     assert r.returncode == 1, out
     assert 'Return type "str" of "readlink" incompatible with return type "bytes"' in out, out
+
+
+# -- bug 3: one entry that cannot be stat'ed fails alone, not its directory's listing ----------
+
+FAILING_ENTRY = '''
+class Source(DataSource):
+    def stat(self, path):
+        if path == b"bad":
+            raise ZeroDivisionError("plugin bug for one entry")
+        if path == b"eio":
+            raise OSError(5, "the network is down")
+        return super().stat(path)
+'''
+
+
+def test_one_failing_entry_fails_alone_and_its_directory_lists(root_fuse_dirs: Path) -> None:
+    base = root_fuse_dirs
+    layer = small_layer(base)
+    (layer / "bad").write_text("x")
+    (layer / "eio").write_text("x")
+    plugin = write_plugin_file(base, "oneentry", FAILING_ENTRY)
+    overlay = Foreground(base, f"plugins={plugin},lowerdir=//oneentry//{layer}")
+    mnt = overlay.mnt
+    try:
+        assert sorted(os.listdir(mnt)) == ["bad", "eio", "good", "link"]
+        expect_errno(errno.EIO, os.stat, mnt / "bad")
+        expect_errno(errno.EIO, os.stat, mnt / "eio")
+        r = subprocess.run(["ls", "-l", str(mnt)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1  # ls: one entry it cannot access
+        assert "cannot access" in r.stderr and "bad" in r.stderr, r.stderr
+        assert " good\n" in r.stdout and "link -> target" in r.stdout, r.stdout
+        assert (mnt / "good").read_text() == "good\n"
+        assert sorted(os.listdir(mnt)) == ["bad", "eio", "good", "link"]  # again, from cache
+    finally:
+        log = overlay.close()
+    assert f"{layer}: stat('bad') raised ZeroDivisionError: plugin bug for one entry" in log, log
+
+
+def test_a_malformed_override_in_a_lower_layer_fails_only_that_entry(
+        root_fuse_dirs: Path) -> None:
+    """Issue 12: a plain converted layer (overrides honoured by the overlay itself)."""
+    from cshare_fuse.formats.overrides import OVERRIDE_XATTR
+
+    base = root_fuse_dirs
+    layer = small_layer(base)
+    os.setxattr(layer, OVERRIDE_XATTR, b"0:0:0755:dir")  # the layer honours overrides
+    (layer / "broken").write_text("x")
+    os.setxattr(layer / "broken", OVERRIDE_XATTR, b"0:0:0999:file")
+    overlay = Foreground(base, f"lowerdir={layer}")
+    try:
+        assert sorted(os.listdir(overlay.mnt)) == ["broken", "good", "link"]
+        expect_errno(errno.EIO, os.stat, overlay.mnt / "broken")
+        assert (overlay.mnt / "good").read_text() == "good\n"
+    finally:
+        log = overlay.close()
+    assert f"{layer}: stat('broken') raised OverrideError" in log and "0999" in log, log
+
+
+# -- bug 2: a slow plugin call holds up only the request that asked ---------------------------
+
+SLOW = '''
+import time
+
+class Source(DataSource):
+    def open(self, path, flags):
+        if path == b"slow":
+            time.sleep(2)
+        return super().open(path, flags)
+
+    def stat(self, path):
+        if path == b"slowstat":
+            time.sleep(2)
+        return super().stat(path)
+'''
+
+
+@pytest.mark.parametrize("slow", ["slow", "slowstat"], ids=["open", "lookup"])
+def test_a_slow_plugin_call_does_not_delay_other_requests(root_fuse_dirs: Path,
+                                                          slow: str) -> None:
+    import threading
+    import time
+
+    base = root_fuse_dirs
+    layer = small_layer(base)
+    for name in ("slow", "slowstat", "other"):
+        (layer / name).write_text(f"{name}\n")
+    plugin = write_plugin_file(base, "slowplug", SLOW)
+    overlay = Foreground(base, f"plugins={plugin},lowerdir=//slowplug//{layer}")
+    mnt = overlay.mnt
+    done: dict[str, object] = {}
+
+    def slow_reader() -> None:
+        start = time.monotonic()
+        done["data"] = (mnt / slow).read_text()
+        done["took"] = time.monotonic() - start
+
+    try:
+        os.stat(mnt / "good")  # the mount is serving
+        if slow == "slow":
+            os.stat(mnt / "slow")  # looked up: only the open is slow
+        thread = threading.Thread(target=slow_reader)
+        thread.start()
+        time.sleep(0.3)  # the slow call is under way
+        start = time.monotonic()
+        assert (mnt / "other").read_text() == "other\n"  # lookup, open, read: all fresh
+        assert os.stat(mnt / "good").st_size == 5
+        if slow == "slow":
+            assert sorted(os.listdir(mnt)) == ["good", "link", "other", "slow", "slowstat"]
+        took = time.monotonic() - start
+        thread.join(10)
+        assert done.get("data") == f"{slow}\n"
+        assert done["took"] >= 1.9  # the slow call really was slow ...
+        assert took < 0.5, took  # ... and held up nothing else
+    finally:
+        overlay.close()

@@ -76,6 +76,13 @@ def _pool() -> Any:
     return _limiter
 
 
+async def run_in_pool(func: Callable[..., R], *args: Any) -> R:
+    """`func(*args)` in a worker thread of the pool."""
+    import trio
+
+    return await trio.to_thread.run_sync(func, *args, limiter=_pool())
+
+
 async def run_deferred(func: Callable[..., R], *args: Any) -> R:
     """`func(*args)`, with every plugin call that may block run in the worker pool."""
     while True:

@@ -147,6 +147,8 @@ class LowerLayer(Layer):
         self._defer_getxattr = "getxattr" in deferred
         self._defer_listxattr = "listxattr" in deferred
         self._defer_open = "open" in deferred
+        #: Some method of the source may wait: writes that need it run in the pool.
+        self.blocks = bool(deferred)
         #: Whether on_lookup may run in several worker threads at once.
         self._notify_threads = bool(deferred & {"on_lookup", "stat", "raw_stat"})
         self._stats: dict[bytes, Stat | None] = {}

@@ -33,7 +33,6 @@ from .options import USAGE, MountConfig, parse_command_line
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .datasource import DataSource
     from .layers import LowerLayer
     from .operations import OverlayOperations
 
@@ -110,9 +109,6 @@ class CheckedLayout:
             else:
                 out.append(lower)
         return out
-
-    def sources(self) -> list[DataSource]:
-        return [layer.source for layer in self.layers()]
 
 
 def check_lowers(config: MountConfig) -> tuple[list[tuple[str, bool] | LowerLayer], list[str]]:
@@ -212,7 +208,7 @@ def operations(config: MountConfig, layout: CheckedLayout) -> OverlayOperations:
 
     if fault_injected("init"):
         raise RuntimeError("injected fault in init")
-    return OverlayOperations(Overlay(config, layout.sources(), layout.upper, layout.work))
+    return OverlayOperations(Overlay(config, layout.layers(), layout.upper, layout.work))
 
 
 def _setup_logging(config: MountConfig, daemon: bool) -> None:
@@ -360,6 +356,7 @@ def _serve(fd: int | None, mountpoint: str) -> int:
     import trio
 
     from . import session
+    from .deferral import MAX_TASKS
 
     session.install(fd)  # None: libfuse opened the descriptor, and session finds it
     log = logging.getLogger("cshare_fuse")
@@ -376,7 +373,8 @@ def _serve(fd: int | None, mountpoint: str) -> int:
                         return
 
             nursery.start_soon(on_signals)
-            await pyfuse3.main(min_tasks=2, max_tasks=8)
+            # Room for requests served on the loop while the plugin pool is busy.
+            await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
 
     try:

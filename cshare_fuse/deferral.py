@@ -57,11 +57,40 @@ class NeedsFetch(BaseException):
         self.call = call
         self.args = args
         self.failed = failed
+        #: For a gathered one (`gather`): the lists of calls to run side by side.
+        self.shares: list[list[NeedsFetch]] = []
+
+
+def _run_each(needs: list[NeedsFetch]) -> None:
+    for need in needs:
+        try:
+            need.call(*need.args)
+        except Exception as exc:
+            need.failed(exc)  # for that call's own next attempt
+
+
+def gather(needs: list[NeedsFetch]) -> NeedsFetch:
+    """One NeedsFetch for all of `needs`: a listing asks for all its entries at once
+    (spread over the pool's threads) rather than one hop and one retry per entry."""
+    shares = [needs[i::POOL_SIZE] for i in range(min(POOL_SIZE, len(needs)))]
+    need = NeedsFetch(_run_each, (needs,), lambda exc: None)
+    need.shares = shares
+    return need
 
 
 def deferring() -> bool:
     """Whether a cache miss that may block should raise NeedsFetch (see above)."""
     return _deferring.get()
+
+
+#: Calls running in the pool now: while there are any, the request loop waits
+#: for requests in trio rather than by polling (session.py), so that a finished
+#: call is taken up at once.
+_in_flight = 0
+
+
+def in_flight() -> int:
+    return _in_flight
 
 
 _limiter: Any = None
@@ -78,9 +107,14 @@ def _pool() -> Any:
 
 async def run_in_pool(func: Callable[..., R], *args: Any) -> R:
     """`func(*args)` in a worker thread of the pool."""
+    global _in_flight
     import trio
 
-    return await trio.to_thread.run_sync(func, *args, limiter=_pool())
+    _in_flight += 1
+    try:
+        return await trio.to_thread.run_sync(func, *args, limiter=_pool())
+    finally:
+        _in_flight -= 1
 
 
 async def run_deferred(func: Callable[..., R], *args: Any) -> R:
@@ -93,9 +127,14 @@ async def run_deferred(func: Callable[..., R], *args: Any) -> R:
             pending = need
         finally:
             _deferring.reset(token)
-        import trio
+        if len(pending.shares) > 1:
+            import trio
 
+            async with trio.open_nursery() as nursery:
+                for share in pending.shares:
+                    nursery.start_soon(run_in_pool, _run_each, share)
+            continue
         try:
-            await trio.to_thread.run_sync(pending.call, *pending.args, limiter=_pool())
+            await run_in_pool(pending.call, *pending.args)
         except Exception as exc:
             pending.failed(exc)

@@ -21,7 +21,7 @@ from .. import merge
 from ..attrs import AttrPolicy, entry_attributes
 from ..copyup import CopyPolicy, copy_up
 from ..datasource import Stat
-from ..deferral import run_in_pool
+from ..deferral import NeedsFetch, gather, run_in_pool
 from ..errors import OverlayError, PluginFault
 from ..formats import markers
 from ..formats.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR
@@ -172,9 +172,13 @@ class OverlayBase:
             return node.listing
         entries: list[tuple[bytes, Node | None]] = []
         complete: list[tuple[bytes, Node]] = []
+        waiting: list[NeedsFetch] = []
         for name in merge.merged_names(self.layers, node.dir_layers, node.path()):
             try:
                 child = self.child(node, name)
+            except NeedsFetch as need:
+                waiting.append(need)  # the other entries are asked meanwhile
+                continue
             except (OSError, OverlayError) as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                     continue  # gone since it was listed (an upper entry)
@@ -191,6 +195,8 @@ class OverlayBase:
             if child is not None:
                 entries.append((name, child))
                 complete.append((name, child))
+        if waiting:
+            raise gather(waiting)
         if len(complete) == len(entries):
             return node.set_listing(complete)
         return entries

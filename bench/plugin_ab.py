@@ -2,8 +2,8 @@
 
     python -m bench.plugin_ab --base /path/to/old/checkout [--runs 7]
 
-Mounts the same generated tree through `//test//` and the same tree packed as
-`//tar//` with cshare-overlay, once with the code of this checkout (B) and
+Mounts the same generated tree as a plain directory layer, through `//test//`,
+and packed as `//tar//`, with cshare-overlay, once with the code of this checkout (B) and
 once with `--base` first on PYTHONPATH (A), alternating A and B run by run
 (the machine is shared, so only interleaved ratios mean anything).  Each run
 is a fresh mount: walk with lstat of every entry (first and second time), then
@@ -62,6 +62,7 @@ def one_run(overlay: str, lower: str, base: Path, pythonpath: str | None) -> dic
         (base / d).mkdir()
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave the --base checkout as it is
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     opts = f"lowerdir={lower},upperdir={base / 'up'},workdir={base / 'work'}"
@@ -90,7 +91,7 @@ def main() -> int:
         cache.mkdir()
         with tarfile.open(cache / "layer.tar", "w") as tar:
             tar.add(tree, arcname=".")
-        lowers = {"test": f"//test//{tree}", "tar": f"//tar//{cache}"}
+        lowers = {"direct": str(tree), "test": f"//test//{tree}", "tar": f"//tar//{cache}"}
         results: dict[str, dict[str, list[float]]] = {}
         for lower in lowers.values():
             one_run(overlay, lower, work, None)  # warm-up: the tar cache is extracted once

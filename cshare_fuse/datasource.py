@@ -99,6 +99,15 @@ class DataSource:
     #: own directory layers are all inline.
     inline: frozenset[str] = frozenset()
 
+    def may_block(self, method: str, path: bytes) -> bool:
+        """Whether calling `method` (one not in `inline`) for `path` may wait long.
+
+        Asked on the request loop before such a call; False lets the overlay
+        make the call there, saving the thread switch (for instance: the file's
+        data is already at hand).  The default says yes.  Must answer at once.
+        """
+        return True
+
     def __init__(self, root: str | bytes) -> None:
         self.root: bytes = os.fsencode(root).rstrip(b"/") or b"/"
 

@@ -147,6 +147,10 @@ class LowerLayer(Layer):
         self._defer_getxattr = "getxattr" in deferred
         self._defer_listxattr = "listxattr" in deferred
         self._defer_open = "open" in deferred
+        self._deferred = deferred
+        #: The source's own may_block, asked per call for the methods not inline.
+        self._may_block = (source.may_block if type(source).may_block
+                           is not DataSource.may_block else None)
         #: Some method of the source may wait: writes that need it run in the pool.
         self.blocks = bool(deferred)
         #: Whether on_lookup may run in several worker threads at once.
@@ -195,6 +199,21 @@ class LowerLayer(Layer):
 
         raise NeedsFetch(call, args, keep)
 
+    def _blocks(self, path: bytes, *methods: str) -> bool:
+        """Whether one of `methods` may block for `path` (it is not inline and the
+        source's may_block, if it has its own, does not say otherwise)."""
+        ask = self._may_block
+        if ask is None:
+            return True
+        for method in methods:
+            if method in self._deferred:
+                try:
+                    if ask(method, path):
+                        return True
+                except Exception:
+                    return True  # cannot tell: the safe side
+        return False
+
     # -- on_lookup -----------------------------------------------------------------------
     def notified(self, path: bytes) -> bool:
         return not self._has_on_lookup or path in self._notified
@@ -242,7 +261,7 @@ class LowerLayer(Layer):
             return self._stats[path]
         except KeyError:
             pass
-        if self._defer_stat and deferring():
+        if self._defer_stat and deferring() and self._blocks(path, "on_lookup", "stat"):
             self._defer(("stat", path), self._stat_miss, path)
         return self._stat_miss(path)
 
@@ -274,7 +293,7 @@ class LowerLayer(Layer):
             return self._raw_stats[path]
         except KeyError:
             pass
-        if self._defer_raw_stat and deferring():
+        if self._defer_raw_stat and deferring() and self._blocks(path, "on_lookup", "raw_stat"):
             self._defer(("raw_stat", path), self._raw_stat_miss, path)
         return self._raw_stat_miss(path)
 
@@ -313,7 +332,7 @@ class LowerLayer(Layer):
             return self._names[path]
         except KeyError:
             pass
-        if self._defer_readdir and deferring():
+        if self._defer_readdir and deferring() and self._blocks(path, "readdir"):
             self._defer(("readdir", path), self._names_miss, path)
         return self._names_miss(path)
 
@@ -351,7 +370,7 @@ class LowerLayer(Layer):
             return self._opaque[path]
         except KeyError:
             pass
-        if self._defer_opaque and deferring():
+        if self._defer_opaque and deferring() and self._blocks(path, "readdir", "getxattr"):
             self._defer(("opaque", path), self._opaque_miss, path)
         return self._opaque_miss(path)
 
@@ -379,7 +398,7 @@ class LowerLayer(Layer):
             return self._links[path]
         except KeyError:
             pass
-        if self._defer_readlink and deferring():
+        if self._defer_readlink and deferring() and self._blocks(path, "readlink"):
             self._defer(("readlink", path), self._readlink_miss, path)
         return self._readlink_miss(path)
 
@@ -404,7 +423,7 @@ class LowerLayer(Layer):
             if isinstance(cached, int):
                 raise OSError(cached, os.strerror(cached), os.fsdecode(path))
             return cached
-        if self._defer_getxattr and deferring():
+        if self._defer_getxattr and deferring() and self._blocks(path, "getxattr"):
             self._defer(("getxattr", path, name), self._getxattr_miss, path, name)
         return self._getxattr_miss(path, name)
 
@@ -429,7 +448,7 @@ class LowerLayer(Layer):
         cached = self._xattr_lists.get(path)
         if cached is not None:
             return list(cached)
-        if self._defer_listxattr and deferring():
+        if self._defer_listxattr and deferring() and self._blocks(path, "listxattr"):
             self._defer(("listxattr", path), self._listxattr_miss, path)
         return self._listxattr_miss(path)
 
@@ -448,7 +467,7 @@ class LowerLayer(Layer):
         return list(result)
 
     def open(self, path: bytes, flags: int) -> int:
-        if self._defer_open and deferring():
+        if self._defer_open and deferring() and self._blocks(path, "open"):
             key = ("open", path, flags)
             fd = self._ready.pop(key, None)
             if fd is not None:

@@ -15,7 +15,8 @@ object `plugin` that has:
 The data source is a subclass of `DataSource`; its defaults read the layer
 directory directly, so a plugin overrides only what it needs (see
 cshare-plugins(7)).  A source's methods run in a bounded pool of worker
-threads unless it lists them in `inline` (they never wait long); `logger(name)`
+threads unless it lists them in `inline` (they never wait long) or its
+`may_block(method, path)` says a given call will not wait; `logger(name)`
 is the plugin's logger, whose records reach the daemon's log.  Everything a
 plugin may use is exported here; anything else
 in cshare_fuse is private and may change without notice.

@@ -228,7 +228,8 @@ class TarSource(DataSource):
 
     #: Answers come from the index in memory and from creating empty entries;
     #: only `open` may take long (it extracts the file's data, decompressing a
-    #: compressed archive from its start), so it runs in the overlay's pool.
+    #: compressed archive from its start), so it runs in the overlay's pool
+    #: unless `may_block` finds the data already there.
     inline = ALL_METHODS - {"open"}
 
     def __init__(self, archive: str, cache: str) -> None:
@@ -456,6 +457,20 @@ class TarSource(DataSource):
         if not stat.S_ISLNK(entry.mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), os.fsdecode(path))
         return entry.symlink
+
+    def may_block(self, method: str, path: bytes) -> bool:
+        """Only an open whose data is not extracted yet (a stat of the copy, at most)."""
+        entry = self.index.get(path)
+        if method != "open" or entry is None or not stat.S_ISREG(entry.mode):
+            return False
+        first = entry.link_to if entry.link_to is not None else path
+        if entry.size == 0 or first in self._filled:
+            return False
+        try:
+            done = os.lstat(os.path.join(self.root, first)).st_size == entry.size
+        except OSError:
+            return True  # not even created yet
+        return not done
 
     def open(self, path: bytes, flags: int) -> int:
         self._ensure(path)

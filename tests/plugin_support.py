@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import fuse_usable, is_root, require, tool, unmount_all_below
 
+from cshare.system.mountinfo import is_mount_point
+
 
 @pytest.fixture
 def root_fuse_dirs(world_tmp: Path) -> Iterator[Path]:
@@ -26,8 +28,7 @@ def root_fuse_dirs(world_tmp: Path) -> Iterator[Path]:
 
 
 def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+    return is_mount_point(path)
 
 
 class Foreground:

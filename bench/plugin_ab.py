@@ -8,7 +8,8 @@ once with `--base` first on PYTHONPATH (A), alternating A and B run by run
 (the machine is shared, so only interleaved ratios mean anything).  Each run
 is a fresh mount: walk with lstat of every entry (first and second time), then
 open and read every small file (first and second time).  Prints per metric
-the median B/A ratio and the range of the per-run ratios.  Needs root (it
+the median B/A ratio and the range of the per-run ratios, and the same for
+the daemon's CPU time over the four steps (robust against other load).  Needs root (it
 mounts).  Not part of `make bench`: it compares two versions of cshare, not
 cshare with its peers.
 """
@@ -55,6 +56,26 @@ def read_all(mnt: Path) -> float:
     return time.perf_counter() - start
 
 
+def daemon_pid(mnt: Path) -> int:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"cshare-overlay") for a in argv) and os.fsencode(mnt) in argv:
+            return int(entry)
+    raise RuntimeError(f"no cshare-overlay daemon for {mnt}")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one_run(overlay: str, lower: str, base: Path, pythonpath: str | None) -> dict[str, float]:
     mnt = base / "mnt"
     for d in ("up", "work", "mnt"):
@@ -69,9 +90,14 @@ def one_run(overlay: str, lower: str, base: Path, pythonpath: str | None) -> dic
     subprocess.run([overlay, "-o", opts, str(mnt)], check=True, env=env)
     try:
         os.stat(mnt)
+        daemon = daemon_pid(mnt)
+        before = cpu_seconds(daemon)
         out = {"walk, first": walk(mnt), "walk, again": walk(mnt),
                "read 4,000 files, first": read_all(mnt),
                "read 4,000 files, again": read_all(mnt)}
+        # The daemon's own CPU time for all of the above: what the code costs,
+        # much less disturbed by other load on the machine than wall time.
+        out["daemon CPU, all four"] = cpu_seconds(daemon) - before
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
     return out

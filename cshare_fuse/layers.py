@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as statmod
+import struct
 import threading
 from collections.abc import Callable
 from typing import NoReturn
@@ -72,10 +73,28 @@ _U64 = 1 << 64
 _I64 = 1 << 63
 
 
+#: The Stat fields as the kernel takes them (fuse_attr): packing checks in one C
+#: call that each is an integer in range (a negative size fails on "Q").
+_KERNEL_ATTR = struct.Struct("=HQQIIIQQQIqqq")
+
+
 def stat_problem(st: object) -> str | None:
     """What makes `st` unfit to report (the kernel would refuse it), or None."""
     if not isinstance(st, Stat):
         return f"returned {type(st).__name__}, not a Stat"
+    try:
+        _KERNEL_ATTR.pack(st.mode, st.ino, st.dev, st.nlink, st.uid, st.gid, st.rdev,
+                          st.size, st.blocks, st.blksize, st.atime_ns, st.mtime_ns,
+                          st.ctime_ns)
+    except (struct.error, TypeError):
+        return _stat_detail(st) or "returned a Stat with a field out of range"
+    if statmod.S_IFMT(st.mode) not in _FILE_TYPES:
+        return f"returned mode {st.mode:#o}, which is no file type and permission bits"
+    return None
+
+
+def _stat_detail(st: Stat) -> str | None:
+    """Which field of `st` is wrong, for the log line."""
     values = (st.mode, st.ino, st.dev, st.nlink, st.uid, st.gid, st.rdev, st.size, st.blocks,
               st.blksize, st.atime_ns, st.mtime_ns, st.ctime_ns)
     for value in values:
@@ -417,6 +436,8 @@ class LowerLayer(Layer):
         return target
 
     def getxattr(self, path: bytes, name: str) -> bytes:
+        if self.direct:
+            return self.source.getxattr(path, name)  # not cached: a syscall is cheaper
         cached = self._xattrs.get((path, name))
         if cached is not None:
             if isinstance(cached, int):
@@ -466,6 +487,8 @@ class LowerLayer(Layer):
         return list(result)
 
     def open(self, path: bytes, flags: int) -> int:
+        if self.direct:
+            return self.source.open(path, flags)  # the overlay's own: nothing to check
         if self._defer_open and deferring() and self._blocks(path, "open"):
             key = ("open", path, flags)
             fd = self._ready.pop(key, None)

@@ -18,7 +18,7 @@ from ..errors import CshareError, error_line
 from ..tree.convert import ConvertReport, check_can_convert, convert_tree
 from ..tree.restore import RestoreReport, restore_tree
 from ..tree.verify import verify_tree
-from ..tree.walk import display
+from ..tree.walk import display, symlink_root_problem
 
 #: The options of the convert family that fast_path understands (all of them today).
 _FAST_OPTIONS = {
@@ -112,6 +112,9 @@ def run_restore(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> 
 
 
 def run_verify(rootfs: Path, *, json_out: bool) -> None:
+    problem = symlink_root_problem(rootfs)
+    if problem:
+        raise CshareError(problem)
     if not rootfs.is_dir():
         raise CshareError(f"{rootfs}: no such directory")
     report = verify_tree(rootfs)

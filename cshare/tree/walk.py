@@ -145,9 +145,40 @@ def _raise_fd_limit(depth_hint: int = 4096) -> None:
             pass
 
 
+def _last_component(root: Path | str) -> str:
+    """`root` without trailing slashes: `link/` would make the kernel follow `link`."""
+    text = os.fspath(root)
+    stripped = text.rstrip("/")
+    return stripped or text
+
+
+def symlink_root_problem(root: Path | str) -> str | None:
+    """Why `root` may not be walked when its last component is a symlink, else None.
+
+    Root's tools change the tree they are given; a ROOTFS that is a symlink
+    would redirect them to wherever it points (a link to / would open up the
+    host), so the symlink itself is refused and the message names its target.
+    Symlinks in the components above it are the caller's own path and fine.
+    """
+    path = _last_component(root)
+    if not os.path.islink(path):
+        return None
+    try:
+        target = os.readlink(path)
+    except OSError as exc:
+        target = f"? ({exc.strerror})"
+    real = os.path.realpath(path)
+    return (
+        f"{path} is a symlink to {target} ({real}); cshare never follows a symlink given "
+        f"as the tree: give the directory itself ({real}) if that is the one you mean"
+    )
+
+
 def open_root(root: Path) -> tuple[int, os.stat_result]:
-    """Open the tree's root directory (the path given by the user may be a symlink)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Open the tree's root directory; a symlink there is refused (ELOOP), never followed."""
+    fd = os.open(
+        _last_component(root), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    )
     return fd, os.fstat(fd)
 
 

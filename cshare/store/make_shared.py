@@ -19,21 +19,21 @@ same image changes nothing, and images sharing layers store them once.
 
 from __future__ import annotations
 
-import os
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cshare_fuse.formats.markers import is_whiteout_stat
-from cshare_fuse.formats.overrides import CAPABILITY_XATTR, STASHED_CAPABILITY_XATTR
+from cshare_fuse.formats.markers import is_forgeable_in_image
 
 from ..errors import CshareError
 from ..tree.copy import copy_tree
+from ..tree.secure import secure_tree, unsafe_entries
 from .containers import SourceImage, SourceLayer, SourceStore
 from .shared import ImageRecord, SharedStore, remove_path
+
+__all__ = ["make_shared", "secure_tree", "unsafe_entries"]  # the last two: cshare.tree.secure
 
 
 @dataclass
@@ -47,6 +47,8 @@ class LayerOutcome:
     reflinked: int = 0
     copy_seconds: float = 0.0
     convert_seconds: float = 0.0
+    #: xattr name -> entries: what the image carried in cshare's namespaces, not copied
+    dropped_xattrs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,93 +107,12 @@ def _convert(tree: Path, on_entry: Callable[[], None]) -> None:
         )
 
 
-def secure_tree(tree: Path) -> int:
-    """Make a converted layer safe on the host; return how many entries changed.
-
-    convert keeps host owners, but in the shared store a file owned by, say,
-    uid 33 could be rewritten (or its override xattr forged) by whoever has
-    uid 33 on the host.  So every entry but symlinks (which nobody can modify)
-    becomes root:root.  File capabilities would let any host user run the file
-    with privileges, like setuid: they move to `user.cshare.capability`.
-    """
-    changed = 0
-
-    def fix(path: str) -> None:
-        nonlocal changed
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            return
-        if stat.S_ISREG(st.st_mode) and CAPABILITY_XATTR in os.listxattr(
-            path, follow_symlinks=False
-        ):
-            value = os.getxattr(path, CAPABILITY_XATTR, follow_symlinks=False)
-            os.setxattr(path, STASHED_CAPABILITY_XATTR, value, follow_symlinks=False)
-            os.removexattr(path, CAPABILITY_XATTR, follow_symlinks=False)
-            changed += 1
-        if st.st_uid != 0 or st.st_gid != 0:
-            mode = stat.S_IMODE(st.st_mode)
-            os.chown(path, 0, 0, follow_symlinks=False)
-            if not stat.S_ISCHR(st.st_mode) and stat.S_IMODE(os.lstat(path).st_mode) != mode:
-                os.chmod(path, mode)  # chown may drop bits; keep the converted mode
-            changed += 1
-
-    fix(str(tree))
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in dirnames + filenames:
-            fix(os.path.join(dirpath, name))
-    return changed
-
-
 def _verify(tree: Path) -> list[str]:
     """cshare verify's findings on a layer, as `path: kind (detail)`."""
     from ..tree.verify import verify_tree
 
     report = verify_tree(tree)
     return [f"{f.path}: {f.kind} ({f.detail})" for f in report.findings]
-
-
-def unsafe_entries(tree: Path, limit: int = 20) -> list[str]:
-    """Entries a converted layer must not contain, as `path: reason` (at most `limit`).
-
-    Every user may read the shared store, so a layer may hold nothing writable
-    by anyone but root, no setuid/setgid/sticky bits, no device nodes, fifos or
-    sockets (a whiteout, char 0/0, is fine), no file capabilities, and
-    nothing users cannot read.  Symlinks may keep any owner: nobody can change one.
-    """
-    problems: list[str] = []
-
-    def check(path: str, st: os.stat_result) -> None:
-        mode = st.st_mode
-        rel = os.path.relpath(path, tree)
-        if stat.S_ISLNK(mode):
-            return
-        if is_whiteout_stat(mode, st.st_rdev):
-            if st.st_uid != 0:
-                problems.append(f"{rel}: whiteout owned by uid {st.st_uid}, not root")
-            return
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            problems.append(f"{rel}: special file (type {stat.S_IFMT(mode):o})")
-            return
-        if st.st_uid != 0:
-            problems.append(f"{rel}: owned by uid {st.st_uid}, not root")
-        if mode & 0o022:
-            problems.append(f"{rel}: writable by group or others ({stat.S_IMODE(mode):04o})")
-        if mode & 0o7000:
-            problems.append(f"{rel}: setuid/setgid/sticky ({stat.S_IMODE(mode):04o})")
-        if stat.S_ISREG(mode) and CAPABILITY_XATTR in os.listxattr(path, follow_symlinks=False):
-            problems.append(f"{rel}: has file capabilities")
-        needed = 0o005 if stat.S_ISDIR(mode) else 0o004
-        if mode & needed != needed:
-            problems.append(f"{rel}: not readable by users ({stat.S_IMODE(mode):04o})")
-
-    check(str(tree), os.lstat(tree))
-    for dirpath, dirnames, filenames in os.walk(tree):  # os.walk never follows symlinks by default
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            check(path, os.lstat(path))
-            if len(problems) >= limit:
-                return problems
-    return problems
 
 
 def make_shared(
@@ -240,8 +161,11 @@ def _make_shared_locked(
             started = time.monotonic()
             stage = store.stage(f"layer-{layer.id[:12]}-")
             staged[layer.id] = stage
+            # The image's own override records and markers stay behind: a shared
+            # layer's records come only from converting the real metadata.
             stats = copy_tree(
-                source.layer_diff(layer), stage / "diff", on_entry=lambda _p: rep.entry()
+                source.layer_diff(layer), stage / "diff", on_entry=lambda _p: rep.entry(),
+                drop_xattr=is_forgeable_in_image,
             )
             outcomes[layer.id] = LayerOutcome(
                 layer.id,
@@ -250,6 +174,7 @@ def _make_shared_locked(
                 bytes=stats.bytes,
                 reflinked=stats.reflinked,
                 copy_seconds=time.monotonic() - started,
+                dropped_xattrs=stats.dropped_xattrs,
             )
     # podman's store is free again; the rest works on our own copies.
     for index, layer in enumerate(reversed(chain), start=1):

@@ -25,11 +25,12 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CshareError
+from .walk import raise_fd_limit
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 _CHUNK = 1 << 30
@@ -49,24 +50,79 @@ class CopyStats:
     hardlinks: int = 0
     specials: int = 0  # devices, fifos, sockets, whiteouts
     skipped_xattrs: list[str] = field(default_factory=list)
+    #: xattr name -> how many entries had it, of those `drop_xattr` left behind
+    dropped_xattrs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Frame:
+    """One open directory of the copy: source and destination fds, its entries still to copy."""
+
+    src: int
+    dst: int
+    rel: str
+    names: Iterator[str]
+    st: os.stat_result | None = None  # None for the root (the caller finishes it)
+    name: str | None = None  # its name in the parent
 
 
 class _Copier:
-    def __init__(self, on_entry: Callable[[str], None] | None):
+    def __init__(
+        self, on_entry: Callable[[str], None] | None, drop_xattr: Callable[[str], bool] | None
+    ):
         self.stats = CopyStats()
         self.on_entry = on_entry
+        self.drop_xattr = drop_xattr
         self.links: dict[tuple[int, int], str] = {}  # (dev, ino) -> path below the destination root
         self.reflink_ok: bool | None = None  # learnt on the first regular file
         self.dst_root_fd = -1
 
     # ---------------------------------------------------------------- walking
     def copy_dir(self, src_fd: int, dst_fd: int, rel: str) -> None:
-        with os.scandir(src_fd) as it:
-            entries = sorted(e.name for e in it)
-        for name in entries:
-            self.copy_entry(src_fd, dst_fd, name, f"{rel}/{name}" if rel else name)
+        """Copy the contents of the open directory `src_fd` into `dst_fd`, depth first.
 
-    def copy_entry(self, src_dir: int, dst_dir: int, name: str, rel: str) -> None:
+        The walk keeps its own stack of open directories instead of recursing:
+        a layer may hold a directory chain far deeper than Python's recursion
+        limit.  It costs two fds per level (the caller raises RLIMIT_NOFILE).
+        """
+        stack = [_Frame(src_fd, dst_fd, rel, self.names(src_fd))]
+        try:
+            while stack:
+                top = stack[-1]
+                name = next(top.names, None)
+                if name is None:
+                    stack.pop()
+                    if top.st is not None:  # a subdirectory (the first frame is the caller's)
+                        self.leave_dir(stack[-1].dst, top)
+                    continue
+                child = self.copy_entry(top.src, top.dst, name, f"{top.rel}/{name}" if top.rel else name)
+                if child is not None:
+                    stack.append(child)
+        finally:
+            for frame in stack[1:]:  # only after an exception
+                os.close(frame.dst)
+                os.close(frame.src)
+
+    @staticmethod
+    def names(src_fd: int) -> Iterator[str]:
+        with os.scandir(src_fd) as it:
+            return iter(sorted(e.name for e in it))
+
+    def leave_dir(self, parent_dst: int, frame: _Frame) -> None:
+        """A directory's entries are all copied: its own metadata, then its times."""
+        assert frame.st is not None and frame.name is not None
+        try:
+            self.finish_fd(frame.src, frame.dst, frame.st)
+        finally:
+            os.close(frame.dst)
+            os.close(frame.src)
+        os.utime(
+            frame.name, ns=(frame.st.st_atime_ns, frame.st.st_mtime_ns), dir_fd=parent_dst,
+            follow_symlinks=False,
+        )
+
+    def copy_entry(self, src_dir: int, dst_dir: int, name: str, rel: str) -> _Frame | None:
+        """Copy one entry; a directory is only created and opened, returned for the walk to fill."""
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
         mode = st.st_mode
         self.stats.entries += 1
@@ -78,16 +134,13 @@ class _Copier:
             try:
                 dfd = os.open(name, _DIR_FLAGS, dir_fd=dst_dir)
                 try:
-                    self.copy_dir(sfd, dfd, rel)
-                    self.finish_fd(sfd, dfd, st)
-                finally:
+                    return _Frame(sfd, dfd, rel, self.names(sfd), st, name)
+                except BaseException:
                     os.close(dfd)
-            finally:
+                    raise
+            except BaseException:
                 os.close(sfd)
-            os.utime(
-                name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False
-            )
-            return
+                raise
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in self.links:
             os.link(
@@ -98,7 +151,7 @@ class _Copier:
                 follow_symlinks=False,
             )
             self.stats.hardlinks += 1
-            return
+            return None
         if stat.S_ISREG(mode):
             self.copy_file(src_dir, dst_dir, name, st)
         elif stat.S_ISLNK(mode):
@@ -114,6 +167,7 @@ class _Copier:
             raise CshareError(f"{rel}: unknown file type {stat.S_IFMT(mode):o}; cannot copy it")
         if st.st_nlink > 1:
             self.links[key] = rel
+        return None
 
     # ---------------------------------------------------------------- contents
     def copy_file(self, src_dir: int, dst_dir: int, name: str, st: os.stat_result) -> None:
@@ -182,6 +236,10 @@ class _Copier:
         """Copy every xattr; paths are never followed (l*xattr), fds are used as they are."""
         follow = not isinstance(src, str)
         for attr in os.listxattr(src, follow_symlinks=follow):
+            if self.drop_xattr is not None and self.drop_xattr(attr):
+                dropped = self.stats.dropped_xattrs
+                dropped[attr] = dropped.get(attr, 0) + 1
+                continue
             try:
                 value = os.getxattr(src, attr, follow_symlinks=follow)
                 os.setxattr(dst, attr, value, follow_symlinks=follow)
@@ -212,14 +270,24 @@ class _Copier:
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
 
-def copy_tree(src: Path, dst: Path, *, on_entry: Callable[[str], None] | None = None) -> CopyStats:
+def copy_tree(
+    src: Path,
+    dst: Path,
+    *,
+    on_entry: Callable[[str], None] | None = None,
+    drop_xattr: Callable[[str], bool] | None = None,
+) -> CopyStats:
     """Copy the directory `src` to the new directory `dst` (which must not exist).
 
     `on_entry(relative_path)` is called for every entry below the root, for
-    progress.  Raises CshareError on anything that cannot be copied exactly;
-    the partial `dst` is then left for the caller to remove.
+    progress.  xattrs for which `drop_xattr(name)` is true are not copied
+    (counted in the stats' `dropped_xattrs`): make-shared leaves an image's
+    own override records behind this way.  Raises CshareError on anything
+    that cannot be copied exactly; the partial `dst` is then left for the
+    caller to remove.
     """
-    copier = _Copier(on_entry)
+    copier = _Copier(on_entry, drop_xattr)
+    raise_fd_limit()
     try:
         src_fd = os.open(src, _DIR_FLAGS)
     except OSError as exc:

@@ -134,7 +134,7 @@ _open, _fstat, _close, _os_listxattr = os.open, os.fstat, os.close, os.listxattr
 _S_IFMT, _S_IFREG = 0o170000, stat.S_IFREG
 
 
-def _raise_fd_limit(depth_hint: int = 4096) -> None:
+def raise_fd_limit(depth_hint: int = 4096) -> None:
     # One fd per directory level: a deep tree must not run out of descriptors.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, depth_hint)
@@ -215,7 +215,7 @@ def walk(root: Path, visitors: Visitor | list[Visitor]) -> None:
     in one thread, in order, but directories are visited concurrently.
     """
     workers = visitors if isinstance(visitors, list) else [visitors]
-    _raise_fd_limit()
+    raise_fd_limit()
     root_fd, root_st = open_root(root)
     dev = root_st.st_dev
     top = Dir(root_fd, ".", root_st)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import is_root, require, tool
+from conftest import require, tool
 from mount_support import cshare_cmd, kill_overlays_below, rootless_user, user_dir
 from podman_support import PodmanStore, require_podman
 
@@ -251,3 +251,82 @@ def test_make_shared_handles_a_chain_deeper_than_podman_stores(
                         capture_output=True, text=True, timeout=120)
     assert rm.returncode == 0, rm.stderr[-2000:]
     assert not layer.exists()
+
+
+# ---------------------------------------------------------------- point 1
+def _script() -> str:
+    """What a container run as 1000:1000 looks at: owners and types, then each probe's grant."""
+    paths = [SECRET, REAL_SETUID, *_all_forged()]
+    lines = [f"stat -c '{STAT_FMT}' {' '.join(paths)}", f"ls {FORGED_DIR[0]} | sed 's/^/listed:/'"]
+    for probe in [REAL_SETUID, *FORGED_PROBES]:
+        lines.append(f"echo '== {probe}'; {probe} {SECRET}")
+    return "; ".join(lines)
+
+
+def _grants(output: str) -> dict[str, dict[str, str]]:
+    """{probe: {"euid": …, "capeff": …, "open": …}} from the script's output."""
+    out: dict[str, dict[str, str]] = {}
+    current = None
+    for line in output.splitlines():
+        if line.startswith("== "):
+            current = out.setdefault(line[3:], {})
+        elif current is not None and "=" in line:
+            key, _, value = line.partition("=")
+            current[key] = value
+    return out
+
+
+def test_forged_records_in_an_image_grant_nothing(
+    hostile: HostileImages, shared_store: Path, world_tmp: Path, root_fuse: None
+) -> None:
+    diff = hostile.forged_diff
+    # The image really carries every forged form into root's podman store.
+    for name, xattrs in _all_forged().items():
+        for attr, value in xattrs.items():
+            assert os.getxattr(f"{diff}{name}", attr, follow_symlinks=False) == value, (name, attr)
+
+    done = make_shared_cli(shared_store, hostile, FORGED)
+    assert done.returncode == 0, done.stderr[-3000:]
+    dropped = json.loads(done.stdout)["layers"][0]["dropped_xattrs"]
+    assert {a for x in _all_forged().values() for a in x} <= set(dropped), dropped
+
+    # In the shared layer each forged entry has exactly one record: its real metadata's.
+    layer = top_layer(shared_store, FORGED)
+    for name in _all_forged():
+        st = os.lstat(f"{diff}{name}")
+        assert os.listxattr(f"{layer}{name}", follow_symlinks=False) == [OVERRIDE_XATTR], name
+        record = parse_override(os.getxattr(f"{layer}{name}", OVERRIDE_XATTR))
+        assert record == Override.from_stat(st.st_mode, st.st_uid, st.st_gid), name
+    verify = subprocess.run([tool("cshare"), "verify", "--json", str(layer)],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["ok"], verify.stdout
+
+    # Root's own podman on the image: the reference for what a container may get.
+    reference = hostile.store.podman(
+        "run", "--rm", "--network", "none", "--user", "1000:1000", FORGED, "/bin/sh", "-c", _script()
+    ).stdout
+    ref = _grants(reference)
+    assert ref[REAL_SETUID]["euid"] == "0", reference  # the probe does detect a real setuid bit
+    for probe in FORGED_PROBES:
+        assert ref[probe] == {"euid": "1000", "capeff": "0", "open": "denied"}, reference
+
+    # alice, through cshare, on the shared layer.
+    alice = rootless_user("alice", world_tmp)
+    mnt = user_dir(alice, world_tmp / "mnt")
+    m, store = shlex.quote(str(mnt)), shlex.quote(str(shared_store))
+    try:
+        run = alice.sh(f"""
+            set -e
+            podman unshare {cshare_cmd()} mount {FORGED} {m} --store {store} >&2
+            {shlex.join([*RUN, "--user", "1000:1000", "--rootfs", str(mnt), "/bin/sh", "-c", _script()])}
+            podman unshare {cshare_cmd()} umount {m} >&2
+        """, timeout=150)
+    finally:
+        kill_overlays_below([alice], world_tmp, [mnt])
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = _grants(run.stdout)
+    for probe in FORGED_PROBES:
+        assert seen[probe] == {"euid": "1000", "capeff": "0", "open": "denied"}, run.stdout
+    assert f"{FORGED_DEVICE[0]}|1000|1000|644|regular empty file" in run.stdout
+    # Everything the container saw is what root's podman shows.
+    assert run.stdout == reference

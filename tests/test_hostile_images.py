@@ -330,3 +330,39 @@ def test_forged_records_in_an_image_grant_nothing(
     assert f"{FORGED_DEVICE[0]}|1000|1000|644|regular empty file" in run.stdout
     # Everything the container saw is what root's podman shows.
     assert run.stdout == reference
+
+
+def test_verify_reports_records_changed_after_publishing(
+    hostile: HostileImages, shared_store: Path
+) -> None:
+    """make-shared keeps a digest of each layer's records; verify of a published layer compares it."""
+    done = make_shared_cli(shared_store, hostile, FORGED)
+    assert done.returncode == 0, done.stderr[-3000:]
+    layer = top_layer(shared_store, FORGED)
+
+    def verify() -> tuple[int, dict[str, object]]:
+        run = subprocess.run([tool("cshare"), "verify", "--json", str(layer)],
+                             capture_output=True, text=True)
+        return run.returncode, json.loads(run.stdout)
+
+    code, data = verify()
+    assert code == 0 and data["ok"] and data["records_digest"], data
+    target = f"{layer}/forged/containers"
+    honest = os.getxattr(target, OVERRIDE_XATTR)
+    try:
+        # A record changed after publishing, in the converted form: only the digest can tell.
+        os.setxattr(target, OVERRIDE_XATTR, SETUID_ROOT.encode())
+        code, data = verify()
+        assert code == 1
+        assert [(f["kind"], f["path"]) for f in data["findings"]] == [  # type: ignore[attr-defined]
+            ("records-changed", ".")], data
+        # The record moved under a name make-shared never writes.
+        os.removexattr(target, OVERRIDE_XATTR)
+        os.setxattr(target, "user.fuseoverlayfs.override_stat", honest)
+        kinds = {(f["kind"], f["path"]) for f in verify()[1]["findings"]}  # type: ignore[attr-defined]
+        assert kinds == {("records-changed", "."), ("mismatched-record", "forged/containers")}, kinds
+    finally:
+        for name in os.listxattr(target):
+            os.removexattr(target, name)
+        os.setxattr(target, OVERRIDE_XATTR, honest)
+    assert verify()[0] == 0

@@ -30,6 +30,7 @@ from cshare_fuse.formats.markers import is_forgeable_in_image
 from ..errors import CshareError
 from ..tree.copy import copy_tree
 from ..tree.secure import secure_tree, unsafe_entries
+from ..tree.verify import RECORDS_DIGEST_KEY, verify_tree
 from .containers import SourceImage, SourceLayer, SourceStore
 from .shared import ImageRecord, SharedStore, remove_path
 
@@ -107,12 +108,11 @@ def _convert(tree: Path, on_entry: Callable[[], None]) -> None:
         )
 
 
-def _verify(tree: Path) -> list[str]:
-    """cshare verify's findings on a layer, as `path: kind (detail)`."""
-    from ..tree.verify import verify_tree
-
-    report = verify_tree(tree)
-    return [f"{f.path}: {f.kind} ({f.detail})" for f in report.findings]
+def _verify(tree: Path) -> tuple[list[str], str]:
+    """cshare verify's findings on a secured layer, as `path: kind (detail)`, and the
+    digest of its records (kept with the layer: `cshare verify` compares it later)."""
+    report = verify_tree(tree, owners_kept=False)
+    return [f"{f.path}: {f.kind} ({f.detail})" for f in report.findings], report.records_digest
 
 
 def make_shared(
@@ -186,7 +186,8 @@ def _make_shared_locked(
         diff = staged[layer.id] / "diff"
         _convert(diff, rep.entry)
         secure_tree(diff)
-        problems = unsafe_entries(diff) + _verify(diff)
+        findings, digest = _verify(diff)
+        problems = unsafe_entries(diff) + findings
         if problems:
             raise CshareError(
                 f"layer {layer.id[:12]} is not safe to share after conversion: {'; '.join(problems[:3])}"
@@ -205,6 +206,7 @@ def _make_shared_locked(
                 "entries": outcome.entries,
                 "uidset": list(layer.uidset),
                 "gidset": list(layer.gidset),
+                RECORDS_DIGEST_KEY: digest,
             },
         )
         rep.layer_end(outcome)

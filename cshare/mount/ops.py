@@ -84,6 +84,63 @@ def _check_dirs(upper: Path | None, work: Path | None) -> None:
     if (upper is None) != (work is None):
         raise CshareError("--upper and --work go together: give both or neither")
 
+def _check_user_dirs(upper: Path | None, work: Path | None) -> None:
+    """--upper/--work, checked in the namespace that will use them (ns root may write more)."""
+    if upper is not None and work is not None:
+        if os.path.abspath(upper) == os.path.abspath(work):
+            raise CshareError(f"--upper and --work are both {os.path.abspath(upper)}: give two directories")
+        _check_user_dir(Path(os.path.abspath(upper)), "--upper")
+        _check_user_dir(Path(os.path.abspath(work)), "--work")
+
+
+def _check_user_dir(path: Path, option: str) -> None:
+    """A directory given with --upper/--work must be one we can write, or be creatable.
+
+    Checked before anything is created, so a refusal leaves nothing behind.
+    """
+    if os.path.lexists(path):
+        if not path.is_dir():
+            raise CshareError(f"{option} {path} exists and is not a directory: give a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CshareError(f"{option} {path} is not writable by you: give a directory you own")
+        return
+    parent = path.parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CshareError(f"{option} {path} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CshareError(
+            f"{option} {path} cannot be created: {parent} is not writable by you; "
+            "give a directory you own"
+        )
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p `path`; return the directories it created, outermost first."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    created: list[Path] = []
+    try:
+        for p in reversed(missing):
+            p.mkdir()
+            created.append(p)
+    except OSError as exc:
+        _remove_created(created)
+        raise CshareError(f"cannot create {exc.filename or p}: {exc.strerror}") from None
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Undo _make_dirs (only directories still empty: nothing of the user's is removed)."""
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
 
 def users_elsewhere(path: Path) -> list[int]:
     """Pids (one per mount namespace) outside ours that still have the filesystem at `path` mounted.
@@ -118,6 +175,46 @@ def _log_tail(log: Path, offset: int) -> str:
     return lines[-1] if lines else ""
 
 
+def _run_overlay(
+    command: list[str], lowers: list[Path], upper_dir: Path, work_dir: Path, mnt: Path,
+    image: str, state: Path, note: Callable[[str], None],
+) -> list[str]:
+    """Start the overlay on `mnt` and wait until it reports the mount ready; return its argv."""
+    argv = overlay_argv(command, lowers, upper_dir, work_dir, mnt)
+    note("running: " + shlex.join(argv))
+    log = state / LOG_NAME
+    with open(log, "ab") as log_file:
+        offset = log_file.tell()
+        # Output goes to a file, not a pipe: the daemon keeps its stderr open
+        # long after the launcher has exited, and a pipe would never close.
+        try:
+            result = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                timeout=READY_TIMEOUT,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise CshareError(f"overlay program {argv[0]} not found: run scripts/install") from None
+        except subprocess.TimeoutExpired:
+            raise CshareError(
+                f"{Path(argv[0]).name} did not report the mount of {mnt} ready within "
+                f"{READY_TIMEOUT:.0f} s (log: {log})"
+            ) from None
+    if result.returncode != 0:
+        reason = _log_tail(log, offset) or f"exit status {result.returncode}"
+        raise CshareError(
+            f"{Path(argv[0]).name} could not mount {image} on {mnt}: {reason} (log: {log})"
+        )
+    if not is_mount_point(mnt):
+        raise CshareError(
+            f"{Path(argv[0]).name} exited without error but {mnt} is not mounted (log: {log})"
+        )
+    return argv
+
+
 def mount_image(
     image: str,
     mountpoint: Path,
@@ -130,6 +227,7 @@ def mount_image(
     note = debug or (lambda _msg: None)
     _check_dirs(upper, work)
     check_can_mount()
+    _check_user_dirs(upper, work)
     mnt = check_mountpoint(mountpoint)
     if not store_root.is_dir():
         raise CshareError(
@@ -143,65 +241,13 @@ def mount_image(
     with store.read_lock():
         record_image = store.resolve(image)
         lowers = [Path(p) for p in store.lower_dirs(record_image)]
-        key = mount_key(record_image.id, mnt)
-        state = mounts_dir() / key
-        previous = state / RECORD_NAME
-        if previous.exists():
-            try:
-                old = MountRecord.load(previous)
-            except (OSError, ValueError, TypeError):
-                old = None
-            if old is not None and serving(old.pid, mnt):
-                raise CshareError(
-                    f"{image} is already mounted on {mnt} in another mount namespace "
-                    f"(overlay pid {old.pid}): run `cshare umount {mnt}` there first"
-                )
-        state.parent.mkdir(parents=True, exist_ok=True)
-        for p in (data_home() / "cshare", state.parent):
-            p.chmod(0o700)  # other users must not read each other's changes
-        _prepare_dir(state, 0o700)
-        own = upper is None
-        upper_dir = (state / "upper") if upper is None else Path(os.path.abspath(upper))
-        work_dir = (state / "work") if work is None else Path(os.path.abspath(work))
-        if own:
-            # The upper root becomes the container's "/": every uid must traverse it.
-            _prepare_dir(upper_dir, 0o755)
-            _prepare_dir(work_dir, 0o700)
-        else:
-            upper_dir.mkdir(parents=True, exist_ok=True)
-            work_dir.mkdir(parents=True, exist_ok=True)
-        argv = overlay_argv(command, lowers, upper_dir, work_dir, mnt)
-        note("running: " + shlex.join(argv))
-        log = state / LOG_NAME
-        with open(log, "ab") as log_file:
-            offset = log_file.tell()
-            # Output goes to a file, not a pipe: the daemon keeps its stderr open
-            # long after the launcher has exited, and a pipe would never close.
-            try:
-                result = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    timeout=READY_TIMEOUT,
-                    check=False,
-                )
-            except FileNotFoundError:
-                raise CshareError(f"overlay program {argv[0]} not found: run scripts/install") from None
-            except subprocess.TimeoutExpired:
-                raise CshareError(
-                    f"{Path(argv[0]).name} did not report the mount of {mnt} ready within "
-                    f"{READY_TIMEOUT:.0f} s (log: {log})"
-                ) from None
-        if result.returncode != 0:
-            reason = _log_tail(log, offset) or f"exit status {result.returncode}"
-            raise CshareError(
-                f"{Path(argv[0]).name} could not mount {image} on {mnt}: {reason} (log: {log})"
-            )
-        if not is_mount_point(mnt):
-            raise CshareError(
-                f"{Path(argv[0]).name} exited without error but {mnt} is not mounted (log: {log})"
-            )
+        state = _state_dir(record_image.id, image, mnt)
+        upper_dir, work_dir, created = _upper_and_work(state, upper, work)
+        try:
+            argv = _run_overlay(command, lowers, upper_dir, work_dir, mnt, image, state, note)
+        except BaseException:
+            _remove_created(created)
+            raise
     name = record_image.names[0] if getattr(record_image, "names", None) else record_image.id
     record = MountRecord(
         image_id=record_image.id,
@@ -212,13 +258,54 @@ def mount_image(
         lowers=[str(p) for p in lowers],
         command=argv,
         state_dir=str(state),
-        own_dirs=own,
+        own_dirs=upper is None,
         mount_ns=namespaces.mount_namespace_id(),
         pid=find_daemon(mnt),
     )
     record.save()
-    note(f"overlay pid {record.pid}; record {state / RECORD_NAME}; log {log}")
+    note(f"overlay pid {record.pid}; record {state / RECORD_NAME}; log {state / LOG_NAME}")
     return record
+
+
+def _state_dir(image_id: str, image: str, mnt: Path) -> Path:
+    """The per-image-and-mountpoint directory of this mount (refused while another serves it)."""
+    state = mounts_dir() / mount_key(image_id, mnt)
+    previous = state / RECORD_NAME
+    if previous.exists():
+        try:
+            old = MountRecord.load(previous)
+        except (OSError, ValueError, TypeError):
+            old = None
+        if old is not None and serving(old.pid, mnt):
+            raise CshareError(
+                f"{image} is already mounted on {mnt} in another mount namespace "
+                f"(overlay pid {old.pid}): run `cshare umount {mnt}` there first"
+            )
+    state.parent.mkdir(parents=True, exist_ok=True)
+    for p in (data_home() / "cshare", state.parent):
+        p.chmod(0o700)  # other users must not read each other's changes
+    _prepare_dir(state, 0o700)
+    return state
+
+
+def _upper_and_work(
+    state: Path, upper: Path | None, work: Path | None
+) -> tuple[Path, Path, list[Path]]:
+    """The upper and work directories, created if needed, and those of --upper/--work created
+    here (removed again if the mount fails)."""
+    if upper is None or work is None:
+        # The upper root becomes the container's "/": every uid must traverse it.
+        _prepare_dir(state / "upper", 0o755)
+        _prepare_dir(state / "work", 0o700)
+        return state / "upper", state / "work", []
+    upper_dir, work_dir = Path(os.path.abspath(upper)), Path(os.path.abspath(work))
+    created = _make_dirs(upper_dir)
+    try:
+        created += _make_dirs(work_dir)
+    except CshareError:
+        _remove_created(created)
+        raise
+    return upper_dir, work_dir, created
 
 
 def _run_quiet(argv: list[str]) -> tuple[int, str]:

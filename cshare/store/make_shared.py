@@ -6,11 +6,16 @@ The steps, for IMAGE in podman's store (cshare.store.containers) and the shared 
 1. take the shared store's write lock (LOCK_EX; concurrent runs queue here);
 2. under podman's read locks, resolve IMAGE, walk its layer chain and copy
    every layer the shared store does not hold yet into the store's tmp/
-   (cshare.tree.copy; reflink when possible); then release podman's locks;
+   (cshare.tree.copy; reflink when possible), leaving behind the image's own
+   xattrs in cshare's namespaces (override records, user-visible opaque
+   markers, user.cshare.*: an image's tar can carry any of them, and a shared
+   layer's records must come only from converting the real metadata);
+   then release podman's locks;
 3. convert each copied layer (cshare.tree.convert.convert_tree), make it root-owned
    with no file capabilities (`secure_tree`), check that it is safe to show to
    every user (`unsafe_entries` and cshare verify's `verify_tree`), then publish
-   it with one rename, base layer first;
+   it with one rename, base layer first, its metadata holding the digest of
+   its records (`cshare verify` of a published layer compares it);
 4. write the image record last (names, layer order, run config).
 
 A layer already in the store is reused, so running make-shared twice for the

@@ -84,6 +84,7 @@ def _check_dirs(upper: Path | None, work: Path | None) -> None:
     if (upper is None) != (work is None):
         raise CshareError("--upper and --work go together: give both or neither")
 
+
 def _check_user_dirs(upper: Path | None, work: Path | None) -> None:
     """--upper/--work, checked in the namespace that will use them (ns root may write more)."""
     if upper is not None and work is not None:
@@ -123,13 +124,13 @@ def _make_dirs(path: Path) -> list[Path]:
         missing.append(path)
         path = path.parent
     created: list[Path] = []
-    try:
-        for p in reversed(missing):
+    for p in reversed(missing):
+        try:
             p.mkdir()
-            created.append(p)
-    except OSError as exc:
-        _remove_created(created)
-        raise CshareError(f"cannot create {exc.filename or p}: {exc.strerror}") from None
+        except OSError as exc:
+            _remove_created(created)
+            raise CshareError(f"cannot create {p}: {exc.strerror}") from None
+        created.append(p)
     return created
 
 
@@ -153,8 +154,8 @@ def users_elsewhere(path: Path) -> list[int]:
     if device is None:
         return []
     return [
-        pid for pid, lines in mount_tables(skip=namespaces.mount_namespace_id())
-        if any(len(fields) > 2 and fields[2] == device for fields in map(str.split, lines))
+        pid for pid, table in mount_tables(skip=namespaces.mount_namespace_id())
+        if any(entry.device == device for entry in table)
     ]
 
 
@@ -175,44 +176,69 @@ def _log_tail(log: Path, offset: int) -> str:
     return lines[-1] if lines else ""
 
 
-def _run_overlay(
-    command: list[str], lowers: list[Path], upper_dir: Path, work_dir: Path, mnt: Path,
-    image: str, state: Path, note: Callable[[str], None],
-) -> list[str]:
-    """Start the overlay on `mnt` and wait until it reports the mount ready; return its argv."""
-    argv = overlay_argv(command, lowers, upper_dir, work_dir, mnt)
-    note("running: " + shlex.join(argv))
-    log = state / LOG_NAME
+def _check_not_mounted_elsewhere(state: Path, image: str, mnt: Path) -> None:
+    """Refuse when the previous record of this image and mountpoint has a live daemon."""
+    previous = state / RECORD_NAME
+    if not previous.exists():
+        return
+    try:
+        old = MountRecord.load(previous)
+    except (OSError, ValueError, TypeError):
+        return
+    if serving(old.pid, mnt):
+        raise CshareError(
+            f"{image} is already mounted on {mnt} in another mount namespace "
+            f"(overlay pid {old.pid}): run `cshare umount {mnt}` there first"
+        )
+
+
+def _prepare_state(
+    state: Path, upper: Path | None, work: Path | None
+) -> tuple[Path, Path, list[Path]]:
+    """The per-image-and-mountpoint state directory and the upper and work directories,
+    and those of --upper/--work it created (to remove again if the mount fails)."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    for p in (data_home() / "cshare", state.parent):
+        p.chmod(0o700)  # other users must not read each other's changes
+    _prepare_dir(state, 0o700)
+    upper_dir = (state / "upper") if upper is None else Path(os.path.abspath(upper))
+    work_dir = (state / "work") if work is None else Path(os.path.abspath(work))
+    if upper is None:
+        # The upper root becomes the container's "/": every uid must traverse it.
+        _prepare_dir(upper_dir, 0o755)
+        _prepare_dir(work_dir, 0o700)
+        return upper_dir, work_dir, []
+    created = _make_dirs(upper_dir)
+    try:
+        created += _make_dirs(work_dir)
+    except CshareError:
+        _remove_created(created)
+        raise
+    return upper_dir, work_dir, created
+
+
+def _run_overlay(argv: list[str], log: Path, image: str, mnt: Path) -> None:
+    """Run the overlay program; return once it has reported `mnt` mounted."""
+    program = Path(argv[0]).name
     with open(log, "ab") as log_file:
         offset = log_file.tell()
         # Output goes to a file, not a pipe: the daemon keeps its stderr open
         # long after the launcher has exited, and a pipe would never close.
         try:
-            result = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                timeout=READY_TIMEOUT,
-                check=False,
-            )
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                    stderr=log_file, timeout=READY_TIMEOUT, check=False)
         except FileNotFoundError:
             raise CshareError(f"overlay program {argv[0]} not found: run scripts/install") from None
         except subprocess.TimeoutExpired:
             raise CshareError(
-                f"{Path(argv[0]).name} did not report the mount of {mnt} ready within "
+                f"{program} did not report the mount of {mnt} ready within "
                 f"{READY_TIMEOUT:.0f} s (log: {log})"
             ) from None
     if result.returncode != 0:
         reason = _log_tail(log, offset) or f"exit status {result.returncode}"
-        raise CshareError(
-            f"{Path(argv[0]).name} could not mount {image} on {mnt}: {reason} (log: {log})"
-        )
+        raise CshareError(f"{program} could not mount {image} on {mnt}: {reason} (log: {log})")
     if not is_mount_point(mnt):
-        raise CshareError(
-            f"{Path(argv[0]).name} exited without error but {mnt} is not mounted (log: {log})"
-        )
-    return argv
+        raise CshareError(f"{program} exited without error but {mnt} is not mounted (log: {log})")
 
 
 def mount_image(
@@ -241,10 +267,14 @@ def mount_image(
     with store.read_lock():
         record_image = store.resolve(image)
         lowers = [Path(p) for p in store.lower_dirs(record_image)]
-        state = _state_dir(record_image.id, image, mnt)
-        upper_dir, work_dir, created = _upper_and_work(state, upper, work)
+        state = mounts_dir() / mount_key(record_image.id, mnt)
+        _check_not_mounted_elsewhere(state, image, mnt)
+        upper_dir, work_dir, created = _prepare_state(state, upper, work)
+        argv = overlay_argv(command, lowers, upper_dir, work_dir, mnt)
+        note("running: " + shlex.join(argv))
+        log = state / LOG_NAME
         try:
-            argv = _run_overlay(command, lowers, upper_dir, work_dir, mnt, image, state, note)
+            _run_overlay(argv, log, image, mnt)
         except BaseException:
             _remove_created(created)
             raise
@@ -263,49 +293,8 @@ def mount_image(
         pid=find_daemon(mnt),
     )
     record.save()
-    note(f"overlay pid {record.pid}; record {state / RECORD_NAME}; log {state / LOG_NAME}")
+    note(f"overlay pid {record.pid}; record {state / RECORD_NAME}; log {log}")
     return record
-
-
-def _state_dir(image_id: str, image: str, mnt: Path) -> Path:
-    """The per-image-and-mountpoint directory of this mount (refused while another serves it)."""
-    state = mounts_dir() / mount_key(image_id, mnt)
-    previous = state / RECORD_NAME
-    if previous.exists():
-        try:
-            old = MountRecord.load(previous)
-        except (OSError, ValueError, TypeError):
-            old = None
-        if old is not None and serving(old.pid, mnt):
-            raise CshareError(
-                f"{image} is already mounted on {mnt} in another mount namespace "
-                f"(overlay pid {old.pid}): run `cshare umount {mnt}` there first"
-            )
-    state.parent.mkdir(parents=True, exist_ok=True)
-    for p in (data_home() / "cshare", state.parent):
-        p.chmod(0o700)  # other users must not read each other's changes
-    _prepare_dir(state, 0o700)
-    return state
-
-
-def _upper_and_work(
-    state: Path, upper: Path | None, work: Path | None
-) -> tuple[Path, Path, list[Path]]:
-    """The upper and work directories, created if needed, and those of --upper/--work created
-    here (removed again if the mount fails)."""
-    if upper is None or work is None:
-        # The upper root becomes the container's "/": every uid must traverse it.
-        _prepare_dir(state / "upper", 0o755)
-        _prepare_dir(state / "work", 0o700)
-        return state / "upper", state / "work", []
-    upper_dir, work_dir = Path(os.path.abspath(upper)), Path(os.path.abspath(work))
-    created = _make_dirs(upper_dir)
-    try:
-        created += _make_dirs(work_dir)
-    except CshareError:
-        _remove_created(created)
-        raise
-    return upper_dir, work_dir, created
 
 
 def _run_quiet(argv: list[str]) -> tuple[int, str]:

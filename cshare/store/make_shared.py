@@ -11,14 +11,16 @@ The steps, for IMAGE in podman's store (cshare.store.containers) and the shared 
    markers, user.cshare.*: an image's tar can carry any of them, and a shared
    layer's records must come only from converting the real metadata);
    then release podman's locks;
-3. convert each copied layer (cshare.tree.convert.convert_tree), make it root-owned
-   with no file capabilities (`secure_tree`), check that it is safe to show to
-   every user (`unsafe_entries` and cshare verify's `verify_tree`), then publish
-   it with one rename, base layer first, its metadata holding the digest of
-   its records (`cshare verify` of a published layer compares it);
+3. convert each copied layer (cshare.tree.convert.convert_tree), then in one
+   more walk make it root-owned with no file capabilities and check that it is
+   safe to show to every user, cshare verify's checks included
+   (cshare.store.layercheck), then publish it with one rename, base layer first,
+   its metadata holding the digest of its records (`cshare verify` of a
+   published layer compares it);
 4. write the image record last (names, layer order, run config).
 
-A layer already in the store is reused, so running make-shared twice for the
+So each new layer is walked three times: copied, converted, secured and
+checked.  A layer already in the store is reused, so running make-shared twice for the
 same image changes nothing, and images sharing layers store them once.
 """
 
@@ -34,12 +36,10 @@ from cshare_fuse.formats.markers import is_forgeable_in_image
 
 from ..errors import CshareError
 from ..tree.copy import copy_tree
-from ..tree.secure import secure_tree, unsafe_entries
-from ..tree.verify import RECORDS_DIGEST_KEY, verify_tree
+from ..tree.verify import RECORDS_DIGEST_KEY
 from .containers import SourceImage, SourceLayer, SourceStore
+from .layercheck import secure_and_check
 from .shared import ImageRecord, SharedStore, remove_path
-
-__all__ = ["make_shared", "secure_tree", "unsafe_entries"]  # the last two: cshare.tree.secure
 
 
 @dataclass
@@ -113,13 +113,6 @@ def _convert(tree: Path, on_entry: Callable[[], None]) -> None:
         )
 
 
-def _verify(tree: Path) -> tuple[list[str], str]:
-    """cshare verify's findings on a secured layer, as `path: kind (detail)`, and the
-    digest of its records (kept with the layer: `cshare verify` compares it later)."""
-    report = verify_tree(tree, owners_kept=False)
-    return [f"{f.path}: {f.kind} ({f.detail})" for f in report.findings], report.records_digest
-
-
 def make_shared(
     ref: str,
     *,
@@ -147,74 +140,19 @@ def make_shared(
 def _make_shared_locked(
     ref: str, source: SourceStore, store: SharedStore, rep: Reporter, staged: dict[str, Path]
 ) -> MakeSharedResult:
-    outcomes: dict[str, LayerOutcome] = {}
     with source.read_lock():
         snap = source.snapshot()
         image: SourceImage = snap.resolve(ref)
         chain: list[SourceLayer] = snap.chain(image)
         config = snap.config(image)
-        total = len(chain)
-        # Base first: the order they will be published in.
-        for index, layer in enumerate(reversed(chain), start=1):
-            if store.has_layer(layer.id):
-                _check_same_layer(store, layer)
-                outcomes[layer.id] = LayerOutcome(layer.id, "reused")
-                rep.layer_start(index, total, layer.id, "reuse")
-                rep.layer_end(outcomes[layer.id])
-                continue
-            rep.layer_start(index, total, layer.id, "copy")
-            started = time.monotonic()
-            stage = store.stage(f"layer-{layer.id[:12]}-")
-            staged[layer.id] = stage
-            # The image's own override records and markers stay behind: a shared
-            # layer's records come only from converting the real metadata.
-            stats = copy_tree(
-                source.layer_diff(layer), stage / "diff", on_entry=lambda _p: rep.entry(),
-                drop_xattr=is_forgeable_in_image,
-            )
-            outcomes[layer.id] = LayerOutcome(
-                layer.id,
-                "added",
-                entries=stats.entries,
-                bytes=stats.bytes,
-                reflinked=stats.reflinked,
-                copy_seconds=time.monotonic() - started,
-                dropped_xattrs=stats.dropped_xattrs,
-            )
+        outcomes = _copy_new_layers(chain, source, store, rep, staged)
     # podman's store is free again; the rest works on our own copies.
     for index, layer in enumerate(reversed(chain), start=1):
         outcome = outcomes[layer.id]
-        if outcome.status != "added":
-            continue
-        rep.layer_start(index, total, layer.id, "convert")
-        started = time.monotonic()
-        diff = staged[layer.id] / "diff"
-        _convert(diff, rep.entry)
-        secure_tree(diff)
-        findings, digest = _verify(diff)
-        problems = unsafe_entries(diff) + findings
-        if problems:
-            raise CshareError(
-                f"layer {layer.id[:12]} is not safe to share after conversion: {'; '.join(problems[:3])}"
-                f"{' …' if len(problems) > 3 else ''}; nothing was published for it"
-            )
-        outcome.convert_seconds = time.monotonic() - started
-        store.publish_layer(
-            staged.pop(layer.id),
-            {
-                "id": layer.id,
-                "parent": layer.parent,
-                "diff-digest": layer.diff_digest,
-                "diff-size": layer.diff_size,
-                "created": layer.created,
-                "size": outcome.bytes,
-                "entries": outcome.entries,
-                "uidset": list(layer.uidset),
-                "gidset": list(layer.gidset),
-                RECORDS_DIGEST_KEY: digest,
-            },
-        )
-        rep.layer_end(outcome)
+        if outcome.status == "added":
+            rep.layer_start(index, len(chain), layer.id, "convert")
+            _convert_check_publish(layer, outcome, store, rep, staged)
+            rep.layer_end(outcome)
     record = ImageRecord(
         id=image.id,
         names=image.names,
@@ -231,6 +169,75 @@ def _make_shared_locked(
         layers=[outcomes[layer.id] for layer in chain],
         record_changed=changed,
         renamed_from=renamed,
+    )
+
+
+def _copy_new_layers(
+    chain: list[SourceLayer], source: SourceStore, store: SharedStore, rep: Reporter,
+    staged: dict[str, Path],
+) -> dict[str, LayerOutcome]:
+    """Copy every layer of `chain` the store lacks into its tmp/ (under podman's read lock)."""
+    outcomes: dict[str, LayerOutcome] = {}
+    total = len(chain)
+    # Base first: the order they will be published in.
+    for index, layer in enumerate(reversed(chain), start=1):
+        if store.has_layer(layer.id):
+            _check_same_layer(store, layer)
+            outcomes[layer.id] = LayerOutcome(layer.id, "reused")
+            rep.layer_start(index, total, layer.id, "reuse")
+            rep.layer_end(outcomes[layer.id])
+            continue
+        rep.layer_start(index, total, layer.id, "copy")
+        started = time.monotonic()
+        stage = store.stage(f"layer-{layer.id[:12]}-")
+        staged[layer.id] = stage
+        # The image's own override records and markers stay behind: a shared
+        # layer's records come only from converting the real metadata.
+        stats = copy_tree(
+            source.layer_diff(layer), stage / "diff", on_entry=lambda _p: rep.entry(),
+            drop_xattr=is_forgeable_in_image,
+        )
+        outcomes[layer.id] = LayerOutcome(
+            layer.id,
+            "added",
+            entries=stats.entries,
+            bytes=stats.bytes,
+            reflinked=stats.reflinked,
+            copy_seconds=time.monotonic() - started,
+            dropped_xattrs=stats.dropped_xattrs,
+        )
+    return outcomes
+
+
+def _convert_check_publish(
+    layer: SourceLayer, outcome: LayerOutcome, store: SharedStore, rep: Reporter,
+    staged: dict[str, Path],
+) -> None:
+    """Convert a copied layer, secure and check it, and publish it."""
+    started = time.monotonic()
+    diff = staged[layer.id] / "diff"
+    _convert(diff, rep.entry)
+    problems, digest = secure_and_check(diff)
+    if problems:
+        raise CshareError(
+            f"layer {layer.id[:12]} is not safe to share after conversion: {'; '.join(problems[:3])}"
+            f"{' …' if len(problems) > 3 else ''}; nothing was published for it"
+        )
+    outcome.convert_seconds = time.monotonic() - started
+    store.publish_layer(
+        staged.pop(layer.id),
+        {
+            "id": layer.id,
+            "parent": layer.parent,
+            "diff-digest": layer.diff_digest,
+            "diff-size": layer.diff_size,
+            "created": layer.created,
+            "size": outcome.bytes,
+            "entries": outcome.entries,
+            "uidset": list(layer.uidset),
+            "gidset": list(layer.gidset),
+            RECORDS_DIGEST_KEY: digest,
+        },
     )
 
 

@@ -114,8 +114,10 @@ def mismatch(st: os.stat_result, override: Override, owners_kept: bool) -> str |
     return None
 
 
-class _Verifier:
-    def __init__(self, owners_kept: bool) -> None:
+class Verifier:
+    """The walk visitor of `cshare verify`; make-shared runs it inside its own layer check."""
+
+    def __init__(self, owners_kept: bool = True) -> None:
         self.report = VerifyReport()
         self.is_root = os.geteuid() == 0
         self.owners_kept = owners_kept
@@ -201,6 +203,11 @@ class _Verifier:
             self._add("not-readable", path, f"mode {perm:04o}: other users cannot read it")
 
 
+    def finish(self) -> VerifyReport:
+        """The report, its records digest filled in, once the walk is over."""
+        self.report.records_digest = records_digest(self.records)
+        return self.report
+
     def _digest(self, fd: int, names: frozenset[str], path: str) -> None:
         for name in names:
             if _recorded(name):
@@ -218,7 +225,6 @@ def verify_tree(root: Path, *, owners_kept: bool = True) -> VerifyReport:
     leaves it), so a record must name its entry's owner; False for a layer of
     the shared store, which make-shared made root-owned.
     """
-    verifier = _Verifier(owners_kept)
+    verifier = Verifier(owners_kept)
     walk(Path(root), verifier)
-    verifier.report.records_digest = records_digest(verifier.records)
-    return verifier.report
+    return verifier.finish()

@@ -175,10 +175,16 @@ def symlink_root_problem(root: Path | str) -> str | None:
 
 
 def open_root(root: Path) -> tuple[int, os.stat_result]:
-    """Open the tree's root directory; a symlink there is refused (ELOOP), never followed."""
-    fd = os.open(
-        _last_component(root), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    )
+    """Open the tree's root directory; a symlink there is refused (ELOOP), never followed.
+
+    Except /proc/self/fd/N: that names a directory the caller has opened
+    already (a magic link, which O_NOFOLLOW would refuse).
+    """
+    path = _last_component(root)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if not path.startswith("/proc/self/fd/"):
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
     return fd, os.fstat(fd)
 
 

@@ -169,8 +169,8 @@ def symlink_root_problem(root: Path | str) -> str | None:
         target = f"? ({exc.strerror})"
     real = os.path.realpath(path)
     return (
-        f"{path} is a symlink to {target} ({real}); cshare never follows a symlink given "
-        f"as the tree: give the directory itself ({real}) if that is the one you mean"
+        f"{path} is a symlink to {target} ({real}); cshare does not follow it: "
+        f"give {real} itself if that is the tree you mean"
     )
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import require, tool
+from conftest import ensure_user, require, tool
 from mount_support import cshare_cmd, kill_overlays_below, rootless_user, user_dir
 from podman_support import PodmanStore, require_podman
 
@@ -347,6 +347,12 @@ def test_verify_reports_records_changed_after_publishing(
 
     code, data = verify()
     assert code == 0 and data["ok"] and data["records_digest"], data
+    # An ordinary user gets the same answer (the digest leaves out trusted.*, which only root reads).
+    ensure_user("alice")
+    as_alice = subprocess.run(["runuser", "-u", "alice", "--", tool("cshare"), "verify", "--json",
+                               str(layer)], capture_output=True, text=True)
+    assert as_alice.returncode == 0, as_alice.stdout + as_alice.stderr
+    assert json.loads(as_alice.stdout)["records_digest"] == data["records_digest"]
     target = f"{layer}/forged/containers"
     honest = os.getxattr(target, OVERRIDE_XATTR)
     try:

@@ -96,21 +96,32 @@ def records_digest(lines: list[bytes]) -> str:
 
 def mismatch(st: os.stat_result, override: Override, owners_kept: bool) -> str | None:
     """Why `override` cannot be what convert recorded for the entry `st`, else None."""
-    real_type, perm = stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode)
+    problem = _mismatch(st, override, owners_kept)
+    if problem is None:
+        return None
     said = override.format().decode() if override.file_type is not None else (
         f"{override.uid}:{override.gid}:{override.mode:04o}")
-    if override.file_type is not None:
-        claimed = override.file_type
+    return f"record {said}{problem}"
+
+
+def _mismatch(st: os.stat_result, override: Override, owners_kept: bool) -> str | None:
+    # Runs once per entry: the message is only built by `mismatch` when needed.
+    real_dir = stat.S_ISDIR(st.st_mode)
+    claimed = override.file_type
+    if claimed is not None and claimed != stat.S_IFREG and not (claimed == stat.S_IFDIR and real_dir):
         if claimed == stat.S_IFLNK:
-            return f"record {said}: convert never records a symlink"
-        if (claimed == stat.S_IFDIR) != (real_type == stat.S_IFDIR):
-            return f"record {said} on a {'directory' if real_type == stat.S_IFDIR else 'file'}"
-        if claimed not in (stat.S_IFDIR, stat.S_IFREG) and st.st_size != 0:
-            return f"record {said} on a non-empty file (convert leaves an empty one for a device)"
+            return ": convert never records a symlink"
+        if (claimed == stat.S_IFDIR) != real_dir:
+            return f" on a {'directory' if real_dir else 'file'}"
+        if st.st_size != 0:
+            return " on a non-empty file (convert leaves an empty one for a device)"
+    elif claimed == stat.S_IFREG and real_dir:
+        return " on a directory"
+    perm = st.st_mode & 0o7777
     if perm != 0o755:
-        return f"record {said} on an entry of mode {perm:04o}; convert leaves 0755"
-    if owners_kept and (override.uid, override.gid) != (st.st_uid, st.st_gid):
-        return f"record {said} on an entry owned by {st.st_uid}:{st.st_gid}; convert records the real owner"
+        return f" on an entry of mode {perm:04o}; convert leaves 0755"
+    if owners_kept and (override.uid != st.st_uid or override.gid != st.st_gid):
+        return f" on an entry owned by {st.st_uid}:{st.st_gid}; convert records the real owner"
     return None
 
 
@@ -182,13 +193,13 @@ class Verifier:
             self._add("setgid", path, f"mode {perm:04o}")
         elif perm & stat.S_ISGID:
             self._add("setgid", path, f"directory mode {perm:04o}")
-        self._digest(fd, names, path)
+        values = self._records(fd, names, path)
         if not names or names.isdisjoint(_OVERRIDE_NAMES):
             if not whiteout:
                 self._add("not-converted", path, "no override record")
             return
         try:
-            found = read_override(lambda n: os.getxattr(fd, n) if n in names else None)
+            found = read_override(values.get)
         except OverrideError as exc:
             self._add("unparsable", path, str(exc))
             return
@@ -208,14 +219,17 @@ class Verifier:
         self.report.records_digest = records_digest(self.records)
         return self.report
 
-    def _digest(self, fd: int, names: frozenset[str], path: str) -> None:
+    def _records(self, fd: int, names: frozenset[str], path: str) -> dict[str, bytes]:
+        """The entry's recorded xattrs (read once: for the digest and for the override)."""
+        values: dict[str, bytes] = {}
         for name in names:
             if _recorded(name):
-                value = os.getxattr(fd, name)
-                self.records.append(
-                    b"%s\0%s\0%s\n" % (path.encode("utf-8", "surrogateescape"), name.encode(),
-                                         value.hex().encode())
-                )
+                value = values[name] = os.getxattr(fd, name)
+                # Length-prefixed fields: no value can be mistaken for another path or name.
+                key, attr = path.encode("utf-8", "surrogateescape"), name.encode()
+                self.records.append(b"%d:%s%d:%s%d:%s" % (
+                    len(key), key, len(attr), attr, len(value), value))
+        return values
 
 
 def verify_tree(root: Path, *, owners_kept: bool = True) -> VerifyReport:

@@ -159,10 +159,11 @@ def build_layer(root: Path, nodes: Sequence[Node]) -> None:
             p.chmod(0o644)
         else:
             raise ValueError(f"unknown node kind {node.kind}")
-        if node.kind in ("file", "dir", "opaque", "fifo", "chardev"):
-            os.chmod(p, node.mode)
+        # Owner first: chown(2) clears setuid/setgid, which the mode may ask for.
         if node.kind in ("file", "dir", "opaque", "fifo", "symlink", "chardev"):
             os.lchown(p, node.uid, node.gid)
+        if node.kind in ("file", "dir", "opaque", "fifo", "chardev"):
+            os.chmod(p, node.mode)
         for name, value in node.xattrs:
             os.setxattr(p, name, value, follow_symlinks=False)
         made.append(p)
@@ -646,7 +647,7 @@ def _do(root: Path, op: Op) -> Any:
         flags = {"write": os.O_WRONLY, "append": os.O_WRONLY | os.O_APPEND,
                  "create": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                  "trunc_write": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}[name]
-        mode = args[2] if name == "create" else 0o644
+        mode = args[2] if name == "create" or len(args) > 2 and name == "trunc_write" else 0o644
         fd = _open(P(args[0]), flags, mode)
         try:
             data = args[1]

@@ -107,7 +107,6 @@ class OverlayBase:
                 return existing
         node = Node(self.table.number_for(st), parent, name, res.layer, statmod.S_IFMT(st.mode))
         node.dir_layers = res.dir_layers
-        node.has_lower = res.has_lower
         node.backing_key = key
         if not self.layers[res.layer].is_upper:
             node.lower_stat = st
@@ -121,6 +120,18 @@ class OverlayBase:
         if not parent.is_dir:
             raise OverlayError(errno.ENOTDIR)
         return self.child(parent, name)
+
+    def lower_holds(self, parent: Node, name: bytes) -> bool:
+        """Whether a lower layer shows `name` in `parent`.
+
+        Removing or replacing such a name needs a whiteout, and a directory
+        arriving there must be opaque.  A question about the name, never about
+        the node that holds it now: a node may have got the name by create,
+        link or rename, and names of one file differ.  The lower layers are
+        immutable, so the answer is asked of them each time.
+        """
+        lowers = [index for index in parent.dir_layers if index != self.upper_index]
+        return bool(lowers) and merge.resolve(self.layers, lowers, parent.path(), name) is not None
 
     def stat_of(self, node: Node) -> Stat:
         if node.lower_stat is not None and node.layer != self.upper_index:

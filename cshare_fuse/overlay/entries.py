@@ -13,6 +13,7 @@ import os
 import stat as statmod
 
 from .. import merge, whiteout
+from ..caller import may_keep_setgid
 from ..datasource import Stat
 from ..errors import OverlayError
 from ..inodes import Node
@@ -65,6 +66,21 @@ class EntryOps(OverlayBase):
             gid = parent_st.gid
         return uid, gid, inherit
 
+    def _creation_mode(self, parent: Node, mode: int, inherit: bool, gid: int, pid: int) -> int:
+        """`mode` as the kernel's overlay leaves it for a new regular file: setgid
+        stripped when the group comes from a setgid directory the caller is not in.
+
+        The kernel's VFS strips it before asking us only when group-execute is
+        set too; the kernel's overlay also strips it without (measured: for
+        regular files, not for mknod), and so do we.
+        """
+        if not inherit or statmod.S_ISDIR(mode) or not mode & statmod.S_ISGID:
+            return mode
+        group = self.attributes(parent).st_gid
+        if may_keep_setgid(pid, group, gid):
+            return mode
+        return mode & ~statmod.S_ISGID
+
     def _give(self, target: bytes | int, uid: int, gid: int, mode: int | None = None) -> None:
         """Hand a new entry to its creator; `mode` is set again when chown cleared bits."""
         if not self.copy_policy.can_chown:
@@ -84,13 +100,11 @@ class EntryOps(OverlayBase):
             else:
                 os.chmod(target, statmod.S_IMODE(mode))
 
-    def _added(self, parent: Node, name: bytes, whiteout_removed: bool) -> Node:
+    def _added(self, parent: Node, name: bytes) -> Node:
         parent.drop_child(name)
         node = self.child(parent, name)
         if node is None:
             raise OverlayError(errno.EIO, f"{name!r} vanished right after creation")
-        if whiteout_removed:
-            node.has_lower = True
         return node
 
     def _added_upper(self, parent: Node, name: bytes, whiteout_removed: bool, st: Stat) -> Node:
@@ -135,7 +149,7 @@ class EntryOps(OverlayBase):
             os.chmod(real, dir_mode)  # mkdir(2) may drop bits; set exactly what was asked
         if removed:
             whiteout.mark_opaque(real)
-        return self._added(parent, name, removed)
+        return self._added(parent, name)
 
     async def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int,
                     gid: int) -> Node:
@@ -146,7 +160,7 @@ class EntryOps(OverlayBase):
             parent_ino, name, uid, gid)
         os.mknod(real, mode, rdev)
         self._give(real, owner_uid, owner_gid, mode)
-        return self._added(parent, name, removed)
+        return self._added(parent, name)
 
     async def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int,
                       gid: int) -> Node:
@@ -154,7 +168,7 @@ class EntryOps(OverlayBase):
             parent_ino, name, uid, gid)
         os.symlink(target, real)
         self._give(real, owner_uid, owner_gid)
-        return self._added(parent, name, removed)
+        return self._added(parent, name)
 
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
         self._writable()
@@ -162,7 +176,7 @@ class EntryOps(OverlayBase):
         if node.is_dir:
             raise OverlayError(errno.EPERM)
         new_parent = self.node(new_parent_ino)
-        removed = self._prepare_new_name(new_parent, new_name)
+        self._prepare_new_name(new_parent, new_name)
         await self.ensure_upper(node)
         await self.ensure_upper(new_parent)
         assert self.upper is not None
@@ -172,6 +186,4 @@ class EntryOps(OverlayBase):
         node.add_alias(new_parent, new_name)
         new_parent.set_child(new_name, node)
         self.table.share_backing(node)
-        if removed:
-            node.has_lower = True  # the alias name hides a lower entry too
         return node

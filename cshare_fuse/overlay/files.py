@@ -13,16 +13,18 @@ import stat as statmod
 import pyfuse3
 
 from ..attrs import entry_attributes
+from ..caller import Caller
 from ..datasource import Stat
 from ..errors import OverlayError
 from ..handles import FileHandle
 from ..inodes import Node
+from .attributes import AttributeOps
 from .entries import EntryOps
 
 _CREATE_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC
 
 
-class FileOps(EntryOps):
+class FileOps(EntryOps, AttributeOps):
     def _open_flags(self, flags: int) -> int:
         flags &= ~_CREATE_STRIP
         if self.writeback:
@@ -53,10 +55,11 @@ class FileOps(EntryOps):
         return handle.fd
 
     async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int,
-                     gid: int) -> tuple[int, Node, pyfuse3.EntryAttributes]:
+                     gid: int, pid: int = 0) -> tuple[int, Node, pyfuse3.EntryAttributes]:
         """Create and open a regular file; returns its handle, node and attributes."""
-        parent, real, removed, owner_uid, owner_gid, _ = await self._new_entry(
+        parent, real, removed, owner_uid, owner_gid, inherit = await self._new_entry(
             parent_ino, name, uid, gid)
+        mode = self._creation_mode(parent, statmod.S_IFREG | mode, inherit, gid, pid)
         fd = os.open(real, self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, statmod.S_IMODE(mode))
         try:
@@ -72,7 +75,7 @@ class FileOps(EntryOps):
         attributes = entry_attributes(node.ino, new, self.policy, merged_dir=False)
         return self._register_fd(fd, node, writable=True), node, attributes
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, caller: Caller | None = None) -> int:
         node = self.node(ino)
         if node.is_dir:
             raise OverlayError(errno.EISDIR)
@@ -85,13 +88,31 @@ class FileOps(EntryOps):
                                  | (flags & os.O_TRUNC if writing else 0))
         else:
             fd = self.layers[node.layer].open(node.path(), os.O_RDONLY | (flags & os.O_NOATIME))
-        return self._register_fd(fd, node, writing)
+        fh = self._register_fd(fd, node, writing)
+        if writing and caller is not None and self.drops_setgid(node, caller):
+            self.handles.file(fh).drops_setgid = True
+        return fh
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._current_fd(fh), size, offset)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        return os.pwrite(self.handles.file(fh).fd, data, offset)
+        handle = self.handles.file(fh)
+        if handle.drops_setgid:
+            self._write_drops_setgid(handle)
+        return os.pwrite(handle.fd, data, offset)
+
+    def _write_drops_setgid(self, handle: FileHandle) -> None:
+        """A write by a caller outside the file's group takes its setgid bit, as in the kernel."""
+        node = handle.node
+        mode = self.attributes(node).st_mode
+        if mode & statmod.S_ISGID and not mode & statmod.S_IXGRP and not node.unlinked:
+            record = self._upper_override(node) if self.copy_policy.override_xattr else None
+            record = self._change_mode(handle.fd, record, statmod.S_IMODE(mode) & ~statmod.S_ISGID)
+            if record is not None:
+                assert self.upper is not None and self.copy_policy.override_xattr is not None
+                os.setxattr(self.upper.real(node.path()), self.copy_policy.override_xattr,
+                            record.format(), follow_symlinks=False)
 
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)

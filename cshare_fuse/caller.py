@@ -34,20 +34,20 @@ def _status(pid: int) -> dict[str, str]:
     return fields
 
 
-def may_keep_setgid(pid: int, gid: int, caller_gid: int) -> bool:
-    """Whether a file of group `gid` made by this caller keeps its setgid bit.
+def in_group_or_capable(caller: Caller, gid: int) -> bool:
+    """The kernel's in_group_or_capable(): in group `gid` (own or supplementary) or CAP_FSETID."""
+    if caller.gid == gid:
+        return True
+    status = _status(caller.pid) if caller.pid > 0 else {}
+    if str(gid) in status.get("Groups", "").split():
+        return True
+    return has_fsetid(caller, status)
 
-    The kernel's rule: the caller is in that group (as its own gid or a
-    supplementary one) or has CAP_FSETID.
-    """
-    if caller_gid == gid:
-        return True
-    if pid <= 0:
-        return False
-    status = _status(pid)
-    groups = status.get("Groups", "").split()
-    if str(gid) in groups:
-        return True
+
+def has_fsetid(caller: Caller, status: dict[str, str] | None = None) -> bool:
+    """Whether the caller holds CAP_FSETID (may keep setuid/setgid bits)."""
+    if status is None:
+        status = _status(caller.pid) if caller.pid > 0 else {}
     try:
         effective = int(status.get("CapEff", "0"), 16)
     except ValueError:

@@ -137,9 +137,8 @@ def build_layer(root: Path, nodes: Sequence[Node]) -> None:
             p.mkdir(exist_ok=True)
             if node.kind == "opaque":
                 if node.style == "aufs":
-                    marker = p / AUFS_OPAQUE
-                    marker.write_bytes(b"")
-                    made.append(marker)
+                    # Not stamped: entries get the same times in either marker style.
+                    (p / AUFS_OPAQUE).write_bytes(b"")
                 else:
                     os.setxattr(p, OPAQUE_XATTRS[node.style], b"y")
         elif node.kind == "symlink":
@@ -456,6 +455,8 @@ def snapshot(root: Path, below: str = "") -> dict[str, dict[str, Any]]:
             rel = os.path.relpath(p, top)
             try:
                 out[rel] = describe(p)
+            except FileNotFoundError:
+                continue  # a listed whiteout (see _listed_entry): no entry
             except OSError as exc:
                 out[rel] = {"error": errno.errorcode.get(exc.errno or 0, str(exc))}
     return out
@@ -472,6 +473,8 @@ def inode_groups(root: Path, below: str = "") -> list[list[str]]:
     for dirpath, dirnames, filenames in os.walk(top):
         for name in [*dirnames, *filenames]:
             p = os.path.join(dirpath, name)
+            if not _listed_entry(Path(p)):
+                continue
             groups.setdefault(os.lstat(p).st_ino, []).append(os.path.relpath(p, top))
     return sorted(sorted(g) for g in groups.values())
 
@@ -631,6 +634,16 @@ def _open(p: Path, flags: int, mode: int = 0o644) -> int:
     return os.open(p, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
 
 
+def _listed_entry(p: Path) -> bool:
+    """Is a name readdir showed an entry?  The kernel overlay lists the whiteouts of a
+    lower directory that merges with nothing, yet finds no such name (ENOENT)."""
+    try:
+        os.lstat(p)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _do(root: Path, op: Op) -> Any:
     name, *args = op
 
@@ -693,7 +706,7 @@ def _do(root: Path, op: Op) -> Any:
     if name == "stat":
         return stat_view(os.lstat(P(args[0])))
     if name == "listdir":
-        return sorted(os.listdir(P(args[0])))
+        return sorted(n for n in os.listdir(P(args[0])) if _listed_entry(P(args[0]) / n))
     if name == "readlink":
         return os.readlink(P(args[0]))
     if name == "statfs":

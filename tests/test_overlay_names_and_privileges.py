@@ -128,16 +128,18 @@ def test_creating_through_a_dangling_symlink_strips_setgid(
 
 def test_setgid_directories_strip_setgid_from_files_of_non_members(
         root_fuse: None, world_tmp: Path) -> None:
-    """In a setgid directory of another group, a new file of alice's loses its setgid bit.
+    """In a setgid directory of another group, alice's new files and their setgid bits.
 
-    The kernel's VFS strips it before asking a FUSE filesystem only when
-    group-execute is set too (02755); the kernel's overlay also strips it
-    without (02745), so the FUSE overlay must as well.  Directories keep it.
+    The kernel's VFS strips setgid from a new file of another group's setgid
+    directory before asking a FUSE filesystem when group-execute is set
+    (02755); without it (02745) the bit stays until a write by a non-member,
+    which FUSE leaves to the filesystem.  Directories keep it.
     """
     l0 = [dir_("g", mode=0o2777), dir_("plain", mode=0o777), symlink("g/f", "c")]
     ops: list[Op] = []
     for i, mode in enumerate([0o2755, 0o2745, 0o6745, 0o4755, 0o2777]):
         ops += [as_alice(("create", f"g/n{i}", b"x", mode)), ("stat", f"g/n{i}"),
+                as_alice(("create", f"g/e{i}", b"", mode)), ("stat", f"g/e{i}"),
                 as_alice(("create", f"plain/n{i}", b"x", mode)), ("stat", f"plain/n{i}"),
                 as_alice(("mkdir", f"g/d{i}", mode)), ("stat", f"g/d{i}"),
                 as_alice(("mkfifo", f"g/p{i}", mode)), ("stat", f"g/p{i}")]

@@ -12,7 +12,7 @@ import stat as statmod
 
 import pyfuse3
 
-from ..caller import Caller, may_keep_setgid
+from ..caller import Caller, has_fsetid, in_group_or_capable
 from ..inodes import Node
 from ..overrides import Override
 from .base import OverlayBase
@@ -33,9 +33,8 @@ class AttributeOps(OverlayBase):
             return self._setattr_unlinked(node, attr, fields, fh)
         # Decided on the attributes before the change, as the kernel does.  A mode
         # sent along with an owner or size is the kernel's own removal of bits.
-        strip = (caller is not None
-                 and bool(fields.update_size or fields.update_uid or fields.update_gid)
-                 and self.drops_setgid(node, caller))
+        strip = self.dropped_privileges(node, caller) if caller is not None and (
+            fields.update_size or fields.update_uid or fields.update_gid) else 0
         await self.ensure_upper(node)
         assert self.upper is not None
         handle = self.handles.file(fh) if fh is not None and fh else None
@@ -47,11 +46,10 @@ class AttributeOps(OverlayBase):
         if node.file_type != statmod.S_IFLNK and (fields.update_mode or strip):
             if fields.update_mode:
                 mode = statmod.S_IMODE(attr.st_mode)
-            else:  # what chown left
+            else:  # what chown left, less what the change takes
                 mode = (record.mode if record is not None
                         else statmod.S_IMODE(self.stat_of(node).mode))
-            if strip:
-                mode &= ~statmod.S_ISGID
+            mode &= ~strip
             record = self._change_mode(target, record, mode)
         if record is not None:
             name = self.copy_policy.override_xattr
@@ -72,21 +70,27 @@ class AttributeOps(OverlayBase):
                 os.utime(target, ns=(atime, mtime), follow_symlinks=False)
         return self.attributes(node)
 
-    def drops_setgid(self, node: Node, caller: Caller) -> bool:
-        """Whether a write, truncate or chown by `caller` takes `node`'s setgid bit.
+    def dropped_privileges(self, node: Node, caller: Caller) -> int:
+        """The setuid/setgid bits a write, truncate or chown by `caller` takes from `node`.
 
-        The kernel's rule (setattr_should_drop_sgid): setgid with group-execute
-        always goes, and the kernel's FUSE code removes that itself; setgid
-        without group-execute goes when the caller is neither in the file's
-        group nor has CAP_FSETID, which FUSE leaves to the filesystem.
+        The kernel's rule (setattr_should_drop_suidgid): for a regular file and
+        a caller without CAP_FSETID, setuid goes, and setgid goes if
+        group-execute is set or the caller is not in the file's group.  The
+        kernel's FUSE code removes setuid and setgid-with-execute itself on
+        write, truncate and chown, but not on open(O_TRUNC) and never setgid
+        without execute: those are ours.
         """
-        if node.is_dir or node.file_type == statmod.S_IFLNK:
-            return False
+        if node.file_type != statmod.S_IFREG:
+            return 0
         attributes = self.attributes(node)
         mode = attributes.st_mode
-        if not mode & statmod.S_ISGID or mode & statmod.S_IXGRP:
-            return False
-        return not may_keep_setgid(caller.pid, attributes.st_gid, caller.gid)
+        bits = statmod.S_ISUID if mode & statmod.S_ISUID else 0
+        if mode & statmod.S_ISGID and (mode & statmod.S_IXGRP or not in_group_or_capable(
+                caller, attributes.st_gid)):
+            bits |= statmod.S_ISGID
+        if bits and has_fsetid(caller):
+            return 0
+        return bits
 
     def _change_owner(self, node: Node, target: bytes | int, record: Override | None,
                       attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields

@@ -13,7 +13,6 @@ import os
 import stat as statmod
 
 from .. import merge, whiteout
-from ..caller import may_keep_setgid
 from ..datasource import Stat
 from ..errors import OverlayError
 from ..inodes import Node
@@ -65,21 +64,6 @@ class EntryOps(OverlayBase):
         if inherit:
             gid = parent_st.gid
         return uid, gid, inherit
-
-    def _creation_mode(self, parent: Node, mode: int, inherit: bool, gid: int, pid: int) -> int:
-        """`mode` as the kernel's overlay leaves it for a new regular file: setgid
-        stripped when the group comes from a setgid directory the caller is not in.
-
-        The kernel's VFS strips it before asking us only when group-execute is
-        set too; the kernel's overlay also strips it without (measured: for
-        regular files, not for mknod), and so do we.
-        """
-        if not inherit or statmod.S_ISDIR(mode) or not mode & statmod.S_ISGID:
-            return mode
-        group = self.attributes(parent).st_gid
-        if may_keep_setgid(pid, group, gid):
-            return mode
-        return mode & ~statmod.S_ISGID
 
     def _give(self, target: bytes | int, uid: int, gid: int, mode: int | None = None) -> None:
         """Hand a new entry to its creator; `mode` is set again when chown cleared bits."""

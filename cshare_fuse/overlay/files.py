@@ -57,9 +57,8 @@ class FileOps(EntryOps, AttributeOps):
     async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int, pid: int = 0) -> tuple[int, Node, pyfuse3.EntryAttributes]:
         """Create and open a regular file; returns its handle, node and attributes."""
-        parent, real, removed, owner_uid, owner_gid, inherit = await self._new_entry(
+        parent, real, removed, owner_uid, owner_gid, _ = await self._new_entry(
             parent_ino, name, uid, gid)
-        mode = self._creation_mode(parent, statmod.S_IFREG | mode, inherit, gid, pid)
         fd = os.open(real, self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                      | os.O_NOFOLLOW, statmod.S_IMODE(mode))
         try:
@@ -73,7 +72,12 @@ class FileOps(EntryOps, AttributeOps):
             os.close(fd)
             raise
         attributes = entry_attributes(node.ino, new, self.policy, merged_dir=False)
-        return self._register_fd(fd, node, writable=True), node, attributes
+        fh = self._register_fd(fd, node, writable=True)
+        # A setgid bit without group-execute, in a group from a setgid directory:
+        # the first write by a caller outside that group takes it, as in the kernel.
+        if new.mode & (statmod.S_ISUID | statmod.S_ISGID):
+            self.handles.file(fh).drops = self.dropped_privileges(node, Caller(uid, gid, pid))
+        return fh, node, attributes
 
     async def open(self, ino: int, flags: int, caller: Caller | None = None) -> int:
         node = self.node(ino)
@@ -89,8 +93,11 @@ class FileOps(EntryOps, AttributeOps):
         else:
             fd = self.layers[node.layer].open(node.path(), os.O_RDONLY | (flags & os.O_NOATIME))
         fh = self._register_fd(fd, node, writing)
-        if writing and caller is not None and self.drops_setgid(node, caller):
-            self.handles.file(fh).drops_setgid = True
+        if writing and caller is not None:
+            handle = self.handles.file(fh)
+            handle.drops = self.dropped_privileges(node, caller)
+            if handle.drops and flags & os.O_TRUNC:
+                self._drop_privileges(handle)  # the truncation was a change
         return fh
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -98,17 +105,17 @@ class FileOps(EntryOps, AttributeOps):
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handles.file(fh)
-        if handle.drops_setgid:
-            self._write_drops_setgid(handle)
+        if handle.drops:
+            self._drop_privileges(handle)
         return os.pwrite(handle.fd, data, offset)
 
-    def _write_drops_setgid(self, handle: FileHandle) -> None:
-        """A write by a caller outside the file's group takes its setgid bit, as in the kernel."""
+    def _drop_privileges(self, handle: FileHandle) -> None:
+        """A change through `handle` takes the setuid/setgid bits its opener may not keep."""
         node = handle.node
-        mode = self.attributes(node).st_mode
-        if mode & statmod.S_ISGID and not mode & statmod.S_IXGRP and not node.unlinked:
+        mode = statmod.S_IMODE(self.attributes(node).st_mode)
+        if mode & handle.drops and not node.unlinked:
             record = self._upper_override(node) if self.copy_policy.override_xattr else None
-            record = self._change_mode(handle.fd, record, statmod.S_IMODE(mode) & ~statmod.S_ISGID)
+            record = self._change_mode(handle.fd, record, mode & ~handle.drops)
             if record is not None:
                 assert self.upper is not None and self.copy_policy.override_xattr is not None
                 os.setxattr(self.upper.real(node.path()), self.copy_policy.override_xattr,

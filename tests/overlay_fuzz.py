@@ -18,7 +18,10 @@ then layer entries) and printed as a reproduction.
 
 Tolerated, and stated here as in cshare-overlay(1) NOTES: names of a lower
 hardlink that none of them has copied up show distinct inode numbers
-(`expected_fuse_groups`).  Nothing else is.
+(`expected_fuse_groups`); and a whiteout in a lower directory that merges with
+nothing below, which the kernel lists in readdir but cannot look up, is no
+entry (`overlay_support._listed_entry`; cshare-overlay does not list it).
+Nothing else is.
 
 Run: `make fuzz SEEDS=200 [OPS=400] [FIRST=0]` as root, or
 `python tests/overlay_fuzz.py --seeds N --ops N`; CSHARE_OVERLAY_CMD=fuse-overlayfs
@@ -214,8 +217,15 @@ OP_WEIGHTS: dict[str, int] = {
 }
 
 
-def _operation(rng: random.Random, name: str, paths: Sequence[str], owners: Users) -> Op:
-    p, q = rng.choice(paths), rng.choice(paths)
+def _operation(rng: random.Random, name: str, paths: Sequence[str], owners: Users,
+               recent: Sequence[str]) -> Op:
+    """One operation; its paths are often ones the last operations used, so that
+    chains such as link, rename of the new name, unlink of the old one happen."""
+
+    def pick() -> str:
+        return rng.choice(recent) if recent and rng.random() < 0.5 else rng.choice(paths)
+
+    p, q = pick(), pick()
     if name in ("link", "rename", "rename_noreplace", "rename_exchange"):
         return (name, p, q)
     if name == "create":
@@ -252,18 +262,43 @@ def _operation(rng: random.Random, name: str, paths: Sequence[str], owners: User
     return (name, p)
 
 
+JUGGLE = ["link", "link", "rename", "rename", "unlink", "unlink", "rename_exchange", "rmdir",
+          "stat"]
+
+
+def _juggle(rng: random.Random, layers: Sequence[Sequence[Node]], paths: Sequence[str]
+            ) -> list[Op]:
+    """A burst of link, rename and unlink among a few names: some from the lower
+    layers (hardlinked ones and whiteouts among them), some new, in several directories."""
+    lower = [n.path for layer in layers for n in layer if n.kind != "dir"]
+    names = [rng.choice(lower or paths) for _ in range(2)]
+    names += [rng.choice(paths) for _ in range(rng.randint(1, 2))]
+    ops: list[Op] = []
+    for _ in range(rng.randint(3, 7)):
+        name = rng.choice(JUGGLE)
+        a, b = rng.choice(names), rng.choice(names)
+        ops.append((name, a, b) if name in ("link", "rename", "rename_exchange") else (name, a))
+    return ops
+
+
 def generate_ops(rng: random.Random, layers: Sequence[Sequence[Node]], count: int,
                  owners: Users) -> tuple[Op, ...]:
     paths = layer_paths(layers)
     names, weights = list(OP_WEIGHTS), list(OP_WEIGHTS.values())
     ops: list[Op] = []
-    for _ in range(count):
-        op = _operation(rng, rng.choices(names, weights)[0], paths, owners)
-        if rng.random() < 0.4:
-            uid, gid = rng.choice(owners.others)
-            op = ("as_user", uid, gid, op)
-        ops.append(op)
-    return tuple(ops)
+    recent: list[str] = []
+    while len(ops) < count:
+        if rng.random() < 0.06:
+            burst = _juggle(rng, layers, paths)
+        else:
+            burst = [_operation(rng, rng.choices(names, weights)[0], paths, owners, recent)]
+        for op in burst:
+            recent = ([a for a in op[1:] if isinstance(a, str) and a in paths] + recent)[:6]
+            if rng.random() < 0.35:
+                uid, gid = rng.choice(owners.others)
+                op = ("as_user", uid, gid, op)
+            ops.append(op)
+    return tuple(ops[:count])
 
 
 def generate(seed: int, count: int, owners: Users, fuse_styles: Sequence[str]) -> Case:
@@ -374,21 +409,22 @@ def _shrink_layers(case: Case, fails: Callable[[Case], bool], out_of_time: Calla
     return case
 
 
-def shrink(case: Case, base: Path, seconds: float) -> Case:
-    """A smaller case that still diverges, within about `seconds`."""
+def shrink(case: Case, fails: Callable[[Case], bool], seconds: float,
+           first: int | None = None) -> Case:
+    """A smaller case for which `fails` still holds, within about `seconds`.
+
+    `first` is the step of the first differing result, if known: nothing
+    after it is needed.
+    """
     deadline = time.monotonic() + seconds
 
     def out_of_time() -> bool:
         return time.monotonic() > deadline
 
-    def fails(trial: Case) -> bool:
-        return bool(run_case(trial, base))
-
-    first = _first_divergence(run_case(case, base))
-    if first is not None:  # nothing after the first differing result is needed
-        case = replace(case, ops=case.ops[:first + 1])
-        if not fails(case):
-            return case
+    if first is not None:
+        cut = replace(case, ops=case.ops[:first + 1])
+        if fails(cut):
+            case = cut
     case = _shrink_ops(case, fails, out_of_time)
     case = _shrink_layers(case, fails, out_of_time)
     return _shrink_ops(case, fails, out_of_time)
@@ -462,7 +498,8 @@ def fuzz(seeds: Sequence[int], ops: int, base: Path, *, shrink_seconds: float = 
         diverged[seed] = problems
         out(f"seed {seed}: diverged")
         if len(diverged) <= shrink_first:
-            small = shrink(case, base / "case", shrink_seconds)
+            small = shrink(case, lambda trial: bool(run_case(trial, base / "case")),
+                           shrink_seconds, _first_divergence(problems))
             out(f"seed {seed}, shrunk reproduction:\n{format_case(small)}")
             out("\n".join(run_case(small, base / "case")[1:]))
         else:

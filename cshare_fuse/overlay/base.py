@@ -241,8 +241,22 @@ class OverlayBase:
         node.backing_key = (copied.dev, copied.ino) if copied is not None else None
 
     def _now_in_upper(self, node: Node) -> None:
+        # A copied-up name of a lower hardlink is a file of its own (link count
+        # 1): the attributes the kernel cached from the lower file are wrong now.
+        was_linked = node.lower_stat is not None and node.lower_stat.nlink > 1
         for parent, name in self.table.copied_up(node, self.upper_index):
             invalidate_entry(parent.ino, name)
+        if was_linked:
+            invalidate_attributes(node.ino)
+
+
+def invalidate_attributes(ino: int) -> None:
+    """Tell the kernel to forget the attributes it cached for `ino` (never its data)."""
+    try:
+        # Attributes only: no page is touched, so this cannot wait for writeback.
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except Exception:  # not mounted (unit tests), or the kernel does not know it
+        pass
 
 
 def invalidate_entry(parent_ino: int, name: bytes) -> None:

@@ -7,7 +7,7 @@ a directory, so a plugin overrides only what it needs.  Lower layers are
 read-only here: nothing in this protocol writes.
 
 When `honour_overrides` is set, `stat` reports the original owner, mode and type
-recorded by `cshare convert` (override xattr, see overrides.py) instead of the
+recorded by `cshare convert` (override xattr, see formats/overrides.py) instead of the
 converted inode's own.  The overlay sets it for a plain directory layer whose
 root carries the xattr, as fuse-overlayfs does; the `test` plugin always sets it.
 """
@@ -15,15 +15,11 @@ root carries the xattr, as fuse-overlayfs does; the `test` plugin always sets it
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import stat as statmod
 from dataclasses import dataclass
 
-from . import overrides
-
-#: The xattr namespaces an unprivileged reader can see; listing others is pointless.
-_ENODATA = getattr(errno, "ENODATA", 61)
+from .formats import overrides
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +119,7 @@ class DataSource:
         """
         if st is not None and not (statmod.S_ISREG(st.mode) or statmod.S_ISDIR(st.mode)):
             return None
-
-        def get(name: str) -> bytes | None:
-            try:
-                return self.getxattr(path, name)
-            except OSError as exc:
-                if exc.errno in (_ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                    return None
-                raise
-
-        found = overrides.read_override(get)
+        found = overrides.read_override_from(lambda name: self.getxattr(path, name))
         return found[1] if found else None
 
     def exists(self, path: bytes) -> bool:

@@ -13,8 +13,8 @@ import stat as statmod
 import pyfuse3
 
 from ..caller import Caller, has_fsetid, in_group_or_capable
+from ..formats.overrides import Override
 from ..inodes import Node
-from ..overrides import Override
 from .base import OverlayBase
 
 

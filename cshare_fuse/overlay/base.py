@@ -16,16 +16,17 @@ from collections.abc import Sequence
 import pyfuse3
 import trio
 
-from .. import merge, whiteout
+from .. import merge
 from ..attrs import AttrPolicy, entry_attributes
 from ..copyup import CopyPolicy, copy_up
 from ..datasource import DataSource, Stat
 from ..errors import OverlayError
+from ..formats import markers
+from ..formats.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR
 from ..handles import HandleTable
 from ..inodes import Node, NodeTable
 from ..layers import Layer, LowerLayer, UpperLayer
 from ..options import MountConfig
-from ..overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR
 
 #: Copies larger than this go to a worker thread so other requests keep flowing.
 _THREAD_COPY_BYTES = 1 << 20
@@ -81,7 +82,7 @@ class OverlayBase:
         node = parent.children.get(name)
         if node is not None:
             return node
-        if whiteout.is_reserved_name(name):
+        if markers.is_reserved_name(name):
             return None
         resolved = merge.resolve(self.layers, parent.dir_layers, parent.path(), name)
         if resolved is None:

@@ -15,6 +15,7 @@ import pyfuse3
 
 from .. import merge, whiteout
 from ..errors import OverlayError
+from ..formats import markers
 from ..handles import DirHandle
 from ..inodes import Node
 from ..libc import RENAME_EXCHANGE, renameat2
@@ -80,7 +81,7 @@ class DirOps(EntryOps):
         if flags & pyfuse3.RENAME_EXCHANGE:
             await self._exchange(old_parent, old_name, new_parent, new_name)
             return
-        if whiteout.is_reserved_name(new_name):
+        if markers.is_reserved_name(new_name):
             raise OverlayError(errno.EINVAL)
         src = self.child(old_parent, old_name)
         if src is None:
@@ -188,7 +189,7 @@ def _clear_markers(real_dir: bytes) -> None:
     """Remove the whiteouts and markers an upper directory holds before it goes."""
     for entry in os.scandir(real_dir):
         st = entry.stat(follow_symlinks=False)
-        if entry.name.startswith(whiteout.WHITEOUT_PREFIX) or whiteout.is_whiteout_stat(
+        if entry.name.startswith(markers.WHITEOUT_PREFIX) or markers.is_whiteout_stat(
                 st.st_mode, st.st_rdev):
             os.unlink(entry.path)
         else:

@@ -15,6 +15,7 @@ import stat as statmod
 from .. import merge, whiteout
 from ..datasource import Stat
 from ..errors import OverlayError
+from ..formats import markers
 from ..inodes import Node
 from .base import OverlayBase
 
@@ -27,7 +28,7 @@ class EntryOps(OverlayBase):
         Returns True if a whiteout was removed (the new entry replaces something
         deleted, so a new directory there must be opaque).
         """
-        if whiteout.is_reserved_name(name):
+        if markers.is_reserved_name(name):
             raise OverlayError(errno.EINVAL, f"{name!r}: names starting .wh. are reserved")
         if len(name) > merge.NAME_MAX:
             raise OverlayError(errno.ENAMETOOLONG)
@@ -46,10 +47,10 @@ class EntryOps(OverlayBase):
         except FileNotFoundError:
             pass
         else:
-            if whiteout.is_whiteout_stat(st.st_mode, st.st_rdev):
+            if markers.is_whiteout_stat(st.st_mode, st.st_rdev):
                 os.unlink(real)
                 removed = True
-        aufs = parent_real + b"/" + whiteout.aufs_whiteout_name(name)
+        aufs = parent_real + b"/" + markers.aufs_whiteout_name(name)
         if os.path.lexists(aufs):
             os.unlink(aufs)
             removed = True

@@ -7,8 +7,8 @@ import os
 
 import pyfuse3
 
-from .. import whiteout
 from ..errors import OverlayError
+from ..formats import markers
 from ..inodes import Node
 from ..layers import Layer
 from .base import OverlayBase
@@ -23,19 +23,19 @@ class XattrOps(OverlayBase):
     def getxattr(self, ino: int, name: str) -> bytes:
         node = self.node(ino)
         layer = self._xattr_layer(node)
-        if whiteout.is_internal_xattr(name):
+        if markers.is_internal_xattr(name):
             raise OverlayError(pyfuse3.ENOATTR)
         return layer.getxattr(node.path(), name)
 
     def listxattr(self, ino: int) -> list[str]:
         node = self.node(ino)
         layer = self._xattr_layer(node)
-        return [n for n in layer.listxattr(node.path()) if not whiteout.is_internal_xattr(n)]
+        return [n for n in layer.listxattr(node.path()) if not markers.is_internal_xattr(n)]
 
     async def setxattr(self, ino: int, name: str, value: bytes) -> None:
         node = self.node(ino)
         self._xattr_layer(node)
-        if whiteout.is_internal_xattr(name):
+        if markers.is_internal_xattr(name):
             raise OverlayError(errno.EPERM, f"{name} belongs to the overlay")
         await self.ensure_upper(node)
         assert self.upper is not None
@@ -44,7 +44,7 @@ class XattrOps(OverlayBase):
     async def removexattr(self, ino: int, name: str) -> None:
         node = self.node(ino)
         self._xattr_layer(node)
-        if whiteout.is_internal_xattr(name):
+        if markers.is_internal_xattr(name):
             raise OverlayError(errno.EPERM, f"{name} belongs to the overlay")
         if node.layer != self.upper_index:
             # Nothing to remove is no reason to copy up (the kernel checks first too).

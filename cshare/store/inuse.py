@@ -21,9 +21,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cshare_fuse.fusemount import fuse_descriptors
-
-from .mount import mount_tables, process_argv, unescape_mountinfo
+from ..system.procfs import (
+    holds_fuse_device,
+    mount_tables,
+    process_argv,
+    process_dirs,
+    process_name,
+)
 
 
 @dataclass(frozen=True)
@@ -62,39 +66,28 @@ def holders(layers_dir: Path, layer_ids: Iterable[str]) -> list[Holder]:
     prefix = str(layers_dir).rstrip("/") + "/"
     found: list[Holder] = []
     me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
+    for entry in process_dirs():
+        if int(entry.name) == me:
             continue
         argv = [os.fsdecode(a) for a in process_argv(int(entry.name))]
         text = "\0".join(argv)
         # /dev/fuse open: a FUSE daemon, not a shell that merely ran a mount command.
-        if "lowerdir=" not in text or not fuse_descriptors(entry.path):
+        if "lowerdir=" not in text or not holds_fuse_device(entry.path):
             continue
         for layer_id in sorted(set(named_layers(text, prefix)) & wanted):
             found.append(Holder(layer_id, int(entry.name), _owner(entry.path), _program(entry.path, argv)))
-    for pid, lines in mount_tables():
-        for line in lines:
-            fields = line.split()
-            if "-" not in fields:
+    for pid, table in mount_tables():
+        for mount in table:
+            if mount.fstype != "overlay":
                 continue
-            sep = fields.index("-")
-            if fields[sep + 1] != "overlay" or len(fields) < sep + 4:
-                continue
-            options = unescape_mountinfo(fields[sep + 3])
-            for layer_id in sorted(set(named_layers(options, prefix)) & wanted):
-                what = f"overlay mounted on {unescape_mountinfo(fields[4])}"
+            for layer_id in sorted(set(named_layers(mount.super_options, prefix)) & wanted):
+                what = f"overlay mounted on {mount.mount_point}"
                 found.append(Holder(layer_id, pid, _owner(f"/proc/{pid}"), what))
     return found
 
 
 def _program(proc_dir: str, argv: list[str]) -> str:
-    # comm is the name of the file executed, also for a script (argv[0] is then
-    # its interpreter).
-    try:
-        with open(f"{proc_dir}/comm") as f:
-            return f.read().strip() or os.path.basename(argv[0])
-    except OSError:
-        return os.path.basename(argv[0])
+    return process_name(proc_dir) or os.path.basename(argv[0])
 
 
 def _owner(proc_dir: str) -> str:

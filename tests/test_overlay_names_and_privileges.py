@@ -172,3 +172,24 @@ def test_chmod_chown_write_and_truncate_strip_like_the_kernel(
                      ("chmod", "w/nox2", 0o2767), as_alice(("append", "w/nox2", b"B")),
                      ("stat", "w/nox2")]
     assert_same(world_tmp, [l0], ops)
+
+
+def test_the_callers_groups_and_capabilities_come_from_proc(as_root: None) -> None:
+    """caller.in_group_or_capable and has_fsetid read a live process's status."""
+    import subprocess
+
+    from cshare_fuse.caller import Caller, has_fsetid, in_group_or_capable
+
+    uid, gid = alice_ids()
+    assert has_fsetid(Caller(0, 0, os.getpid()))
+    child = subprocess.Popen(["sleep", "30"], user=uid, group=gid, extra_groups=[7])
+    try:
+        alice = Caller(uid, gid, child.pid)
+        assert not has_fsetid(alice)
+        assert in_group_or_capable(alice, gid) and in_group_or_capable(alice, 7)
+        assert not in_group_or_capable(alice, 0)
+        gone = Caller(uid, gid, 0)  # no process to ask: unprivileged, own group only
+        assert in_group_or_capable(gone, gid) and not in_group_or_capable(gone, 7)
+    finally:
+        child.kill()
+        child.wait()

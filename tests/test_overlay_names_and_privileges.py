@@ -29,6 +29,7 @@ from overlay_support import (
     file,
     hardlink,
     overlay_pair,
+    run_op,
     symlink,
     whiteout,
 )
@@ -193,3 +194,27 @@ def test_the_callers_groups_and_capabilities_come_from_proc(as_root: None) -> No
     finally:
         child.kill()
         child.wait()
+
+
+# ------------------------------------------------------------------ found by the fuzzer
+
+def test_a_copied_up_name_of_a_lower_hardlink_shows_one_link(
+        root_fuse: None, world_tmp: Path) -> None:
+    """After open-for-write copies one name up, stat shows link count 1 (the kernel's cache
+    of the lower attributes must be dropped), while the other name still shows 2."""
+    l0 = [file("d/a", "", mode=0o2755, uid=1002, gid=1002), hardlink("e2", "d/a")]
+    ops: list[Op] = [("stat", "e2"), ("write", "e2", b"", 300), ("stat", "e2"), ("stat", "d/a"),
+                     ("chmod", "d/a", 0o644), ("stat", "d/a"), ("stat", "e2")]
+    assert_same(world_tmp, [l0], ops)
+
+
+def test_chown_to_nothing_does_not_copy_up(root_fuse: None, world_tmp: Path) -> None:
+    """The stated difference (cshare-overlay(1) NOTES): chown(f, -1, -1) never reaches a
+    FUSE filesystem, so only the kernel's overlay copies f up; nothing else differs."""
+    with overlay_pair(world_tmp, [[file("f", "f\n"), file("g", "g\n")]]) as pair:
+        for root in pair.roots:
+            assert run_op(root, ("chown", "f", -1, -1)) == ("ok", None)
+        assert (pair.kernel.upper / "f").exists(), "the kernel's overlay no longer copies up"
+        assert not (pair.fuse.upper / "f").exists(), "FUSE now sees chown(f, -1, -1): fix NOTES"
+        problems = check_pair(pair, [("stat", "f"), ("read", "f")])
+    assert not problems, "\n".join(problems)

@@ -469,9 +469,11 @@ def inode_groups(root: Path, below: str = "") -> list[list[str]]:
     for dirpath, dirnames, filenames in os.walk(top):
         for name in [*dirnames, *filenames]:
             p = os.path.join(dirpath, name)
-            if not _listed_entry(Path(p)):
-                continue
-            groups.setdefault(os.lstat(p).st_ino, []).append(os.path.relpath(p, top))
+            try:
+                ino = os.lstat(p).st_ino
+            except OSError:
+                continue  # a listed whiteout, or an error the snapshot reports
+            groups.setdefault(ino, []).append(os.path.relpath(p, top))
     return sorted(sorted(g) for g in groups.values())
 
 

@@ -1,8 +1,10 @@
 """The seeded differential fuzzer (overlay_fuzz.py) within the CI budget, and its parts.
 
-CI runs CSHARE_FUZZ_SEEDS seeds (default 16) of CSHARE_FUZZ_OPS operations
-(default 300) against the kernel overlay: ~30 s with cshare-overlay on two
-idle cores.  `make fuzz SEEDS=N OPS=N` runs it for as long as asked.  The
+CI runs CSHARE_FUZZ_SEEDS seeds (default 20) of CSHARE_FUZZ_OPS operations
+(default 400) against the kernel overlay: ~65 s with cshare-overlay on two
+cores.  At this budget the code before issue 10's fixes diverges on seeds 16
+(a deleted lower file back), 18 and 19 (setgid kept).  `make fuzz SEEDS=N
+OPS=N` runs it for as long as asked.  The
 other tests check, without mounting anything, that the generator makes what
 the fuzzer promises and that the shrinker shrinks.
 """
@@ -25,8 +27,8 @@ from overlay_fuzz import (
 )
 from overlay_support import Node
 
-SEEDS = int(os.environ.get("CSHARE_FUZZ_SEEDS", "16"))
-OPS = int(os.environ.get("CSHARE_FUZZ_OPS", "300"))
+SEEDS = int(os.environ.get("CSHARE_FUZZ_SEEDS", "20"))
+OPS = int(os.environ.get("CSHARE_FUZZ_OPS", "400"))
 
 USERS = Users(others=((1001, 1001), (1002, 1002), (1001, 7)),
               owners=((0, 0), (1001, 1001), (1002, 1002), (0, 7)))

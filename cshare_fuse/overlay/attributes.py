@@ -22,8 +22,9 @@ class AttributeOps(OverlayBase):
     async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, caller: Caller | None = None) -> pyfuse3.EntryAttributes:
         node = self.node(ino)
-        # Even a setattr that changes nothing visible (chown(f, -1, -1): ctime only)
-        # copies up, as with the kernel's overlay: the file was "changed".
+        # Even a setattr that changes nothing visible (times set to what they are)
+        # copies up, as with the kernel's overlay: the file was "changed".  (A
+        # chown(f, -1, -1) never gets here: the kernel's FUSE client sends nothing.)
         changing = (fields.update_mode or fields.update_uid or fields.update_gid
                     or fields.update_size or fields.update_atime or fields.update_mtime
                     or fields.update_ctime)

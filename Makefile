@@ -25,9 +25,9 @@ test:
 test-fast:
 	$(VENV)/bin/pytest -q tests -m "not root and not fuse and not rootless and not podman"
 
+# Every benchmark, then one table of all rows (bench/README.md); BENCH_ARGS=--quick for a smoke run.
 bench:
-	$(PY) -m bench.overlay_bench
-	$(PY) -m bench.convert_bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 man:
 	$(PY) -m scripts.gen_man man

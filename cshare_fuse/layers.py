@@ -71,12 +71,15 @@ class LowerLayer(Layer):
         self._name_sets: dict[bytes, frozenset[bytes]] = {}
         self._opaque: dict[bytes, bool] = {}
         self._notified: set[bytes] = set()
+        # The set of notified paths costs ~100 bytes a path; only a source that
+        # overrides on_lookup (a plugin loading on demand) needs it.
+        self._wants_notices = type(source).on_lookup is not DataSource.on_lookup
 
     def describe(self) -> str:
         return self.source.describe()
 
     def _notify(self, path: bytes) -> None:
-        if path not in self._notified:
+        if self._wants_notices and path not in self._notified:
             self._notified.add(path)
             self.source.on_lookup(path)
 

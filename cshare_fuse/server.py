@@ -105,10 +105,14 @@ def installation() -> bytes:
     """The code a server runs: interpreter, package directory, newest module."""
     package = os.path.dirname(os.path.abspath(__file__))
     newest = 0
-    with os.scandir(package) as entries:
-        for entry in entries:
-            if entry.name.endswith(".py"):
-                newest = max(newest, entry.stat().st_mtime_ns)
+    folders = [package]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.name.endswith(".py"):
+                    newest = max(newest, entry.stat().st_mtime_ns)
+                elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
     return b"\0".join([os.fsencode(sys.executable), os.fsencode(package), b"%d" % newest])
 
 

@@ -34,6 +34,8 @@ _DEVICE_SHIFT = 48
 _NO_NAMES: frozenset[tuple[Node, bytes]] = frozenset()
 _NO_FDS: frozenset[int] = frozenset()
 _NO_CHILDREN: Mapping[bytes, Node] = MappingProxyType({})
+_FILE_TYPES = {t: t for t in (statmod.S_IFREG, statmod.S_IFDIR, statmod.S_IFLNK, statmod.S_IFCHR,
+                              statmod.S_IFBLK, statmod.S_IFIFO, statmod.S_IFSOCK)}
 
 
 class Node:
@@ -52,7 +54,8 @@ class Node:
         self.aliases: set[tuple[Node, bytes]] | frozenset[tuple[Node, bytes]] = _NO_NAMES
         #: Index of the layer whose entry this node shows (0 is the upper layer if any).
         self.layer = layer
-        self.file_type = file_type
+        # One shared int per type (S_IFMT's result is a new 28-byte int each time).
+        self.file_type = _FILE_TYPES.get(file_type, file_type)
         #: Directories: the layers merged into this one, top first.
         self.dir_layers: tuple[int, ...] = ()
         #: A lower layer shows this name: removing it needs a whiteout.
@@ -61,7 +64,7 @@ class Node:
         #: Directories: resolved children by name (positive cache, kept coherent by us).
         self.children: Mapping[bytes, Node] = _NO_CHILDREN
         #: Directories: merged listing, rebuilt after any change in the directory.
-        self.listing: list[tuple[bytes, Node]] | None = None
+        self.listing: tuple[bytes, ...] | None = None
         self.unlinked = False
         #: File descriptors open on this node (for fstat after unlink).
         self.open_fds: set[int] | frozenset[int] = _NO_FDS
@@ -105,9 +108,9 @@ class Node:
             children.pop(name, None)
         self.listing = None
 
-    def set_listing(self, entries: list[tuple[bytes, Node]]) -> list[tuple[bytes, Node]]:
-        self.listing = entries
-        return entries
+    def set_listing(self, names: tuple[bytes, ...]) -> None:
+        """Keep the merged listing's names (their nodes are among the children)."""
+        self.listing = names
 
     # -- a file's names
     def _own_aliases(self) -> set[tuple[Node, bytes]]:

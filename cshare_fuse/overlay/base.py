@@ -109,8 +109,12 @@ class OverlayBase:
         node = Node(self.table.number_for(st), parent, name, res.layer, statmod.S_IFMT(st.mode))
         node.dir_layers = res.dir_layers
         node.has_lower = res.has_lower
-        node.backing_key = key
-        if not self.layers[res.layer].is_upper:
+        if self.layers[res.layer].is_upper:
+            node.backing_key = key
+        else:
+            # A lower node needs no backing key (56 bytes a node): only upper
+            # names share a node, and a link copies the file up first, which
+            # gives the node the key of its copy.
             node.lower_stat = st
         if hardlinked:
             return self.table.add_hardlinked(node)
@@ -154,14 +158,25 @@ class OverlayBase:
         return entry
 
     def listing(self, node: Node) -> list[tuple[bytes, Node]]:
-        if node.listing is None:
-            entries: list[tuple[bytes, Node]] = []
-            for name in merge.merged_names(self.layers, node.dir_layers, node.path()):
-                child = self.child(node, name)
-                if child is not None:
-                    entries.append((name, child))
-            return node.set_listing(entries)
-        return node.listing
+        """The merged directory's (name, node) pairs, in a new list.
+
+        The node keeps only the names (8 bytes an entry instead of a 56-byte
+        pair): while it has a listing, every name in it is one of its cached
+        children (Node.drop_child and set_child drop the listing).
+        """
+        names = node.listing
+        if names is not None:
+            children = node.children
+            pairs = [(name, children.get(name)) for name in names]
+            if all(child is not None for _, child in pairs):
+                return pairs  # type: ignore[return-value]
+        entries: list[tuple[bytes, Node]] = []
+        for name in merge.merged_names(self.layers, node.dir_layers, node.path()):
+            child = self.child(node, name)
+            if child is not None:
+                entries.append((name, child))
+        node.set_listing(tuple(name for name, _ in entries))
+        return entries
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)

@@ -19,7 +19,7 @@ from rich.console import Console
 from .common import RESULTS_DIR, Report, combined_table, host_info, run_main, write_json
 
 #: The modules `make bench` runs, in this order (a module's name in bench/).
-MODULES = ("overlay_bench", "session_bench", "convert_bench")
+MODULES = ("overlay_bench", "session_bench", "start_bench", "memory_bench", "convert_bench")
 
 
 def main(argv: list[str] | None = None) -> int:

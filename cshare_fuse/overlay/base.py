@@ -128,8 +128,15 @@ class OverlayBase:
         return self.child(parent, name)
 
     def stat_of(self, node: Node) -> Stat:
-        if node.lower_stat is not None and node.layer != self.upper_index:
-            return node.lower_stat
+        if node.layer != self.upper_index:  # a lower node
+            if node.lower_stat is not None:
+                return node.lower_stat
+            # Its entry answers getattr and lookup; the rare operation that
+            # needs the Stat reads it from the (immutable) layer again.
+            lower = self.layers[node.layer].stat(node.path())
+            if lower is None:
+                raise OverlayError(errno.ENOENT, f"{node!r} vanished from its lower layer")
+            return lower
         st: Stat | None = None
         if not node.unlinked and self.upper is not None:
             st = self.upper.stat(node.path())
@@ -155,6 +162,12 @@ class OverlayBase:
         entry = entry_attributes(node.ino, st, self.policy, merged_dir=merged)
         if node.lower_stat is not None and node.layer != self.upper_index:
             node.entry = entry
+            # From now on the entry answers getattr and lookup: the Stat goes,
+            # from the node and from the layer's cache (~330 bytes a node).
+            node.lower_stat = None
+            layer = self.layers[node.layer]
+            if isinstance(layer, LowerLayer):
+                layer.forget_stat(node.path())
         return entry
 
     def listing(self, node: Node) -> list[tuple[bytes, Node]]:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from .formats import overrides
 
-
 #: Values of the low-variety stat fields seen, for Stat.from_os to share (bounded).
 _common: dict[int, int] = {}
 _COMMON_MAX = 4096

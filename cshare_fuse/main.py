@@ -400,30 +400,9 @@ def _serve_request(argv: list[str], ready_fd: int) -> int:
     return _mount_and_serve(config, ready_fd)
 
 
-def _build_unmounted(argv: list[str]) -> object:
-    """The daemon's checks and set-up without mounting: the mount server's warm-up."""
-    config = parse_command_line(argv)
-    layout = check_layout(config)
-    fuse_options(config)
-    ops = operations(config, layout)
-    overlay = ops.overlay
-    handle = overlay.opendir(1)  # the root; its listing and attributes, as a first readdir
-    for _name, node in overlay.dir_entries(handle, 0):
-        overlay.attributes(node)
-    overlay.releasedir(handle)
-    import logging
-
-    _setup_logging(config, daemon=True)
-    log = logging.getLogger("cshare_fuse")
-    for handler in log.handlers:
-        handler.close()  # a forked daemon makes its own; none may inherit this one's socket
-    log.handlers.clear()
-    return ops
-
-
 def run(argv: list[str]) -> int:
     if argv[:1] == [server.SERVER_FLAG]:
-        return server.serve(_serve_request, _build_unmounted)
+        return server.serve(_serve_request)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         print("See cshare-overlay(1) for every option.")

@@ -266,17 +266,15 @@ def set_cmdline(cmdline: bytes) -> bool:
     return True
 
 
-def serve(mount: Callable[[list[str], int], int], build: Callable[[list[str]], object]) -> int:
+def serve(mount: Callable[[list[str], int], int]) -> int:
     """Run the server until it has been idle long enough.  `mount(argv, ready_fd)`
-    is what a forked daemon runs (main's mount path), returning its exit code;
-    `build(argv)` the part of it that needs no mount (for `warm_up`)."""
+    is what a forked daemon runs (main's mount path), returning its exit code."""
     import gc
     import signal
     import socket
     import threading
 
     preload()
-    warm_up(build)
     install = installation()
     own = fingerprint()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -312,42 +310,12 @@ def _idle_seconds() -> float:
 
 def preload() -> None:
     """Import what every daemon imports, so that a forked one does not."""
-    import ctypes  # noqa: F401  (fusemount's mount(2))
     import logging.handlers  # noqa: F401
 
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
     from . import datasource, operations, overlay, session  # noqa: F401
-
-
-def warm_up(build: Callable[[list[str]], object], rounds: int = 10) -> None:
-    """Run a daemon's checks and set-up (no mount, no trio) on a scratch tree.
-
-    CPython 3.11 specializes the bytecode of a function as it runs, writing
-    into the code object: a daemon forked before that had happened would
-    copy those pages for itself.  Measured: ~0.3 MiB less per idle daemon.
-    `build(argv)` is main's check-and-build path; nothing it makes is kept.
-    """
-    import gc
-    import shutil
-    import tempfile
-
-    scratch = tempfile.mkdtemp(prefix="cshare-overlay-warm-")
-    try:
-        for sub in ("lower/d", "upper", "work", "mnt"):
-            os.makedirs(os.path.join(scratch, sub))
-        with open(os.path.join(scratch, "lower", "d", "f"), "wb"):
-            pass
-        argv = ["-o", f"lowerdir={scratch}/lower,upperdir={scratch}/upper,workdir={scratch}/work",
-                f"{scratch}/mnt"]
-        for _ in range(rounds):
-            build(argv)
-    except Exception:  # noqa: BLE001  (a warm-up that fails only costs memory)
-        pass
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        gc.collect()
 
 
 def _handle(conn: object, listener: object, install: bytes, own: bytes,

@@ -17,7 +17,7 @@ issue's 20,000-file walk).  Per run and system (the order rotates):
   4. the same find on those: C.
 
 Rows: A0/10 (a mount, idle), (B - A)/10 (one more mount, idle: issue
-target 5 MiB), C/20 (a mount after the walk) and (C - A)/10 (one more mount
+target 5 MB), C/20 (a mount after the walk) and (C - A)/10 (one more mount
 after the walk: target 3x fuse-overlayfs).  Systems: `cshare` (with the
 server), `cshare-direct` (CSHARE_OVERLAY_SERVER=0: a fresh interpreter per
 mount) and `fuse-overlayfs`.  Memory hardly varies between runs, so at most
@@ -52,7 +52,7 @@ PROG = "memory_bench"
 SYSTEMS = ("cshare", "cshare-direct", "fuse-overlayfs")
 WORK_ROOT = DATA_ROOT / "memory-work"
 MiB = 1 << 20
-IDLE_TARGET_MIB = 5.0
+IDLE_TARGET_MB = 5.0  # the issue's "within 5 MB" (10^6 bytes; the rows are in MiB)
 
 METRICS = (
     ("pss_idle", "memory a mount, {half} idle mounts (PSS)", None),
@@ -132,9 +132,11 @@ class MemoryBench:
         cell = self.report.metrics["pss_next_idle"].cells.get("cshare")
         value = cell.median if cell else None
         if value is None:
-            return f"one more idle mount: no cshare value (target {IDLE_TARGET_MIB:g} MiB)"
-        verdict = "met" if value <= IDLE_TARGET_MIB else "not met"
-        return f"one more idle cshare mount costs {value:.2f} MiB: target {IDLE_TARGET_MIB:g} MiB {verdict}"
+            return f"one more idle mount: no cshare value (target {IDLE_TARGET_MB:g} MB)"
+        mb = value * MiB / 1e6
+        verdict = "met" if mb <= IDLE_TARGET_MB else "not met"
+        return (f"one more idle cshare mount costs {value:.2f} MiB ({mb:.2f} MB): "
+                f"target {IDLE_TARGET_MB:g} MB {verdict}")
 
     def one(self, system: str) -> None:
         program = "fuse-overlayfs" if system == "fuse-overlayfs" else "cshare"

@@ -19,7 +19,7 @@ The rules, and how they are kept:
   namespace are visible to every process of the network namespace, so neither
   side trusts the name: both read the other's pid, uid and gid with
   SO_PEERCRED and compare its credentials (`fingerprint`: ids, groups,
-  capabilities, no_new_privs, seccomp, namespaces) with their own.  A client
+  capabilities, no_new_privs, seccomp, LSM label, namespaces) with their own.  A client
   that finds a stranger on the name mounts directly; a server refuses a
   stranger's request.  The request also names the installation, checked again.
 - *On demand, exits when idle.*  A client that finds no server starts one
@@ -97,8 +97,17 @@ def fingerprint(pid: int | str = "self") -> bytes:
     """
     proc = f"/proc/{pid}"
     parts = _status_lines(proc)
-    parts += [_namespace(proc, "user"), _namespace(proc, "mnt")]
+    parts += [_namespace(proc, "user"), _namespace(proc, "mnt"), _security_label(proc)]
     return b"\n".join(parts)
+
+
+def _security_label(proc: str) -> bytes:
+    """The LSM label (SELinux, AppArmor), when the kernel has one to show."""
+    try:
+        with open(f"{proc}/attr/current", "rb") as f:
+            return f.read().rstrip(b"\0\n")
+    except OSError:
+        return b""
 
 
 def installation() -> bytes:

@@ -26,11 +26,11 @@ from .attrs import AttrPolicy, entry_attributes
 from .copyup import CopyPolicy, copy_up
 from .datasource import DataSource, Stat
 from .errors import OverlayError
+from .formats.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, Override
 from .handles import DirHandle, FileHandle, HandleTable
 from .inodes import Node, NodeTable
 from .layers import Layer, LowerLayer, UpperLayer
 from .options import MountConfig
-from .overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, Override
 
 log = logging.getLogger("cshare_fuse")
 

@@ -11,18 +11,7 @@ import errno
 import os
 import stat as statmod
 
-# Re-exported: overlay.py reads the predicates as `whiteout.NAME` until its
-# split by concern (issue 11 point 3) imports them from formats.markers.
-from .formats.markers import (  # noqa: F401
-    OPAQUE_MARKER,
-    TRUSTED_OPAQUE,
-    USER_OPAQUE,
-    WHITEOUT_PREFIX,
-    aufs_whiteout_name,
-    is_internal_xattr,
-    is_reserved_name,
-    is_whiteout_stat,
-)
+from .formats.markers import OPAQUE_MARKER, TRUSTED_OPAQUE, USER_OPAQUE, aufs_whiteout_name
 
 
 def write_whiteout(dir_fd: int, name: bytes) -> None:

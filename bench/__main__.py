@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from rich.console import Console
 
-from .common import RESULTS_DIR, Report, combined_table, host_info, run_main, write_json
+from .common import RESULTS_DIR, Report, busy_note, combined_table, host_info, run_main, write_json
 
 #: The modules `make bench` runs, in this order (a module's name in bench/).
 MODULES = ("overlay_bench", "session_bench", "convert_bench")
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     out.print(table)
     for footnote in footnotes:
         out.print(footnote, markup=False, highlight=False)
+    for report in reports:
+        busy = busy_note(report)
+        if busy is not None:
+            out.print(f"note ({report.benchmark}): {busy}")
     for report in reports:
         for flag in report.flags():
             out.print(f"[bold red]flag[/bold red] ({report.benchmark}): {flag}")

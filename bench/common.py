@@ -210,6 +210,8 @@ class Report:
         self.notes: list[str] = []
         self.started = datetime.now(UTC)
         self.finished: datetime | None = None
+        self.load_started = load_average()
+        self.load_finished: float | None = None
 
     # -- filling
     def add_metric(self, key: str, label: str, *, unit: str = "s", target: float | None = None) -> None:
@@ -297,6 +299,7 @@ class Report:
             ],
             "flags": self.flags(),
             "notes": list(self.notes),
+            "load_average": {"started": self.load_started, "finished": self.load_finished},
         }
 
     def table(self, title: str) -> tuple[Table, list[str]]:
@@ -383,6 +386,24 @@ def combined_table(reports: Sequence[Report], title: str) -> tuple[Table, list[s
     return table, [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system does not say)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def busy_note(report: Report) -> str | None:
+    """A warning when other work competed for the CPUs while the report was measured."""
+    cpus = os.cpu_count() or 1
+    loads = [x for x in (report.load_started, report.load_finished) if x is not None]
+    if not loads or max(loads) <= cpus:
+        return None
+    return (f"the 1-minute load average was {max(loads):.1f} on {cpus} CPUs during this run: "
+            "other work competed with the measurements; trust the per-run ranges, not single ratios")
+
+
 def host_info() -> dict[str, Any]:
     return {
         "kernel": platform.release(),
@@ -403,6 +424,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def show(report: Report, title: str, json_path: Path) -> None:
     """Print the table and the flags, and write the JSON."""
     report.finished = datetime.now(UTC)
+    report.load_finished = load_average()
+    busy = busy_note(report)
+    if busy is not None and busy not in report.notes:
+        report.notes.append(busy)
     # Piped into a file or CI log, rich would wrap at 80 columns: keep rows whole.
     probe = Console()
     out = probe if probe.is_terminal else Console(width=160)

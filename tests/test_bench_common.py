@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     Comparison,
     Report,
+    busy_note,
     combined_table,
     format_ratio,
     format_seconds,
@@ -205,3 +206,15 @@ def test_combined_table_has_one_row_per_metric_of_every_report() -> None:
     assert cells[5][2] == "≤ 1.50x"
     assert cells[6][2] == ""  # no kernel column for convert
     assert footnotes == ["[1] overlay cshare: failed: cshare mount exited 1: boom"]
+
+
+def test_busy_note_only_when_the_load_exceeds_the_cpus() -> None:
+    import os
+
+    report = make_report()
+    cpus = os.cpu_count() or 1
+    report.load_started, report.load_finished = cpus + 3.5, 0.1
+    note = busy_note(report)
+    assert note is not None and f"{cpus + 3.5:.1f} on {cpus} CPUs" in note
+    report.load_started = report.load_finished = cpus * 0.5
+    assert busy_note(report) is None

@@ -218,3 +218,16 @@ def test_busy_note_only_when_the_load_exceeds_the_cpus() -> None:
     assert note is not None and f"{cpus + 3.5:.1f} on {cpus} CPUs" in note
     report.load_started = report.load_finished = cpus * 0.5
     assert busy_note(report) is None
+
+
+def test_session_shapes_are_the_issues_workloads() -> None:
+    from bench.session_bench import FULL, METRICS, QUICK
+
+    # 20,000 files in 400 directories, a 512 MiB file, 2,000 files in 40 directories of 50.
+    assert (FULL.files, FULL.dirs, FULL.big_mib) == (20_000, 400, 512)
+    assert (FULL.copyup_files, FULL.copyup_dirs, FULL.per_dir) == (2_000, 40, 50)
+    assert FULL.find_entries == 1 + 1 + 400 + 20_000 + 1  # root, tree/, its dirs and files, big.bin
+    assert QUICK.copyup_dirs <= QUICK.dirs
+    targets = {key: target for key, _, target in METRICS}
+    assert targets["copyup"] == targets["cat_cold"] == 1.2
+    assert targets["find_cold"] == targets["find_warm"] == 1.1

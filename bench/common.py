@@ -404,6 +404,37 @@ def busy_note(report: Report) -> str | None:
             "other work competed with the measurements; trust the per-run ranges, not single ratios")
 
 
+def markdown_rows(report: dict[str, Any]) -> list[str]:
+    """One report's JSON (Report.to_json) as markdown table rows, like the combined table:
+    metric | cshare | reference | ratio | per-run range | target | kernel."""
+    comparisons = report.get("comparisons") or []
+    primary = comparisons[0] if comparisons else None
+    rows = []
+    for metric in report["metrics"].values():
+        def cell(system: str, metric: dict[str, Any] = metric) -> str:
+            found = metric["results"].get(system)
+            if found is None:
+                return ""
+            return "failed" if found["error"] else format_value(found["median"], metric.get("unit", "s"))
+
+        if primary is None:
+            first = next(iter(metric["results"]), "")
+            rows.append(f"| {metric['label']} | {cell(first)} | | | | | |")
+            continue
+        name = primary["name"]
+        limit = metric.get("target") if metric.get("target") is not None else primary.get("limit")
+        rows.append(" | ".join([
+            f"| {metric['label']}",
+            cell(primary["subject"]),
+            f"{cell(primary['reference'])} ({primary['reference']})",
+            format_ratio(metric["ratios"].get(name)),
+            format_spread(metric.get("spreads", {}).get(name, [])),
+            f"≤ {format_ratio(limit)}" if limit is not None else "",
+            cell("kernel") + " |",
+        ]))
+    return rows
+
+
 def host_info() -> dict[str, Any]:
     return {
         "kernel": platform.release(),

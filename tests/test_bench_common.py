@@ -24,6 +24,7 @@ from bench.common import (  # noqa: E402
     format_seconds,
     format_spread,
     format_value,
+    markdown_rows,
     median,
     one_line,
     paired_ratios,
@@ -231,3 +232,11 @@ def test_session_shapes_are_the_issues_workloads() -> None:
     targets = {key: target for key, _, target in METRICS}
     assert targets["copyup"] == targets["cat_cold"] == 1.2
     assert targets["find_cold"] == targets["find_warm"] == 1.1
+
+
+def test_markdown_rows_match_the_combined_table() -> None:
+    rows = markdown_rows(make_report().to_json())
+    assert rows == [
+        "| walk | 2.00 s | 600.0 ms (fuse-overlayfs) | 3.33x | 1.25-6.00x | ≤ 2.00x | 300.0 ms |",
+        "| read | failed | 1.00 s (fuse-overlayfs) | — | — | ≤ 2.00x | 500.0 ms |",
+    ]

@@ -12,11 +12,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import sys
 from datetime import UTC, datetime
 
 from rich.console import Console
 
-from .common import RESULTS_DIR, Report, combined_table, host_info, run_main, write_json
+from .common import (
+    RESULTS_DIR,
+    Report,
+    busy_note,
+    combined_table,
+    host_info,
+    markdown_rows,
+    run_main,
+    write_json,
+)
 
 #: The modules `make bench` runs, in this order (a module's name in bench/).
 MODULES = ("overlay_bench", "session_bench", "start_bench", "memory_bench", "convert_bench")
@@ -29,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="give up on one timed operation after this long")
     p.add_argument("--only", default=",".join(MODULES), help=f"a subset of {','.join(MODULES)}")
+    p.add_argument("--markdown", action="store_true",
+                   help="run nothing: print the last combined results (bench/results/all.json) as markdown")
     args = p.parse_args(argv)
+    if args.markdown:
+        return print_markdown()
     chosen = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODULES]
     if unknown:
@@ -52,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     for footnote in footnotes:
         out.print(footnote, markup=False, highlight=False)
     for report in reports:
+        busy = busy_note(report)
+        if busy is not None:
+            out.print(f"note ({report.benchmark}): {busy}")
+    for report in reports:
         for flag in report.flags():
             out.print(f"[bold red]flag[/bold red] ({report.benchmark}): {flag}")
     write_json(RESULTS_DIR / "all.json", {
@@ -59,6 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         "host": host_info(),
         "reports": [r.to_json() for r in reports],
     })
+    return 0
+
+
+def print_markdown() -> int:
+    """The last `make bench` results as a markdown table (for the README and notes)."""
+    path = RESULTS_DIR / "all.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"bench: cannot read {path} ({exc}); run `make bench` first", file=sys.stderr)
+        return 1
+    print("| metric (median) | cshare | reference | ratio | per-run range | target | kernel |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for report in data["reports"]:
+        for row in markdown_rows(report):
+            print(row)
     return 0
 
 

@@ -210,6 +210,8 @@ class Report:
         self.notes: list[str] = []
         self.started = datetime.now(UTC)
         self.finished: datetime | None = None
+        self.load_started = load_average()
+        self.load_finished: float | None = None
 
     # -- filling
     def add_metric(self, key: str, label: str, *, unit: str = "s", target: float | None = None) -> None:
@@ -297,6 +299,7 @@ class Report:
             ],
             "flags": self.flags(),
             "notes": list(self.notes),
+            "load_average": {"started": self.load_started, "finished": self.load_finished},
         }
 
     def table(self, title: str) -> tuple[Table, list[str]]:
@@ -383,6 +386,55 @@ def combined_table(reports: Sequence[Report], title: str) -> tuple[Table, list[s
     return table, [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system does not say)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def busy_note(report: Report) -> str | None:
+    """A warning when other work competed for the CPUs while the report was measured."""
+    cpus = os.cpu_count() or 1
+    loads = [x for x in (report.load_started, report.load_finished) if x is not None]
+    if not loads or max(loads) <= cpus:
+        return None
+    return (f"the 1-minute load average was {max(loads):.1f} on {cpus} CPUs during this run: "
+            "other work competed with the measurements; trust the per-run ranges, not single ratios")
+
+
+def markdown_rows(report: dict[str, Any]) -> list[str]:
+    """One report's JSON (Report.to_json) as markdown table rows, like the combined table:
+    metric | cshare | reference | ratio | per-run range | target | kernel."""
+    comparisons = report.get("comparisons") or []
+    primary = comparisons[0] if comparisons else None
+    rows = []
+    for metric in report["metrics"].values():
+        def cell(system: str, metric: dict[str, Any] = metric) -> str:
+            found = metric["results"].get(system)
+            if found is None:
+                return ""
+            return "failed" if found["error"] else format_value(found["median"], metric.get("unit", "s"))
+
+        if primary is None:
+            first = next(iter(metric["results"]), "")
+            rows.append(f"| {metric['label']} | {cell(first)} | | | | | |")
+            continue
+        name = primary["name"]
+        limit = metric.get("target") if metric.get("target") is not None else primary.get("limit")
+        rows.append(" | ".join([
+            f"| {metric['label']}",
+            cell(primary["subject"]),
+            f"{cell(primary['reference'])} ({primary['reference']})",
+            format_ratio(metric["ratios"].get(name)),
+            format_spread(metric.get("spreads", {}).get(name, [])),
+            f"≤ {format_ratio(limit)}" if limit is not None else "",
+            cell("kernel") + " |",
+        ]))
+    return rows
+
+
 def host_info() -> dict[str, Any]:
     return {
         "kernel": platform.release(),
@@ -403,6 +455,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def show(report: Report, title: str, json_path: Path) -> None:
     """Print the table and the flags, and write the JSON."""
     report.finished = datetime.now(UTC)
+    report.load_finished = load_average()
+    busy = busy_note(report)
+    if busy is not None and busy not in report.notes:
+        report.notes.append(busy)
     # Piped into a file or CI log, rich would wrap at 80 columns: keep rows whole.
     probe = Console()
     out = probe if probe.is_terminal else Console(width=160)

@@ -15,10 +15,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import CshareError, error_line
-from ..tree.convert import ConvertReport, check_can_convert, convert_tree
-from ..tree.restore import RestoreReport, restore_tree
-from ..tree.verify import verify_tree
 from ..tree.walk import display
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..tree.convert import ConvertReport
+    from ..tree.restore import RestoreReport
+
+# Each command imports only its own module (in its run_* function): a start-up
+# that loads the other two is time `cshare convert` spends against `chmod -R`.
 
 #: The options of the convert family that fast_path understands (all of them today).
 _FAST_OPTIONS = {
@@ -89,6 +94,8 @@ def _report(rootfs: Path, report: ConvertReport | RestoreReport, *, dry_run: boo
 
 
 def run_convert(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
+    from ..tree.convert import check_can_convert, convert_tree
+
     check_can_convert(rootfs, probe_write=not dry_run)
     with _progress("converting", quiet or json_out) as tick:
         report = convert_tree(rootfs, dry_run=dry_run, on_entry=tick)
@@ -101,6 +108,9 @@ def run_convert(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> 
 
 
 def run_restore(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
+    from ..tree.convert import check_can_convert
+    from ..tree.restore import restore_tree
+
     check_can_convert(rootfs, probe_write=not dry_run)
     with _progress("restoring", quiet or json_out) as tick:
         report = restore_tree(rootfs, dry_run=dry_run, on_entry=tick)
@@ -112,6 +122,8 @@ def run_restore(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> 
 
 
 def run_verify(rootfs: Path, *, json_out: bool) -> None:
+    from ..tree.verify import verify_tree
+
     if not rootfs.is_dir():
         raise CshareError(f"{rootfs}: no such directory")
     report = verify_tree(rootfs)

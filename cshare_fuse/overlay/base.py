@@ -248,15 +248,17 @@ class OverlayBase:
             async with node.lock:
                 if node.layer == self.upper_index:
                     return
-                await trio.to_thread.run_sync(copy_up, *args)
+                identity = await trio.to_thread.run_sync(copy_up, *args)
                 self._now_in_upper(node)
         else:
             # Small: copied synchronously, so no other task runs until it is
             # done and no lock (a trio checkpoint per copy-up) is needed.
-            copy_up(*args)
+            identity = copy_up(*args)
             self._now_in_upper(node)
-        copied = upper.stat(path)
-        node.backing_key = (copied.dev, copied.ino) if copied is not None else None
+        if identity is None:
+            copied = upper.stat(path)
+            identity = (copied.dev, copied.ino) if copied is not None else None
+        node.backing_key = identity
 
     def _now_in_upper(self, node: Node) -> None:
         for parent, name in self.table.copied_up(node, self.upper_index):

@@ -31,7 +31,7 @@ def make_overlay(tmp_path: Path) -> Overlay:
     config = parse_command_line(["-o", f"lowerdir={lower},upperdir={tmp_path}/upper,workdir={tmp_path}/work",
                                  str(tmp_path / "mnt")])
     layout = main.check_layout(config)
-    return Overlay(config, layout.sources(), layout.upper, layout.work)
+    return Overlay(config, layout.layers(), layout.upper, layout.work)
 
 
 def walk(ov: Overlay, ino: int = 1) -> list[Node]:

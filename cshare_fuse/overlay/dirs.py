@@ -171,6 +171,7 @@ class DirOps(EntryOps):
         handle = self.handles.directory(fh)
         if handle.entries is None or start == 0:
             node = handle.node
+            # A new list: later changes do not move offsets.
             handle.entries = [(b".", node), (b"..", node.parent or node), *self.listing(node)]
         return handle.entries
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -22,7 +23,14 @@ def cshare(*args: str) -> subprocess.CompletedProcess[str]:
 def test_several_images_or_all_and_a_bad_name_changes_nothing(podman_images: PodmanImages) -> None:
     require(is_root(), "root")
     root = str(podman_images.store.root)
-    store = Path(tempfile.mkdtemp(prefix="cshare-many-", dir="/var/tmp")) / "store"
+    base = Path(tempfile.mkdtemp(prefix="cshare-many-", dir="/var/tmp"))
+    try:
+        _several_or_all(root, base / "store")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _several_or_all(root: str, store: Path) -> None:
     # One name that matches nothing: not even the store is created.
     bad = cshare("make-shared", "tinybb", "nothere", "--storage-root", root, "--store", str(store))
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "nothere" in bad.stderr

@@ -1,0 +1,152 @@
+"""The registry plugin's file cache: verified file contents by digest, in a directory the user owns.
+
+Layout under the cache root (mode 0700, owned by the mounting user):
+`files/sha256/XX/HEX` holds the contents of a file whose sha256 is HEX
+(read-only, 0400), `tmp/` holds files being written.  Contents are addressed
+by digest, so every mount of the same layer by that user (and any other layer
+holding the same file) shares one copy, and hardlinked names share it too.
+
+Nothing unverified is ever served: a file is decompressed into `tmp/`, hashed
+while it is written, and renamed into `files/` only when its size and digest
+are the TOC's.  A file already in `files/` is hashed again the first time a
+mount uses it (the cache may have been damaged on disk since); a damaged one is
+removed and fetched again.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+
+_BLOCK = 1 << 20
+
+
+class DigestMismatch(Exception):
+    """Fetched or cached contents do not hash to the digest the TOC gives."""
+
+
+def check_private_dir(path: str, what: str) -> None:
+    """Refuse a directory someone else owns or may write: the cache decides what is served."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{what} {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"{what} {path} is owned by uid {st.st_uid}, not by the user "
+                              f"who mounts (uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise PermissionError(f"{what} {path} is writable by others (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}): make it 0700")
+
+
+class FileCache:
+    """Contents by digest below `root`."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        check_private_dir(self.root, "cache directory")
+        self.files = os.path.join(self.root, "files", "sha256")
+        self.tmp = os.path.join(self.root, "tmp")
+        os.makedirs(self.files, mode=0o700, exist_ok=True)
+        os.makedirs(self.tmp, mode=0o700, exist_ok=True)
+
+    def path(self, digest: str) -> str:
+        hexpart = digest.partition(":")[2]
+        return os.path.join(self.files, hexpart[:2], hexpart)
+
+    def present(self, digest: str) -> bool:
+        return os.path.exists(self.path(digest))
+
+    def open_trusted(self, digest: str, flags: int = 0) -> int:
+        """An fd on a file this mount has already verified."""
+        return os.open(self.path(digest), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags)
+
+    def open_checked(self, digest: str, size: int, flags: int = 0) -> int | None:
+        """An fd on the cached contents if they hash right; None if absent or damaged (removed)."""
+        path = self.path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flags)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            good = stat.S_ISREG(st.st_mode) and st.st_size == size and _hash_fd(fd) == digest
+        except BaseException:
+            os.close(fd)
+            raise
+        if good:
+            return fd
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return None
+
+    def writer(self, digest: str, size: int) -> CacheWriter:
+        return CacheWriter(self, digest, size)
+
+
+def _hash_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, _BLOCK, offset):
+        h.update(block)
+        offset += len(block)
+    return "sha256:" + h.hexdigest()
+
+
+class CacheWriter:
+    """Decompress one file's frames into tmp/, hash them, and publish them if they verify."""
+
+    def __init__(self, cache: FileCache, digest: str, size: int) -> None:
+        import zstandard
+
+        self.cache, self.digest, self.size = cache, digest, size
+        self._decoder = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+        self._error = zstandard.ZstdError
+        self._hash = hashlib.sha256()
+        self._written = 0
+        self._tmp = os.path.join(cache.tmp, f"{os.getpid()}-{os.urandom(6).hex()}")
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def feed(self, compressed: bytes | memoryview) -> None:
+        try:
+            data = self._decoder.decompress(compressed)
+        except self._error as exc:
+            raise DigestMismatch(f"its frames do not decompress ({exc})") from None
+        if not data:
+            return
+        self._written += len(data)
+        if self._written > self.size:
+            raise DigestMismatch(f"it decompresses to more than its {self.size} bytes")
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def finish(self) -> None:
+        """Publish the file if it is complete and hashes to its digest; else DigestMismatch."""
+        if self._written != self.size:
+            raise DigestMismatch(f"it decompresses to {self._written} bytes, not {self.size}")
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.digest:
+            raise DigestMismatch(f"its contents hash to {actual}, the TOC says {self.digest}")
+        os.fchmod(self._fd, 0o400)
+        os.close(self._fd)
+        self._fd = -1
+        final = self.cache.path(self.digest)
+        os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+        os.replace(self._tmp, final)  # atomic: readers see the old file or the whole new one
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self._tmp)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise

@@ -18,9 +18,9 @@ annotation.  Listings, attributes (original owners, modes, types, times,
 devices), symlinks, hardlinks and xattrs come from the TOC: no file data is
 fetched for `ls -l` or `find`.  A regular file's data is fetched on its first
 open, by a range request over its frames, decompressed, and checked against its
-digest in the TOC before any byte of it is served; with it come up to
-READAHEAD bytes of the files that follow it in the blob (a directory read in
-order then costs few requests).  Contents are kept in the user's cache
+digest in the TOC before any byte of it is served; with it come the small
+files that follow it in the blob, up to READAHEAD bytes (a tree read in order
+then costs few requests, and a big file is fetched only when it is opened).  Contents are kept in the user's cache
 (registry_cache), shared by all the user's mounts.  Whiteouts and opaque
 directories are the tar-style `.wh.` names, which the overlay honours.
 
@@ -64,6 +64,8 @@ from plugins.registry_toc import (
 READAHEAD = 1 << 20
 #: At most this many files are fetched by one request.
 MAX_BATCH = 256
+#: Only files this small (compressed) are fetched ahead: a big one waits for its own open.
+READAHEAD_FILE_MAX = 64 << 10
 IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
                    "application/vnd.docker.distribution.manifest.v2+json")
 _ENODATA = getattr(errno, "ENODATA", 61)
@@ -306,7 +308,8 @@ class RegistrySource(DataSource):
         seen = {entry.digest}
         with self._lock:
             for other_path, other in self._order[self._position[path] + 1:]:
-                if len(plan) >= MAX_BATCH or other.end_offset > limit or other.offset < last_end:
+                if (len(plan) >= MAX_BATCH or other.end_offset > limit or other.offset < last_end
+                        or other.end_offset - other.offset > READAHEAD_FILE_MAX):
                     break
                 if (other.digest in seen or other.digest in self._verified
                         or other.digest in self._inflight or self.cache.present(other.digest)):

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 
 from cshare_fuse import plugin_api
 from cshare_fuse.plugin_api import API_VERSION, DataSource, Stat
-
 from plugins.registry_cache import DigestMismatch, FileCache
 from plugins.registry_http import RegistryClient, check_address, check_repository
 from plugins.registry_toc import (
@@ -162,7 +161,8 @@ class RegistrySource(DataSource):
         self.client = RegistryClient(spec.registry, tls_verify=spec.tls_verify,
                                      timeout=spec.timeout, attempts=spec.attempts)
         manifest = fetch_manifest(self.client, spec)
-        layers = [x for x in manifest["layers"] if isinstance(x, dict)]  # type: ignore[union-attr]
+        listed = manifest["layers"]
+        layers = [x for x in listed if isinstance(x, dict)] if isinstance(listed, list) else []
         index, layer = select_layer(layers, which)
         self.layer_digest = str(layer.get("digest"))
         annotations = layer.get("annotations")

@@ -342,3 +342,18 @@ def test_client_never_follows_a_redirect() -> None:
         for server in (other, first):
             server.shutdown()
             server.server_close()
+
+
+def test_man_page_renders_and_names_every_spec_key() -> None:
+    import dataclasses
+
+    from plugins.registry import ImageSpec
+
+    require(shutil.which("man") is not None, "man (Debian package man-db)")
+    page = HERE.parent / "man" / "cshare-registry.7"
+    run = subprocess.run(["man", "--warnings", "-l", str(page)], capture_output=True, text=True,
+                         env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    for spec_field in dataclasses.fields(ImageSpec):
+        assert f'"{spec_field.name}"' in run.stdout, spec_field.name
+    assert "--compression-format zstd:chunked" in run.stdout

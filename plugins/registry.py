@@ -19,8 +19,8 @@ devices), symlinks, hardlinks and xattrs come from the TOC: no file data is
 fetched for `ls -l` or `find`.  A regular file's data is fetched on its first
 open, by a range request over its frames, decompressed, and checked against its
 digest in the TOC before any byte of it is served; with it come the small
-files that follow it in the blob, up to READAHEAD bytes (a tree read in order
-then costs few requests, and a big file is fetched only when it is opened).  Contents are kept in the user's cache
+files that follow it in the blob, in a readahead window that grows while files
+are read in blob order (registry_fetch).  Contents are kept in the user's cache
 (registry_cache), shared by all the user's mounts.  Whiteouts and opaque
 directories are the tar-style `.wh.` names, which the overlay honours.
 
@@ -40,13 +40,12 @@ import json
 import logging
 import os
 import stat
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cshare_fuse import plugin_api
 from cshare_fuse.plugin_api import API_VERSION, DataSource, Stat
-from plugins.registry_cache import DigestMismatch, FileCache
+from plugins.registry_cache import FileCache
+from plugins.registry_fetch import Fetcher
 from plugins.registry_http import RegistryClient, check_address, check_repository
 from plugins.registry_toc import (
     Entry,
@@ -59,12 +58,6 @@ from plugins.registry_toc import (
     toc_location,
 )
 
-#: Bytes of following files fetched along with the one opened.
-READAHEAD = 1 << 20
-#: At most this many files are fetched by one request.
-MAX_BATCH = 256
-#: Only files this small (compressed) are fetched ahead: a big one waits for its own open.
-READAHEAD_FILE_MAX = 64 << 10
 IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
                    "application/vnd.docker.distribution.manifest.v2+json")
 _ENODATA = getattr(errno, "ENODATA", 61)
@@ -178,12 +171,9 @@ class RegistrySource(DataSource):
         except TocError as exc:
             raise TocError(f"layer {index} ({self.layer_digest}): {exc}") from None
         self.dev = (1 << 61) | int(self.layer_digest[7:19], 16)  # one per layer: see raw_stat
-        self._order = data_entries(self.tree)
-        self._position = {path: i for i, (path, _) in enumerate(self._order)}
-        self._lock = threading.Lock()
-        self._verified: dict[str, tuple[int, int, int]] = {}  # digest -> (ino, mtime, ctime)
-        self._inflight: dict[str, threading.Event] = {}
-        self.log = _logger()
+        self.fetcher = Fetcher(self.client, self.cache, spec.repository, self.layer_digest,
+                               data_entries(self.tree), self._layer_name(), _logger(),
+                               wait_limit=spec.timeout * (spec.attempts + 1))
 
     def describe(self) -> str:
         return f"//registry/{self.which}/{self.spec_path}"
@@ -241,145 +231,11 @@ class RegistrySource(DataSource):
         if not entry.has_data:
             return os.memfd_create("empty", os.MFD_CLOEXEC)
         first = entry.link_to if entry.link_to is not None else path
-        return self._data_fd(first, entry, flags & _OPEN_MODIFIERS)
+        return self.fetcher.fd_for(first, entry, flags & _OPEN_MODIFIERS)
 
     def fetched_bytes(self) -> int:
         """Bytes received from the registry by this layer so far (TOC included)."""
         return self.client.bytes_received
-
-    def _data_fd(self, path: bytes, entry: Entry, flags: int) -> int:
-        digest = entry.digest
-        while True:
-            with self._lock:
-                fd = self._open_verified(digest, flags)
-                if fd is not None:
-                    return fd
-                waiter = self._inflight.get(digest)
-                if waiter is None:
-                    self._inflight[digest] = threading.Event()
-            if waiter is None:
-                break
-            # Another thread is fetching it (maybe as readahead): wait, then look again.
-            waiter.wait(self.spec.timeout * (self.spec.attempts + 1))
-        try:
-            fd = self.cache.open_checked(digest, entry.size, flags)
-            if fd is None:
-                self._fetch(path, entry)
-                fd = self.cache.open_trusted(digest, flags)
-            self._remember(digest, fd)
-            return fd
-        finally:
-            self._release([digest])
-
-    def _open_verified(self, digest: str, flags: int) -> int | None:
-        """An fd on contents this mount verified, if they are still the same file."""
-        known = self._verified.get(digest)
-        if known is None:
-            return None
-        try:
-            fd = self.cache.open_trusted(digest, flags)
-        except FileNotFoundError:
-            del self._verified[digest]
-            return None
-        st = os.fstat(fd)
-        if (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == known:
-            return fd
-        os.close(fd)  # changed on disk since: check it again
-        del self._verified[digest]
-        return None
-
-    def _remember(self, digest: str, fd: int) -> None:
-        st = os.fstat(fd)
-        with self._lock:
-            self._verified[digest] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-
-    def _release(self, digests: list[str]) -> None:
-        with self._lock:
-            for digest in digests:
-                event = self._inflight.pop(digest, None)
-                if event is not None:
-                    event.set()
-
-    def _readahead(self, path: bytes, entry: Entry) -> list[tuple[bytes, Entry]]:
-        """Files right after `entry` in the blob worth fetching with it; claimed for this thread."""
-        plan: list[tuple[bytes, Entry]] = []
-        limit = entry.end_offset + READAHEAD
-        last_end = entry.end_offset
-        seen = {entry.digest}
-        with self._lock:
-            for other_path, other in self._order[self._position[path] + 1:]:
-                if (len(plan) >= MAX_BATCH or other.end_offset > limit or other.offset < last_end
-                        or other.end_offset - other.offset > READAHEAD_FILE_MAX):
-                    break
-                if (other.digest in seen or other.digest in self._verified
-                        or other.digest in self._inflight or self.cache.present(other.digest)):
-                    break
-                self._inflight[other.digest] = threading.Event()
-                seen.add(other.digest)
-                plan.append((other_path, other))
-                last_end = other.end_offset
-        return plan
-
-    def _fetch(self, path: bytes, entry: Entry) -> None:
-        """Fetch `entry` (and readahead), verify, publish; EIO with a log line if it fails."""
-        extra = self._readahead(path, entry)
-        plan = [(path, entry), *extra]
-        try:
-            failures = self.client.stream_range(
-                self.spec.repository, self.layer_digest, entry.offset, plan[-1][1].end_offset,
-                lambda blocks: self._store(plan, entry.offset, blocks))
-        except OSError as exc:
-            self.log.error("%s: %s: cannot fetch from %s: %s", self._layer_name(),
-                           os.fsdecode(path), self.spec.registry, exc)
-            raise OSError(errno.EIO, f"cannot fetch {os.fsdecode(path)}") from None
-        finally:
-            self._release([e.digest for _, e in extra])
-        for failed_path, reason in failures:
-            self.log.error("%s: %s: %s; not served", self._layer_name(),
-                           os.fsdecode(failed_path), reason)
-        if any(p == path for p, _ in failures):
-            raise OSError(errno.EIO, f"{os.fsdecode(path)} does not match its digest")
-        for other_path, other in extra:
-            if not any(p == other_path for p, _ in failures):
-                with self._lock:
-                    try:
-                        st = os.stat(self.cache.path(other.digest))
-                    except FileNotFoundError:
-                        continue
-                    self._verified[other.digest] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-
-    def _store(self, plan: list[tuple[bytes, Entry]], start: int,
-               blocks: Iterator[bytes]) -> list[tuple[bytes, str]]:
-        """Route the bytes of one range to each planned file's writer; (path, reason) failures."""
-        writers = [self.cache.writer(e.digest, e.size) for _, e in plan]
-        broken: dict[int, str] = {}
-        try:
-            pos, i = start, 0
-            for block in blocks:
-                view, block_end = memoryview(block), pos + len(block)
-                while i < len(plan) and pos < block_end:
-                    e = plan[i][1]
-                    lo, hi = max(pos, e.offset), min(block_end, e.end_offset)
-                    if lo < hi and i not in broken:
-                        try:
-                            writers[i].feed(view[lo - pos:hi - pos])
-                        except DigestMismatch as exc:
-                            broken[i] = str(exc)
-                    if e.end_offset <= block_end:
-                        i += 1
-                    else:
-                        break
-                pos = block_end
-            for n, writer in enumerate(writers):
-                if n not in broken:
-                    try:
-                        writer.finish()
-                    except DigestMismatch as exc:
-                        broken[n] = str(exc)
-        finally:
-            for writer in writers:
-                writer.abort()  # a no-op for the published ones
-        return [(plan[n][0], reason) for n, reason in sorted(broken.items())]
 
 
 class RegistryPlugin:

@@ -8,7 +8,7 @@ together with the small files that follow it in the blob (the readahead
 window), and every file of that request is verified before it is published.
 
 Readahead adapts as a kernel's does: the window starts at 64 KiB, doubles (up
-to 1 MiB) each time a file fetched ahead is then opened, and halves on an open
+to 4 MiB) each time a file fetched ahead is then opened, and halves on an open
 that needed a fetch.  While opens keep landing on files fetched ahead, one
 background thread fetches the next window, so a tree read in order overlaps
 the network, decompression and hashing with the reads.
@@ -30,7 +30,7 @@ from plugins.registry_http import RegistryClient
 from plugins.registry_toc import Entry
 
 READAHEAD_MIN = 64 << 10
-READAHEAD_MAX = 1 << 20
+READAHEAD_MAX = 4 << 20
 #: A file fetched ahead along with an open is at most this big (compressed).
 AHEAD_FILE_MAX = 64 << 10
 #: At most this many files are fetched by one request.

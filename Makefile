@@ -7,7 +7,7 @@ MANDIR := $(PREFIX)/share/man
 PAGES1 := $(wildcard man/*.1)
 PAGES7 := $(wildcard man/*.7)
 
-.PHONY: install install-man test test-fast bench man lint demo clean
+.PHONY: install install-man test test-fast bench bench-registry man lint demo clean
 
 install:
 	./scripts/install
@@ -28,6 +28,11 @@ test-fast:
 bench:
 	$(PY) -m bench.overlay_bench
 	$(PY) -m bench.convert_bench
+	$(PY) -m bench.registry_bench
+
+# A lazy mount from a loopback registry vs podman pull + run (about 1 GB, 60,000 files).
+bench-registry:
+	$(PY) -m bench.registry_bench
 
 man:
 	$(PY) -m scripts.gen_man man

@@ -357,3 +357,19 @@ def test_man_page_renders_and_names_every_spec_key() -> None:
     for spec_field in dataclasses.fields(ImageSpec):
         assert f'"{spec_field.name}"' in run.stdout, spec_field.name
     assert "--compression-format zstd:chunked" in run.stdout
+
+
+def test_registry_references_parse() -> None:
+    from cshare.errors import CshareError
+    from cshare.registry_ref import RegistryRef, parse_ref
+
+    assert parse_ref("docker://127.0.0.1:5000/team/app:v1") == RegistryRef(
+        "127.0.0.1:5000", "team/app", "v1")
+    assert parse_ref("docker://localhost:5000/app").reference == "latest"
+    digest = "sha256:" + "ab" * 32
+    assert parse_ref(f"docker://r.example/a/b@{digest}").reference == digest
+    assert str(parse_ref("docker://h:1/a:t")) == "docker://h:1/a:t"
+    for bad in ("docker://h:1", "docker://h:1/", "docker://h:1/UPPER:t", "docker://h:1/a:b@c",
+                "docker://bad host/a:t", "docker://h:1/a@sha256:123"):
+        with pytest.raises(CshareError):
+            parse_ref(bad)

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cshare.mount import unescape_mountinfo
+from cshare.system.mountinfo import unescape_mountinfo
 
 from .common import (
     DATA_ROOT,

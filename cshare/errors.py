@@ -1,7 +1,7 @@
 """The one exception type cshare's modules raise for the user to read.
 
-Kept apart from cshare.console (which imports rich and typer) so that the work
-modules, and the fast command path of cshare.launch, load without them.
+Kept apart from cshare.cli.console (which imports rich and typer) so that the work
+modules, and the fast command path of cshare.cli.launch, load without them.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ import stat as statmod
 from dataclasses import dataclass
 
 from .datasource import Stat
+from .formats.markers import is_internal_xattr
+from .formats.overrides import Override
 from .layers import Layer, UpperLayer
-from .overrides import Override
-from .whiteout import is_internal_xattr
 
 log = logging.getLogger("cshare_fuse")
 

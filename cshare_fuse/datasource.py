@@ -7,7 +7,7 @@ a directory, so a plugin overrides only what it needs.  Lower layers are
 read-only here: nothing in this protocol writes.
 
 When `honour_overrides` is set, `stat` reports the original owner, mode and type
-recorded by `cshare convert` (override xattr, see overrides.py) instead of the
+recorded by `cshare convert` (override xattr, see formats/overrides.py) instead of the
 converted inode's own.  The overlay sets it for a plain directory layer whose
 root carries the xattr, as fuse-overlayfs does; the `test` plugin always sets it.
 """
@@ -20,7 +20,7 @@ import os
 import stat as statmod
 from dataclasses import dataclass
 
-from . import overrides
+from .formats import overrides
 
 #: The xattr namespaces an unprivileged reader can see; listing others is pointless.
 _ENODATA = getattr(errno, "ENODATA", 61)

@@ -4,7 +4,14 @@ pyfuse3 uses the reported st_ino as the FUSE node id, so a node's number is
 both.  Numbers come from the backing inode (hardlinks in a layer share one
 node, as they share one st_ino), are kept across copy-up, and are never reused
 while the kernel may still hold the old node: a collision gets a synthetic
-number instead.  No I/O here.
+number instead.
+
+Every change of a node's names, of a directory's cached children and listing,
+of its kernel lookup count and of its place in the table goes through the
+methods here, so the invariants live in one place: a directory's listing is
+dropped whenever its children change; a node's primary name and aliases are
+exactly the names it has; a node leaves the table only when it has no name,
+no kernel reference and no open descriptor.  No I/O here.
 """
 
 from __future__ import annotations
@@ -62,6 +69,41 @@ class Node:
     def is_dir(self) -> bool:
         return self.file_type == statmod.S_IFDIR
 
+    def has_name(self, parent: Node, name: bytes) -> bool:
+        """Whether `name` in `parent` is one of this node's names."""
+        return (self.parent is parent and self.name == name) or (parent, name) in self.aliases
+
+    # -- a directory's cached children; the listing follows every change
+    def set_child(self, name: bytes, node: Node) -> None:
+        self.children[name] = node
+        self.listing = None
+
+    def cache_child(self, name: bytes, node: Node) -> None:
+        """Remember a child just resolved (the listing, if any, already shows it)."""
+        self.children[name] = node
+
+    def drop_child(self, name: bytes, node: Node | None = None) -> None:
+        """Forget the cached child `name` (only if it is `node`, when given)."""
+        if node is None or self.children.get(name) is node:
+            self.children.pop(name, None)
+        self.listing = None
+
+    def set_listing(self, entries: list[tuple[bytes, Node]]) -> list[tuple[bytes, Node]]:
+        self.listing = entries
+        return entries
+
+    # -- a file's names
+    def add_alias(self, parent: Node, name: bytes) -> None:
+        self.aliases.add((parent, name))
+
+    def move_name(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes) -> None:
+        """This node, called `name` in `parent`, is now `new_name` in `new_parent`."""
+        if self.parent is parent and self.name == name:
+            self.parent, self.name = new_parent, new_name
+        else:  # one alias of a hardlinked file
+            self.aliases.discard((parent, name))
+            self.aliases.add((new_parent, new_name))
+
     def path(self) -> bytes:
         """The layer-relative path of the primary name."""
         parts: list[bytes] = []
@@ -116,6 +158,27 @@ class NodeTable:
     def get(self, ino: int) -> Node | None:
         return self.nodes.get(ino)
 
+    def add_hardlinked(self, node: Node) -> Node:
+        """Add `node`, found by its backing inode when another name of it is resolved."""
+        self.add(node)
+        if node.backing_key is not None:
+            self.by_backing[node.backing_key] = node
+        return node
+
+    def share_backing(self, node: Node) -> None:
+        """`node` got a second name: resolving another of its names finds it."""
+        if node.backing_key is not None:
+            self.by_backing.setdefault(node.backing_key, node)
+
+    def unshare_backing(self, node: Node) -> None:
+        if node.backing_key is not None and self.by_backing.get(node.backing_key) is node:
+            del self.by_backing[node.backing_key]
+
+    # -- the kernel's references: counted here and only here
+    def looked_up(self, node: Node) -> None:
+        """The kernel accepted a reply naming `node`: it holds one more reference."""
+        node.lookups += 1
+
     def forget(self, ino: int, count: int) -> None:
         node = self.nodes.get(ino)
         if node is None or ino == pyfuse3.ROOT_INODE:
@@ -125,11 +188,64 @@ class NodeTable:
             node.lookups = 0
             # A node still reachable by name stays: its number must not change
             # when the kernel looks it up again.  Only detached nodes go.
-            if node.unlinked and not node.open_fds:
-                self.drop(node)
+            self.drop_if_unused(node)
+
+    # -- open descriptors
+    def fd_opened(self, node: Node, fd: int) -> None:
+        node.open_fds.add(fd)
+
+    def fd_closed(self, node: Node, fd: int) -> None:
+        node.open_fds.discard(fd)
+        self.drop_if_unused(node)
+
+    # -- names going away
+    def detach_name(self, parent: Node, name: bytes, node: Node,
+                    before: Stat | None = None) -> None:
+        """Forget that `node` is called `name` in `parent` (after unlink/rename away).
+
+        `before` is its attributes before the removal, kept for a node that
+        lost its last name but is still in use.
+        """
+        parent.drop_child(name, node)
+        if node.parent is parent and node.name == name:
+            if node.aliases:
+                node.parent, node.name = node.aliases.pop()
+            else:
+                if before is not None:
+                    node.removed_stat = before.replace(nlink=max(before.nlink - 1, 0))
+                node.unlinked = True
+                self.drop_if_unused(node)
+        else:
+            node.aliases.discard((parent, name))
+
+    def drop_if_unused(self, node: Node) -> None:
+        if node.unlinked and node.lookups == 0 and not node.open_fds:
+            self.drop(node)
 
     def drop(self, node: Node) -> None:
         if self.nodes.get(node.ino) is node:
             del self.nodes[node.ino]
-        if node.backing_key is not None and self.by_backing.get(node.backing_key) is node:
-            del self.by_backing[node.backing_key]
+        self.unshare_backing(node)
+
+    # -- copy-up
+    def copied_up(self, node: Node, upper_index: int) -> list[tuple[Node, bytes]]:
+        """`node` now lives in the upper layer; returns the names it stopped having.
+
+        Other names of a lower hardlink still show the lower file: copy-up
+        breaks the link (as the kernel's overlay does without index=on).  The
+        caller tells the kernel to forget those names.
+        """
+        node.layer = upper_index
+        node.lower_stat = None
+        node.entry = None
+        node.has_lower = True
+        if node.is_dir:
+            node.dir_layers = (upper_index, *node.dir_layers)
+        self.unshare_backing(node)
+        gone: list[tuple[Node, bytes]] = []
+        for parent, name in list(node.aliases):
+            node.aliases.discard((parent, name))
+            if parent.children.get(name) is node:
+                parent.drop_child(name, node)
+                gone.append((parent, name))
+        return gone

@@ -14,9 +14,9 @@ import errno
 import os
 import stat as statmod
 
-from . import overrides
 from .datasource import DataSource, Stat, join
-from .whiteout import OPAQUE_MARKER, OPAQUE_XATTRS
+from .formats import overrides
+from .formats.markers import OPAQUE_MARKER, OPAQUE_XATTRS
 
 _ENODATA = getattr(errno, "ENODATA", 61)
 _MISSING = (errno.ENOENT, errno.ENOTDIR)

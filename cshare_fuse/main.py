@@ -63,7 +63,7 @@ def _honours_overrides(path: str) -> bool:
         return False
     if not names:
         return False  # the common case, decided without loading the codec
-    from .overrides import OverrideError, read_override
+    from .formats.overrides import OverrideError, read_override
 
     def get(name: str) -> bytes | None:
         if name not in names:

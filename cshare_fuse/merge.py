@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .datasource import Stat
+from .formats.markers import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_stat
 from .layers import Layer, LowerLayer
-from .whiteout import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_stat
 
 NAME_MAX = 255
 

@@ -2,7 +2,8 @@
 
 Each handler goes through `fuse_boundary` (errors.py), so no exception can end
 the mount: expected failures become their errno, anything else EIO and a log
-line.  Lookup counts are taken only for replies the kernel accepted: one per
+line.  Lookup counts are taken here and only here (through
+`NodeTable.looked_up`), for replies the kernel accepts: one per
 lookup/create/mkdir/mknod/symlink/link reply, one per readdirplus entry that
 fit in the buffer.
 """
@@ -17,6 +18,7 @@ import pyfuse3
 
 from .attrs import negative_entry
 from .errors import OverlayError, fuse_boundary
+from .inodes import Node
 from .overlay import Overlay
 
 log = logging.getLogger("cshare_fuse")
@@ -38,15 +40,19 @@ class OverlayOperations(pyfuse3.Operations):
     def _entry(self, node_ino: int) -> pyfuse3.EntryAttributes:
         return self.overlay.attributes(self.overlay.node(node_ino))
 
+    def _reply(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The entry reply for a node just looked up or made; the kernel will hold it."""
+        attributes = self.overlay.attributes(node)
+        self.overlay.table.looked_up(node)
+        return attributes
+
     @fuse_boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
         node = self.overlay.lookup(parent_inode, name)
         if node is None:
             return negative_entry(self.overlay.policy)
-        attributes = self.overlay.attributes(node)
-        node.lookups += 1
-        return attributes
+        return self._reply(node)
 
     @fuse_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -71,25 +77,25 @@ class OverlayOperations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = await self.overlay.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid)
-        return self.overlay.attributes(node)
+        return self._reply(node)
 
     @fuse_boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = await self.overlay.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
-        return self.overlay.attributes(node)
+        return self._reply(node)
 
     @fuse_boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = await self.overlay.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
-        return self.overlay.attributes(node)
+        return self._reply(node)
 
     @fuse_boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = await self.overlay.link(inode, new_parent_inode, new_name)
-        return self.overlay.attributes(node)
+        return self._reply(node)
 
     @fuse_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -114,7 +120,8 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, _, attributes = await self.overlay.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        fh, node, attributes = await self.overlay.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        self.overlay.table.looked_up(node)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), attributes
 
     @fuse_boundary
@@ -154,7 +161,7 @@ class OverlayOperations(pyfuse3.Operations):
                 continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, attributes, index + 1):
                 break
-            node.lookups += 1
+            overlay.table.looked_up(node)
 
     @fuse_boundary
     async def releasedir(self, fh: int) -> None:

@@ -10,6 +10,7 @@ instead of dataclasses, no re).
 from __future__ import annotations
 
 from .errors import ConfigError
+from .formats.optsyntax import split_escaped, split_options
 from .records import record
 
 
@@ -97,51 +98,6 @@ USAGE = (
     "usage: cshare-overlay [-f] [-d] -o lowerdir=A[:B...][,upperdir=U,workdir=W][,OPT...] "
     "[SOURCE] MOUNTPOINT"
 )
-
-
-def split_escaped(text: str, sep: str) -> list[str]:
-    """Split on `sep` except where it is escaped with a backslash; unescape `\\sep`, `\\\\`."""
-    parts: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in (sep, "\\", ","):
-            current.append(text[i + 1])
-            i += 2
-            continue
-        if ch == sep:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
-def split_options(text: str) -> list[str]:
-    """Split an `-o` string on commas, keeping `\\,` and the `\\:` escapes intact."""
-    out: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            if text[i + 1] == ",":
-                current.append(",")
-            else:
-                current.append(text[i : i + 2])  # keep \: for lowerdir's own split
-            i += 2
-            continue
-        if ch == ",":
-            out.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    out.append("".join(current))
-    return [o for o in out if o]
 
 
 def parse_lower(entry: str) -> LowerSpec:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from .datasource import DataSource, Stat, join
-from .overrides import (
+from .formats.overrides import (
     ALL_OVERRIDE_XATTRS,
     CAPABILITY_XATTR,
     OVERRIDE_XATTR,

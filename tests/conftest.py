@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cshare.mount import unescape_mountinfo
+from cshare.system.mountinfo import unescape_mountinfo
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 VENV_BIN = Path(sys.executable).parent

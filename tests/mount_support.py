@@ -51,8 +51,8 @@ _memo: dict[str, SharedDemo] = {}
 def shared_demo(podman_images: PodmanImages) -> Iterator[SharedDemo]:
     """The demo image, make-shared into a store every user can read (made once)."""
     if "demo" not in _memo:
-        from cshare.make_shared import make_shared
-        from cshare.store import SharedStore
+        from cshare.store.make_shared import make_shared
+        from cshare.store.shared import SharedStore
 
         base = Path(tempfile.mkdtemp(prefix="cshare-mountstore-", dir="/var/tmp"))
         base.chmod(0o755)

@@ -34,7 +34,8 @@ from typing import Any
 
 from conftest import require, tool
 
-from cshare.mount import mount_table
+from cshare.system.mountinfo import mount_table
+from cshare_fuse.formats import optsyntax
 
 # --------------------------------------------------------------------------
 # Times
@@ -222,13 +223,8 @@ def overlay_program_name() -> str:
     return os.path.basename(overlay_command()[0])
 
 
-def escape_layer(path: Path | str) -> str:
-    """A layer path as it goes into lowerdir=: colons and backslashes escaped."""
-    return str(path).replace("\\", "\\\\").replace(":", "\\:")
-
-
 def lowerdir_value(lowers: Sequence[Path]) -> str:
-    return ":".join(escape_layer(p) for p in lowers)
+    return optsyntax.lowerdir_value(lowers)
 
 
 def mount_points() -> set[str]:

@@ -7,7 +7,7 @@ and cshare's `--storage-root` points at DIR.
 
 Images, all built from local root filesystems (no registry):
 
-- `localhost/cshare-demo:latest`: the built-in demo image (cshare.demo_image);
+- `localhost/cshare-demo:latest`: the built-in demo image (cshare.demo.image);
 - `localhost/tinybb:latest`: busybox, a file /f and a directory /d (with /d/old);
 - `localhost/tinybb-changed:latest`: tinybb plus one layer made by a container
   that ran `rm /f; rm -rf /d; mkdir /d; touch /d/new` (podman commit): its top
@@ -154,7 +154,7 @@ def _make_images() -> PodmanImages:
     base = Path(tempfile.mkdtemp(prefix="cshare-podman-", dir="/var/tmp"))
     store = PodmanStore(base).setup()
     atexit.register(store.cleanup)  # also if a test run is interrupted
-    from cshare.demo_image import import_demo_image
+    from cshare.demo.image import import_demo_image
 
     demo_id = import_demo_image(DEMO, store.args, env=store.env)
     rootfs = build_busybox_rootfs(base / "tinybb-rootfs")

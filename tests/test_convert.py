@@ -17,9 +17,9 @@ import pytest
 from conftest import ensure_user, is_root, require, tool, unmount_all_below
 from tree_support import Meta, build_large_tree, build_varied_tree, diff_listings, listing
 
-from cshare.convert import check_can_convert, convert_tree
 from cshare.errors import CshareError
-from cshare_fuse.overrides import (
+from cshare.tree.convert import check_can_convert, convert_tree
+from cshare_fuse.formats.overrides import (
     FUSE_OVERLAYFS_PRIVILEGED_XATTR,
     FUSE_OVERLAYFS_XATTR,
     OVERRIDE_XATTR,
@@ -185,7 +185,7 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmpfs_scratch: Path) -> None
     build_large_tree(clean, 20000)
     assert diff_listings(listing(killed), listing(clean)) == ""
 
-    outcomes = kill_part_way("convert", "convert_tree", killed, (3000,))
+    outcomes = kill_part_way("tree.convert", "convert_tree", killed, (3000,))
     assert outcomes == ["reached"]
     partial = listing(killed)
     recorded = sum(1 for m in partial.values() if xattr(m, OVERRIDE_XATTR))
@@ -193,7 +193,7 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmpfs_scratch: Path) -> None
     time.sleep(0.3)
     assert listing(killed) == partial, "worker processes outlived the killed convert"
     # More kills at later points, each on top of the previous partial state.
-    outcomes = kill_part_way("convert", "convert_tree", killed, (8000, 13000, 18000))
+    outcomes = kill_part_way("tree.convert", "convert_tree", killed, (8000, 13000, 18000))
     assert outcomes.count("reached") >= 2
 
     assert convert_tree(killed).errors == []
@@ -372,7 +372,7 @@ def test_not_root_is_refused_before_any_change(scratch: Path) -> None:
 
 
 def test_fast_path_declines_what_it_does_not_know() -> None:
-    from cshare.convert_cmd import fast_path
+    from cshare.cli.convert_cmd import fast_path
 
     for argv in (
         ["convert", "--help", "x"],
@@ -390,8 +390,8 @@ def test_fast_path_knows_only_options_the_typer_commands_have() -> None:
     # If an option is renamed or removed in cli.py, the fast path must not keep accepting it.
     import typer
 
-    from cshare.cli import app
-    from cshare.convert_cmd import _FAST_OPTIONS
+    from cshare.cli.app import app
+    from cshare.cli.convert_cmd import _FAST_OPTIONS
 
     group = typer.main.get_command(app)
     for command, options in _FAST_OPTIONS.items():
@@ -408,7 +408,7 @@ def test_quiet_convert_runs_without_typer_or_rich(scratch: Path) -> None:
     (root / "f").write_bytes(b"x")
     os.chmod(root / "f", 0o644)
     probe = (
-        "import sys; from cshare.launch import main\n"
+        "import sys; from cshare.cli.launch import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'typer', 'rich', 'click'}))"
     )

@@ -26,7 +26,7 @@ import pytest
 from conftest import fuse_usable, is_root, require, unmount_all_below
 from tree_support import build_varied_tree, listing
 
-from cshare.convert import convert_tree
+from cshare.tree.convert import convert_tree
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(120)]
 

@@ -1,4 +1,4 @@
-"""The layer copy (cshare.copytree): exact, never following symlinks."""
+"""The layer copy (cshare.tree.copy): exact, never following symlinks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from conftest import is_root, require
 
-from cshare.copytree import copy_tree
 from cshare.errors import CshareError
+from cshare.tree.copy import copy_tree
 
 OLD = 1_000_000_000  # fixed mtimes: the copy must keep them
 

@@ -38,11 +38,11 @@ from podman_support import (  # noqa: F401
     podman_store,
 )
 
-from cshare.demo_image import build_demo_rootfs
-from cshare.make_shared import make_shared, secure_tree, unsafe_entries
-from cshare.storage import SourceStore
-from cshare.store import SharedStore
-from cshare_fuse.overrides import OVERRIDE_XATTR, STASHED_CAPABILITY_XATTR, parse_override
+from cshare.demo.image import build_demo_rootfs
+from cshare.store.containers import SourceStore
+from cshare.store.make_shared import make_shared, secure_tree, unsafe_entries
+from cshare.store.shared import SharedStore
+from cshare_fuse.formats.overrides import OVERRIDE_XATTR, STASHED_CAPABILITY_XATTR, parse_override
 
 pytestmark = [pytest.mark.root, pytest.mark.podman, pytest.mark.timeout(180)]
 
@@ -429,7 +429,7 @@ def test_writers_are_serialized_and_readers_wait(
 KILLED_RUN = """
 import os, sys, time
 from pathlib import Path
-from cshare.make_shared import make_shared
+from cshare.store.make_shared import make_shared
 
 class Stall:
     # A real make-shared that stops in the middle of copying a layer.

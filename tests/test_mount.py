@@ -31,7 +31,7 @@ from mount_support import (
 )
 from podman_support import DEMO, PodmanImages, podman_images
 
-from cshare.namespaces import in_user_namespace, is_identity_map, parse_id_map
+from cshare.system.namespaces import in_user_namespace, is_identity_map, parse_id_map
 
 __all__ = ["podman_images", "shared_demo"]  # fixtures used here, defined in the support modules
 
@@ -92,7 +92,7 @@ def test_every_parameter_has_help(command: str) -> None:
     """The man pages are generated from the help texts: none may be missing."""
     import typer
 
-    from cshare.cli import app
+    from cshare.cli.app import app
 
     click_command = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
     assert click_command.help and len(click_command.help.split()) > 20
@@ -111,7 +111,7 @@ def alice(world_tmp: Path, fuse: None):  # type: ignore[no-untyped-def]
 @pytest.mark.rootless
 @pytest.mark.timeout(60)
 def test_namespace_detection(alice) -> None:  # type: ignore[no-untyped-def]
-    probe = ("from cshare import namespaces as n; s = n.current(); "
+    probe = ("from cshare.system import namespaces as n; s = n.current(); "
              "print(n.in_user_namespace(), s.mount_problem())")
     inside = alice.run([*UNSHARE, sys.executable, "-c", probe])
     assert inside.returncode == 0, inside.stderr
@@ -354,7 +354,7 @@ def test_rm_refuses_an_image_a_user_has_mounted(
     alice, world_tmp: Path, podman_images: PodmanImages  # type: ignore[no-untyped-def]
 ) -> None:
     """root's `cshare rm` sees alice's mount in her namespace and leaves her layers alone."""
-    from cshare.make_shared import make_shared
+    from cshare.store.make_shared import make_shared
 
     store = world_tmp / "rm-store"
     make_shared(DEMO, storage_root=podman_images.store.root, store_root=store)

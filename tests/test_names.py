@@ -1,4 +1,4 @@
-"""Image reference resolution (cshare.names): pure, no store needed."""
+"""Image reference resolution (cshare.store.names): pure, no store needed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cshare.names import ResolveError, normalize, parse, resolve
+from cshare.store.names import ResolveError, normalize, parse, resolve
 
 
 @dataclass(frozen=True)

@@ -388,7 +388,7 @@ def test_xattr_permissions_record_overrides(root_fuse: None, world_tmp: Path,
     Not compared with fuse-overlayfs: v1.10 loses a file's owner on chmod here
     and ignores the mode given to create, so it is no reference for this option.
     """
-    from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, OVERRIDE_XATTR, read_override
+    from cshare_fuse.formats.overrides import ALL_OVERRIDE_XATTRS, OVERRIDE_XATTR, read_override
 
     d = make_copy(world_tmp / "layers", [OWNERS])
     with mounted(d, "fuse", extra=[f"xattr_permissions={level}"]):

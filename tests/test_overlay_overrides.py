@@ -22,7 +22,7 @@ import pytest
 from conftest import ensure_user, make_fuse_usable_for_users, require, tool, unmount_all_below
 from test_plugin_mount import WWW, build_tree, convert
 
-from cshare_fuse.overrides import OVERRIDE_XATTR, parse_override
+from cshare_fuse.formats.overrides import OVERRIDE_XATTR, parse_override
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(120)]
 

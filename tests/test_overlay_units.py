@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from cshare_fuse import merge
 from cshare_fuse.datasource import DataSource, Stat
 from cshare_fuse.errors import ConfigError
+from cshare_fuse.formats.optsyntax import escape, lowerdir_value, split_escaped, split_options
+from cshare_fuse.formats.overrides import OVERRIDE_XATTR, Override
 from cshare_fuse.fusemount import (
     MS_NOATIME,
     MS_NODEV,
@@ -30,8 +32,7 @@ from cshare_fuse.fusemount import (
 )
 from cshare_fuse.inodes import NodeTable
 from cshare_fuse.layers import LowerLayer, UpperLayer
-from cshare_fuse.options import LowerSpec, parse_command_line, split_escaped
-from cshare_fuse.overrides import OVERRIDE_XATTR, Override
+from cshare_fuse.options import LowerSpec, parse_command_line
 
 # ------------------------------------------------------------------ options
 
@@ -87,6 +88,16 @@ def test_volatile_turns_fsync_off_and_squash_to_root_sets_both() -> None:
 def test_escaped_colons_round_trip(parts: list[str]) -> None:
     escaped = ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in parts)
     assert split_escaped(escaped, ":") == parts
+
+
+@given(st.lists(st.text(alphabet="ab:,\\/", min_size=1, max_size=8), min_size=1, max_size=5),
+       st.text(alphabet="ab:,\\/", min_size=1, max_size=8))
+def test_escape_is_what_the_option_parser_undoes(parts: list[str], upper: str) -> None:
+    # cshare builds command lines with optsyntax.escape; cshare-overlay must read back each path.
+    options = split_options(f"lowerdir={lowerdir_value(parts)},upperdir={escape(upper)},ro")
+    assert [o.partition("=")[0] for o in options] == ["lowerdir", "upperdir", "ro"]
+    assert split_escaped(options[0].partition("=")[2], ":") == parts
+    assert split_escaped(options[1].partition("=")[2], ":") == [upper]
 
 
 # ------------------------------------------------------------------ mounting

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cshare_fuse.overrides import (
+from cshare_fuse.formats.overrides import (
     ALL_OVERRIDE_XATTRS,
     FUSE_OVERLAYFS_PRIVILEGED_XATTR,
     FUSE_OVERLAYFS_XATTR,

@@ -38,7 +38,7 @@ from conftest import (
     unmount_all_below,
 )
 
-from cshare_fuse.overrides import OVERRIDE_XATTR, Override
+from cshare_fuse.formats.overrides import OVERRIDE_XATTR, Override
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(60)]
 
@@ -227,7 +227,7 @@ CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 def test_file_capabilities_set_aside_by_make_shared_work_in_the_users_container(
         world_tmp: Path) -> None:
     """A file capability works again for the container's uid 33, and only on that file."""
-    from cshare.make_shared import secure_tree
+    from cshare.store.make_shared import secure_tree
 
     require_rootless()
     tree = world_tmp / "caps"

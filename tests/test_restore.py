@@ -12,10 +12,10 @@ from conftest import is_root, require, tool
 from test_convert import kill_part_way, tmpfs_scratch  # noqa: F401  (fixture)
 from tree_support import build_large_tree, build_varied_tree, diff_listings, fix_times, listing
 
-from cshare import parallelwalk
-from cshare.convert import convert_tree
-from cshare.restore import restore_tree
-from cshare_fuse.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, PROTOTYPE_XATTR
+from cshare.tree import parallel as parallelwalk
+from cshare.tree.convert import convert_tree
+from cshare.tree.restore import restore_tree
+from cshare_fuse.formats.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR, PROTOTYPE_XATTR
 
 pytestmark = pytest.mark.root
 
@@ -114,7 +114,7 @@ def test_killed_restore_then_rerun_gives_back_the_original(tmpfs_scratch: Path) 
     build_large_tree(root, 12000)
     before = listing(root)
     convert_tree(root)
-    outcomes = kill_part_way("restore", "restore_tree", root, (2000, 7000))
+    outcomes = kill_part_way("tree.restore", "restore_tree", root, (2000, 7000))
     assert "reached" in outcomes
     assert diff_listings(before, listing(root)) != ""  # the kills left it half-restored
     assert restore_tree(root).errors == []

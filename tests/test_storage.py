@@ -1,4 +1,4 @@
-"""Reading podman's containers/storage (cshare.storage).
+"""Reading podman's containers/storage (cshare.store.containers).
 
 Two kinds of tests: against a real private podman store (what podman itself
 reports is the reference), and against small hand-written stores for the
@@ -21,7 +21,7 @@ import pytest
 from podman_support import BASE, CHANGED, DEMO, PodmanImages, podman_images, podman_store  # noqa: F401
 
 from cshare.errors import CshareError
-from cshare.storage import SourceStore, big_data_file_name
+from cshare.store.containers import SourceStore, big_data_file_name
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -206,7 +206,7 @@ def test_read_lock_waits_for_a_writer(podman_images: PodmanImages) -> None:
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX)
         code = (
-            "import sys; from pathlib import Path; from cshare.storage import SourceStore\n"
+            "import sys; from pathlib import Path; from cshare.store.containers import SourceStore\n"
             "with SourceStore(Path(sys.argv[1])).read_lock(): print('got it')\n"
         )
         proc = subprocess.Popen(

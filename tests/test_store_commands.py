@@ -1,4 +1,4 @@
-"""The shared store API (cshare.store) and the images / inspect / rm commands.
+"""The shared store API (cshare.store.shared) and the images / inspect / rm commands.
 
 The store tests build layers by hand (no podman): what matters here is the
 layout, the locks, dedupe bookkeeping and what rm keeps.  The command test at
@@ -23,7 +23,7 @@ from conftest import is_root, require, tool
 from podman_support import BASE, CHANGED, PodmanImages, podman_images  # noqa: F401
 
 from cshare.errors import CshareError
-from cshare.store import ImageRecord, SharedStore
+from cshare.store.shared import ImageRecord, SharedStore
 
 ID_A, ID_B, ID_C = ("a" * 64, "b" * 64, "c" * 64)
 IMG_1, IMG_2 = ("1" * 64, "2" * 64)
@@ -173,7 +173,7 @@ def test_not_a_store_is_refused(tmp_path: Path) -> None:
 HOLD = """
 import sys, time
 from pathlib import Path
-from cshare.store import SharedStore
+from cshare.store.shared import SharedStore
 with SharedStore(Path(sys.argv[1])).{lock}():
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

@@ -11,9 +11,9 @@ import pytest
 from conftest import ensure_user, is_root, require, tool
 from tree_support import build_varied_tree
 
-from cshare.convert import convert_tree
-from cshare.verify import verify_tree
-from cshare_fuse.overrides import OVERRIDE_XATTR
+from cshare.tree.convert import convert_tree
+from cshare.tree.verify import verify_tree
+from cshare_fuse.formats.overrides import OVERRIDE_XATTR
 
 pytestmark = pytest.mark.root
 

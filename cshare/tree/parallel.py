@@ -1,7 +1,7 @@
-"""The tree walk of cshare.treewalk, spread over several processes.
+"""The tree walk of cshare.tree.walk, spread over several processes.
 
 convert and restore spend most of their time in a handful of short syscalls
-per entry; threads do not help under the GIL (see treewalk.default_workers),
+per entry; threads do not help under the GIL (see walk.default_workers),
 processes do.  The parent walks the top of the tree breadth-first until it
 has enough directories for everybody, then forks workers that take those
 directories one at a time (from a pipe of indices) and walk each below it
@@ -14,24 +14,23 @@ is not handled by a worker but deferred: its path goes back to the parent,
 which handles all of them itself, in one process, after the workers are done.
 Reports come back pickled; progress comes back as one byte per
 PROGRESS_BATCH entries.  Workers die with the parent (PR_SET_PDEATHSIG), so a
-killed run leaves nothing running, and the marks of cshare.treemarks make
+killed run leaves nothing running, and the marks of cshare.tree.marks make
 any interrupted state complete on the next run.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pickle
 import select
-import signal
 import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .treewalk import (
+from ..system import libc
+from .walk import (
     DIR_FLAGS,
     Dir,
     Visitor,
@@ -48,7 +47,6 @@ from .treewalk import (
 PROGRESS_BATCH = 1024
 #: Directories handed out per worker: enough to even out uneven subtrees.
 SPREAD = 16
-_PR_SET_PDEATHSIG = 1
 
 
 class ParallelVisitor(Visitor, Protocol):
@@ -77,7 +75,7 @@ def default_processes() -> int:
 
 
 def walk_parallel(root: Path, visitor: ParallelVisitor, processes: int, spread: int | None = None) -> None:
-    """Like treewalk.walk(root, visitor), with `processes` worker processes."""
+    """Like walk.walk(root, visitor), with `processes` worker processes."""
     _raise_fd_limit()
     root_fd, root_st = open_root(root)
     try:
@@ -180,7 +178,7 @@ def _run_workers(
     results: dict[int, tuple[int, int]] = {}  # read fd -> (pid, index)
     sys.stdout.flush()
     sys.stderr.flush()
-    prctl = _prctl()
+    prctl = libc.prctl()
     for n in range(min(processes, len(work))):
         result_r, result_w = os.pipe()
         pid = os.fork()
@@ -189,7 +187,7 @@ def _run_workers(
             try:
                 os.close(result_r)
                 os.close(progress_r)
-                _die_with_parent(prctl)
+                libc.die_with_parent(prctl)
                 code = _worker(root_fd, dev, work, visitor, task_r, progress_w, result_w)
             finally:
                 os._exit(code)
@@ -200,23 +198,6 @@ def _run_workers(
     deferred = _collect(results, progress_r, visitor)
     os.close(progress_r)
     _handle_deferred(root_fd, dev, deferred, visitor)
-
-
-def _prctl() -> Callable[..., int] | None:
-    # Looked up in the parent, before fork: dlopen in a child of a threaded
-    # process could wait forever on a loader lock another thread held.
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-        return prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent(prctl: Callable[..., int] | None) -> None:
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _worker(

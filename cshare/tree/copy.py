@@ -16,7 +16,7 @@ Regular file contents are cloned with a reflink (FICLONE) when the filesystem
 can share extents; otherwise they are copied in the kernel with
 copy_file_range, data segment by data segment (SEEK_DATA/SEEK_HOLE), which
 keeps holes.  The destination must not exist; the caller publishes it
-atomically once complete (cshare.store).
+atomically once complete (cshare.store.shared).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CshareError
+from ..errors import CshareError
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 _CHUNK = 1 << 30

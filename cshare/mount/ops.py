@@ -1,4 +1,4 @@
-"""Mount orchestration: a shared-store image as a private, writable overlay for one user.
+"""Mounting and unmounting: a shared-store image as a private, writable overlay for one user.
 
 `cshare mount IMAGE MOUNTPOINT` resolves IMAGE in the shared store, checks
 everything that would make the mount fail (namespace, /dev/fuse, mountpoint) so
@@ -15,231 +15,36 @@ mount is ready; what was mounted is recorded next to the upper directory so
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import pwd
 import shlex
 import shutil
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
-from . import namespaces
-from .errors import CshareError
+from ..errors import CshareError
+from ..store.shared import SharedStore
+from ..system import namespaces
+from ..system.mountinfo import is_mount_point, mount_device, mount_table
+from ..system.procfs import mount_tables
+from .command import find_daemon, overlay_argv, overlay_command, serving
+from .records import (
+    LOG_NAME,
+    RECORD_NAME,
+    MountRecord,
+    data_home,
+    find_record,
+    mount_key,
+    mounts_dir,
+)
 
-#: Environment variable naming another overlay program (e.g. `fuse-overlayfs`) to run.
-OVERLAY_ENV = "CSHARE_OVERLAY_CMD"
-DEFAULT_OVERLAY = "cshare-overlay"
-#: The bundled plugin that reports the original owners and modes of a converted layer.
-PLUGIN = "test"
-RECORD_NAME = "mount.json"
-LOG_NAME = "overlay.log"
 #: How long the overlay may take to report the mount ready (Python start-up included).
 READY_TIMEOUT = 60.0
 #: How long `umount` waits for the overlay daemon to flush and exit.
 EXIT_TIMEOUT = 10.0
 
 
-# ------------------------------------------------------------------ records
-@dataclass
-class MountRecord:
-    """What `cshare mount` mounted, kept as JSON so `cshare umount` can undo it."""
-
-    image_id: str
-    image: str
-    mountpoint: str
-    upper: str
-    work: str
-    lowers: list[str]
-    command: list[str]
-    state_dir: str
-    own_dirs: bool  # upper/work are ours (not --upper/--work): umount may empty work
-    mount_ns: str
-    pid: int | None = None
-    created: float = field(default_factory=time.time)
-
-    def save(self) -> None:
-        path = Path(self.state_dir) / RECORD_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)  # atomic: umount never reads half a record
-
-    @classmethod
-    def load(cls, path: Path) -> MountRecord:
-        return cls(**json.loads(path.read_text()))
-
-
-def data_home() -> Path:
-    """$XDG_DATA_HOME, else ~/.local/share of the real (host) user."""
-    xdg = os.environ.get("XDG_DATA_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg)
-    home = os.environ.get("HOME")
-    if not home:
-        # Inside a user namespace our uid is 0: look up the host user instead.
-        uid = namespaces.host_uid()
-        home = pwd.getpwuid(uid if uid is not None else os.geteuid()).pw_dir
-    return Path(home) / ".local" / "share"
-
-
-def mounts_dir() -> Path:
-    return data_home() / "cshare" / "mounts"
-
-
-def mount_key(image_id: str, mountpoint: Path) -> str:
-    """`<image-id-12>-<hash of mountpoint>`: one upper layer per image and mountpoint."""
-    digest = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:12]
-    return f"{image_id[:12]}-{digest}"
-
-
-def records() -> Iterator[tuple[Path, MountRecord]]:
-    base = mounts_dir()
-    if not base.is_dir():
-        return
-    for path in sorted(base.glob(f"*/{RECORD_NAME}")):
-        try:
-            yield path, MountRecord.load(path)
-        except (OSError, ValueError, TypeError):
-            continue  # a damaged record must not stop umount of the others
-
-
-def find_record(mountpoint: Path) -> tuple[Path, MountRecord] | None:
-    for path, record in records():
-        if record.mountpoint == str(mountpoint):
-            return path, record
-    return None
-
-
-# ------------------------------------------------------------------ mount table
-def unescape_mountinfo(field_text: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out, i = [], 0
-    while i < len(field_text):
-        if field_text[i] == "\\" and i + 3 < len(field_text) and field_text[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field_text[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field_text[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_table() -> dict[str, str]:
-    """Mount points of this mount namespace -> filesystem type (the last mount wins)."""
-    table: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            table[unescape_mountinfo(fields[4])] = fields[sep + 1]
-    return table
-
-
-def is_mount_point(path: Path) -> bool:
-    return str(path) in mount_table()
-
-
-def mount_device(path: Path, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """The `MAJOR:MINOR` of the filesystem mounted at `path` (the last mount there)."""
-    found = None
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            if unescape_mountinfo(fields[4]) == str(path):
-                found = fields[2]
-    return found
-
-
-def mount_tables(skip: str | None = None) -> Iterator[tuple[int, list[str]]]:
-    """(a pid, its mountinfo lines), once for every mount namespace but `skip`.
-
-    Root sees every namespace this way, users' (podman unshare) and containers'
-    included; an ordinary user only those of its own processes.
-    """
-    seen = {skip} if skip is not None else set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            ns = os.readlink(f"{entry.path}/ns/mnt")
-            if ns in seen:
-                continue
-            seen.add(ns)
-            with open(f"{entry.path}/mountinfo") as f:
-                lines = f.readlines()
-        except OSError:
-            continue  # gone, or not ours to look at
-        yield int(entry.name), lines
-
-
-def users_elsewhere(path: Path) -> list[int]:
-    """Pids (one per mount namespace) outside ours that still have the filesystem at `path` mounted.
-
-    A container started with `podman run --rootfs` gets its own mount namespace
-    holding its own reference to our FUSE filesystem.  Unmounting here would
-    leave it running, but this is how to see it is still in use.
-    """
-    device = mount_device(path)
-    if device is None:
-        return []
-    return [
-        pid for pid, lines in mount_tables(skip=namespaces.mount_namespace_id())
-        if any(len(fields) > 2 and fields[2] == device for fields in map(str.split, lines))
-    ]
-
-
-# ------------------------------------------------------------------ the overlay program
-def overlay_command() -> list[str]:
-    """The overlay program: $CSHARE_OVERLAY_CMD, else cshare-overlay next to Python, else PATH."""
-    configured = os.environ.get(OVERLAY_ENV, "").strip()
-    if configured:
-        return shlex.split(configured)
-    beside = Path(sys.executable).parent / DEFAULT_OVERLAY
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which(DEFAULT_OVERLAY)
-    if found is None:
-        raise CshareError(
-            f"{DEFAULT_OVERLAY} not found next to {sys.executable} or on PATH: run scripts/install"
-        )
-    return [found]
-
-
-def uses_plugins(command: list[str]) -> bool:
-    """fuse-overlayfs (the C reference) has no plugins: it reads the override xattr itself."""
-    return Path(command[0]).name != "fuse-overlayfs"
-
-
-def _escape(path: Path | str) -> str:
-    """Escape the separators of the overlay's -o syntax inside a path."""
-    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
-
-
-def overlay_argv(
-    command: list[str], lowers: list[Path], upper: Path, work: Path, mountpoint: Path
-) -> list[str]:
-    """The full command line: every lower layer through the test plugin, upper and work dirs."""
-    with_plugin = uses_plugins(command)
-    entries = [f"//{PLUGIN}//{_escape(p)}" if with_plugin else _escape(p) for p in lowers]
-    options = [
-        "lowerdir=" + ":".join(entries),
-        f"upperdir={_escape(upper)}",
-        f"workdir={_escape(work)}",
-        # Other ids of the namespace (a container's uid 33) must reach the mount,
-        # and the kernel must check permissions against the modes the plugin reports.
-        "allow_other",
-        "default_permissions",
-    ]
-    if with_plugin:
-        options.insert(0, f"plugins={PLUGIN}")
-    return [*command, "-o", ",".join(options), str(mountpoint)]
-
-
-# ------------------------------------------------------------------ checks
 def check_can_mount() -> None:
     """One-line errors for the two things no retry fixes: the namespace and /dev/fuse."""
     problem = namespaces.current().mount_problem()
@@ -280,46 +85,20 @@ def _check_dirs(upper: Path | None, work: Path | None) -> None:
         raise CshareError("--upper and --work go together: give both or neither")
 
 
-def process_argv(pid: int) -> list[bytes]:
-    """The command line of `pid`, one bytes object an argument ([] when unreadable)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    except OSError:
+def users_elsewhere(path: Path) -> list[int]:
+    """Pids (one per mount namespace) outside ours that still have the filesystem at `path` mounted.
+
+    A container started with `podman run --rootfs` gets its own mount namespace
+    holding its own reference to our FUSE filesystem.  Unmounting here would
+    leave it running, but this is how to see it is still in use.
+    """
+    device = mount_device(path)
+    if device is None:
         return []
-
-
-def serving(pid: int | None, mountpoint: str | Path) -> bool:
-    """True while `pid` is a live overlay daemon for `mountpoint` (a reused pid is not)."""
-    if not pid:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state in ("Z", "X"):  # a zombie has finished its work
-        return False
-    argv = process_argv(pid)
-    return (
-        len(argv) >= 2
-        and argv[-1] == os.fsencode(str(mountpoint))
-        and any(b"overlay" in a for a in argv[:2])
-    )
-
-
-def find_daemon(mountpoint: Path) -> int | None:
-    """Best effort: the pid of our process serving `mountpoint` (to wait for it at umount)."""
-    me = os.getuid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if entry.stat().st_uid != me:
-                continue
-        except OSError:
-            continue
-        if serving(int(entry.name), mountpoint):
-            return int(entry.name)
-    return None
+    return [
+        pid for pid, lines in mount_tables(skip=namespaces.mount_namespace_id())
+        if any(len(fields) > 2 and fields[2] == device for fields in map(str.split, lines))
+    ]
 
 
 # ------------------------------------------------------------------ mount / umount
@@ -348,8 +127,6 @@ def mount_image(
     debug: Callable[[str], None] | None = None,
 ) -> MountRecord:
     """Mount IMAGE from the shared store on MOUNTPOINT; return once the mount is ready."""
-    from .store import SharedStore  # the store module is heavy: only mount needs it
-
     note = debug or (lambda _msg: None)
     _check_dirs(upper, work)
     check_can_mount()

@@ -16,7 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from .errors import CshareError, error_line
+from ..errors import CshareError, error_line
 
 __all__ = ["CshareError", "fail", "print_json", "progress", "stderr", "stdout"]
 

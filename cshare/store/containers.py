@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import CshareError
 from . import names as refnames
-from .errors import CshareError
 
 _PLAIN_KEY_CHARS = frozenset(".0123456789abcdefghijklmnopqrstuvwxyz")
 

@@ -15,11 +15,11 @@ rule "every file and directory has a record" stays without exceptions.
 Order per entry makes the run crash-safe and idempotent: the xattr is written
 first and only when no record exists yet (an original, once recorded, is never
 overwritten; older forms count as records), then the mode is changed.  Device
-replacement and directory times go through cshare.treemarks.
+replacement and directory times go through cshare.marks.
 
 Speed: a run is a few syscalls per entry (open, fstat, flistxattr,
 fsetxattr, fchmod, close), spread over worker processes by
-cshare.parallelwalk; hardlinked entries are left to the parent process so that
+cshare.tree.parallel; hardlinked entries are left to the parent process so that
 the names of one inode are handled together.
 """
 
@@ -33,7 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cshare_fuse.overrides import (
+from cshare_fuse.formats import markers
+from cshare_fuse.formats.overrides import (
     ALL_OVERRIDE_XATTRS,
     OVERRIDE_XATTR,
     Override,
@@ -41,15 +42,15 @@ from cshare_fuse.overrides import (
     read_override,
 )
 
-from . import treemarks
-from .errors import CshareError
-from .parallelwalk import default_processes, walk_parallel
-from .treewalk import Dir, WalkReport, display, walk
+from ..errors import CshareError
+from . import marks
+from .parallel import default_processes, walk_parallel
+from .walk import Dir, WalkReport, display, walk
 
 CONVERTED_MODE = 0o755
 PROBE_XATTR = "user.cshare.probe"
 _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
-_TMP_START = treemarks.TEMPORARY_START
+_TMP_START = marks.TEMPORARY_START
 
 
 @dataclass
@@ -115,7 +116,7 @@ class _Shared:
         self.placeholders.clear()
 
 
-class _Converter(treemarks.MarkingVisitor[ConvertReport]):
+class _Converter(marks.MarkingVisitor[ConvertReport]):
     """The walk visitor; one per thread, each with its own report."""
 
     def __init__(self, shared: _Shared, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
@@ -128,7 +129,7 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
         self._count()
         if not self.resume(d, names):
             return False
-        if treemarks.TRUSTED_OPAQUE in names:
+        if markers.TRUSTED_OPAQUE in names:
             self._opaque(d, names)
         self._record(d.fd, d.st, names, d.path)
         return True
@@ -140,7 +141,7 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
         self.report.entries += 1
         if self.on_entry is not None:
             self.on_entry()
-        if name.startswith(_TMP_START) and treemarks.is_temporary(name):
+        if name.startswith(_TMP_START) and marks.is_temporary(name):
             self._leftover(d, name)
             return
         if st.st_nlink > 1 and not self.shared.first_time(st.st_ino):
@@ -166,7 +167,7 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
         mode = st.st_mode
         if stat.S_ISLNK(mode):
             return  # symlinks keep no override (the kernel refuses user xattrs on them)
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        if markers.is_whiteout_stat(mode, st.st_rdev):
             return  # a kernel-style whiteout stays a whiteout
         self._replace(d, name, st)
 
@@ -210,23 +211,23 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
 
     def _opaque(self, d: Dir, names: frozenset[str]) -> None:
         """Make a trusted.overlay.opaque marker visible to users as user.overlay.opaque."""
-        if os.getxattr(d.fd, treemarks.TRUSTED_OPAQUE) != b"y":
+        if os.getxattr(d.fd, markers.TRUSTED_OPAQUE) != b"y":
             return
-        if treemarks.USER_OPAQUE in names:
+        if markers.USER_OPAQUE in names:
             return  # the layer's own user-visible marker, or one an earlier run added
         self.report.opaque_rewritten += 1
         if self.dry_run:
             self.report.changes.append(f"add user.overlay.opaque=y: {display(d.path)}")
             return
-        if treemarks.OPAQUE_ADDED not in names:
-            os.setxattr(d.fd, treemarks.OPAQUE_ADDED, b"y")
-        os.setxattr(d.fd, treemarks.USER_OPAQUE, b"y")
+        if marks.OPAQUE_ADDED not in names:
+            os.setxattr(d.fd, marks.OPAQUE_ADDED, b"y")
+        os.setxattr(d.fd, markers.USER_OPAQUE, b"y")
 
     def _leftover(self, d: Dir, name: str) -> None:
         if self.dry_run:
             self.report.changes.append(f"remove leftover temporary file: {display(d.join(name))}")
             return
-        treemarks.remove_leftover(d, name)
+        marks.remove_leftover(d, name)
 
     def _replace(self, d: Dir, name: str, st: os.stat_result) -> None:
         """Replace a device, fifo or socket by an empty 0755 file that records it."""
@@ -235,18 +236,18 @@ class _Converter(treemarks.MarkingVisitor[ConvertReport]):
         if self.dry_run:
             self.report.changes.append(f"replace by a file recording {value.decode()}: {display(d.join(name))}")
             return
-        treemarks.before_namespace_change(d)
+        marks.before_namespace_change(d)
         with self.shared.lock:  # two names of one device inode must end up linked
             self._replace_locked(d, name, st, value)
 
     def _replace_locked(self, d: Dir, name: str, st: os.stat_result, value: bytes) -> None:
-        tmp = treemarks.temporary_name(treemarks.CONVERT_TMP_PREFIX, st.st_ino)
+        tmp = marks.temporary_name(marks.CONVERT_TMP_PREFIX, st.st_ino)
         # Looked up whatever st_nlink says now: replacing the first name lowered it.
         kept = self.shared.placeholders.get(st.st_ino)
         if kept is not None:
             # Another name of the same device inode was replaced already: keep them linked.
             _unlink_quietly(d, tmp)
-            treemarks.link_fd(kept, d, tmp)
+            marks.link_fd(kept, d, tmp)
         else:
             fd = _create_exclusive(d, tmp)
             try:
@@ -292,7 +293,7 @@ def convert_tree(
 
     Per-entry failures are collected in the report's `errors`; the caller
     decides the exit status.  Call `check_can_convert` first.  The walk runs
-    in `processes` processes (default: parallelwalk.default_processes(); a
+    in `processes` processes (default: parallel.default_processes(); a
     small tree never forks) or, with `workers` > 1, in that many threads.  A
     dry run uses one, so that its list of changes comes in walk order.
     """

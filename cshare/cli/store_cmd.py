@@ -1,6 +1,6 @@
 """Rendering for the store commands: make-shared, images, inspect, rm.
 
-The work is done by cshare.make_shared and cshare.store; this module only
+The work is done by cshare.store.make_shared and cshare.store; this module only
 turns results into rich output (progress, tables, one-line summaries) or JSON.
 """
 
@@ -13,9 +13,11 @@ from typing import Any
 from rich.progress import TaskID
 from rich.table import Table
 
+from cshare_fuse.formats.optsyntax import lowerdir_value
+
+from ..store.make_shared import LayerOutcome, MakeSharedResult, make_shared
+from ..store.shared import ImageRecord, SharedStore
 from .console import CshareError, print_json, progress, stdout
-from .make_shared import LayerOutcome, MakeSharedResult, make_shared
-from .store import ImageRecord, SharedStore
 
 
 def human_size(n: int) -> str:
@@ -181,7 +183,7 @@ def inspect_json(store: SharedStore, ref: str) -> dict[str, Any]:
         doc.update(
             store=str(store.root),
             size=_image_size(store, record),
-            lowerdir=":".join(str(p).replace(":", "\\:") for p in lowers),
+            lowerdir=lowerdir_value(lowers),
             layer_details=layers,
         )
         return doc

@@ -1,13 +1,13 @@
 """make-shared: copy an image from podman's store into the shared store, converted.
 
-The steps, for IMAGE in podman's store (cshare.storage) and the shared store
-(cshare.store):
+The steps, for IMAGE in podman's store (cshare.store.containers) and the shared store
+(cshare.store.shared):
 
 1. take the shared store's write lock (LOCK_EX; concurrent runs queue here);
 2. under podman's read locks, resolve IMAGE, walk its layer chain and copy
    every layer the shared store does not hold yet into the store's tmp/
-   (cshare.copytree; reflink when possible); then release podman's locks;
-3. convert each copied layer (cshare.convert.convert_tree), make it root-owned
+   (cshare.tree.copy; reflink when possible); then release podman's locks;
+3. convert each copied layer (cshare.tree.convert.convert_tree), make it root-owned
    with no file capabilities (`secure_tree`), check that it is safe to show to
    every user (`unsafe_entries` and cshare verify's `verify_tree`), then publish
    it with one rename, base layer first;
@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cshare_fuse.overrides import CAPABILITY_XATTR, STASHED_CAPABILITY_XATTR
+from cshare_fuse.formats.markers import is_whiteout_stat
+from cshare_fuse.formats.overrides import CAPABILITY_XATTR, STASHED_CAPABILITY_XATTR
 
-from .copytree import copy_tree
-from .errors import CshareError
-from .storage import SourceImage, SourceLayer, SourceStore
-from .store import ImageRecord, SharedStore, remove_path
+from ..errors import CshareError
+from ..tree.copy import copy_tree
+from .containers import SourceImage, SourceLayer, SourceStore
+from .shared import ImageRecord, SharedStore, remove_path
 
 
 @dataclass
@@ -88,7 +89,7 @@ class _Silent:
 
 def _convert(tree: Path, on_entry: Callable[[], None]) -> None:
     try:
-        from .convert import convert_tree
+        from ..tree.convert import convert_tree
     except ImportError as exc:
         raise CshareError(
             f"cshare's converter is not installed ({exc}); reinstall cshare"
@@ -143,7 +144,7 @@ def secure_tree(tree: Path) -> int:
 
 def _verify(tree: Path) -> list[str]:
     """cshare verify's findings on a layer, as `path: kind (detail)`."""
-    from .verify import verify_tree
+    from ..tree.verify import verify_tree
 
     report = verify_tree(tree)
     return [f"{f.path}: {f.kind} ({f.detail})" for f in report.findings]
@@ -164,7 +165,7 @@ def unsafe_entries(tree: Path, limit: int = 20) -> list[str]:
         rel = os.path.relpath(path, tree)
         if stat.S_ISLNK(mode):
             return
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        if is_whiteout_stat(mode, st.st_rdev):
             if st.st_uid != 0:
                 problems.append(f"{rel}: whiteout owned by uid {st.st_uid}, not root")
             return

@@ -32,14 +32,12 @@ import os
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .treewalk import Dir, WalkReport
+from .walk import Dir, WalkReport
 
 CONVERT_TMP_PREFIX = ".cshare-convert-tmp."
 RESTORE_TMP_PREFIX = ".cshare-restore-tmp."
 TIMES_XATTR = "user.cshare.dir_times"
 
-TRUSTED_OPAQUE = "trusted.overlay.opaque"
-USER_OPAQUE = "user.overlay.opaque"
 OPAQUE_ADDED = "user.cshare.opaque_added"
 
 _TIMES = "times"
@@ -119,7 +117,7 @@ class MarkingVisitor(Generic[_Report]):
     """What the walk visitors of convert and restore share.
 
     Their report, the dry-run flag, the progress callback, the list of
-    deferred paths a parallelwalk worker fills, and the handling of the
+    deferred paths a tree.parallel worker fills, and the handling of the
     directory-times marks above on entering (`resume`) and leaving.
     """
 
@@ -127,7 +125,7 @@ class MarkingVisitor(Generic[_Report]):
         self.report = report
         self.dry_run = dry_run
         self.on_entry = on_entry
-        self.defer: list[str] | None = None  # set in a worker process (parallelwalk)
+        self.defer: list[str] | None = None  # set in a worker process (tree.parallel)
 
     def resume(self, d: Dir, names: frozenset[str]) -> bool:
         """Pick up the times an interrupted run recorded for `d`; False skips it (bad mark)."""

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import CshareError
+from ..errors import CshareError
 
 DEMO_IMAGE = "localhost/cshare-demo:latest"
 DEMO_CMD = '["/bin/sh"]'

@@ -24,10 +24,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, OverrideError, read_override
+from cshare_fuse.formats import markers
+from cshare_fuse.formats.overrides import ALL_OVERRIDE_XATTRS, OverrideError, read_override
 
-from . import treemarks
-from .treewalk import Dir, walk
+from . import marks
+from .walk import Dir, walk
 
 _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
 
@@ -66,13 +67,13 @@ class _Verifier:
 
     def enter(self, d: Dir, names: frozenset[str]) -> bool:
         self.report.entries += 1
-        if treemarks.TIMES_XATTR in names:
+        if marks.TIMES_XATTR in names:
             self._add("incomplete", d.path, "directory-time mark of an interrupted run")
         if (
             self.is_root
-            and treemarks.TRUSTED_OPAQUE in names
-            and treemarks.USER_OPAQUE not in names
-            and os.getxattr(d.fd, treemarks.TRUSTED_OPAQUE) == b"y"
+            and markers.TRUSTED_OPAQUE in names
+            and markers.USER_OPAQUE not in names
+            and os.getxattr(d.fd, markers.TRUSTED_OPAQUE) == b"y"
         ):
             self._add("hidden-opaque", d.path, "trusted.overlay.opaque=y is invisible to users")
         self._check(d.fd, d.st, names, d.path, whiteout=False)
@@ -81,10 +82,10 @@ class _Verifier:
     def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
         self.report.entries += 1
         path = d.join(name)
-        if treemarks.is_temporary(name):
+        if marks.is_temporary(name):
             self._add("incomplete", path, "temporary file of an interrupted run")
             return
-        self._check(fd, st, names, path, whiteout=name.startswith(".wh.") and st.st_size == 0)
+        self._check(fd, st, names, path, whiteout=markers.is_whiteout_file(name, st.st_size))
 
     def special(self, d: Dir, name: str, st: os.stat_result) -> None:
         self.report.entries += 1
@@ -92,7 +93,7 @@ class _Verifier:
         if stat.S_ISLNK(mode):
             return
         path = d.join(name)
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+        if markers.is_whiteout_stat(mode, st.st_rdev):
             return  # whiteout
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             kind = "char" if stat.S_ISCHR(mode) else "block"

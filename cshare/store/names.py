@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from .errors import CshareError
+from ..errors import CshareError
 
 DEFAULT_DOMAIN = "docker.io"
 OFFICIAL_NAMESPACE = "library"

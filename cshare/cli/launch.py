@@ -4,7 +4,7 @@ Loading typer and rich costs ~0.17 s, most of a small run's time, and convert
 and restore are timed against `chmod -R`.  A plain invocation of convert,
 restore or verify (see convert_cmd.fast_path) therefore runs without them;
 everything else, including --help and any option fast_path does not know, goes
-to the typer app in cshare.cli, which does the same work.
+to the typer app in cshare.cli.app, which does the same work.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def main() -> None:
 
         if fast_path(sys.argv[1:]):
             return
-    from .cli import app
+    from .app import app
 
     app()
 

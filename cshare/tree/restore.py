@@ -1,10 +1,10 @@
 """`cshare restore`: the exact inverse of `cshare convert`.
 
 For every file or directory that carries an override record (any name
-cshare_fuse.overrides understands): owner and mode are set back from the
+cshare_fuse.formats.overrides understands): owner and mode are set back from the
 record, then every override xattr is removed; a placeholder file whose TYPE is
 a device, fifo or socket is replaced by the real node again (mknod, owner,
-mode, times), through a temporary name and one rename (cshare.treemarks).  The
+mode, times), through a temporary name and one rename (cshare.tree.marks).  The
 `user.overlay.opaque` that convert added (and only that one) is removed.
 Entries without a record are left alone, so a second run changes nothing and a
 killed run is finished by the next one.
@@ -19,14 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cshare_fuse.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
+from cshare_fuse.formats import markers
+from cshare_fuse.formats.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
 
-from . import treemarks
-from .parallelwalk import default_processes, walk_parallel
-from .treewalk import Dir, WalkReport, display, walk
+from . import marks
+from .parallel import default_processes, walk_parallel
+from .walk import Dir, WalkReport, display, walk
 
 _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
-_TMP_START = treemarks.TEMPORARY_START
+_TMP_START = marks.TEMPORARY_START
 _SPECIAL_TYPES = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
@@ -54,7 +55,7 @@ class _Shared:
         self.nodes.clear()
 
 
-class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
+class _Restorer(marks.MarkingVisitor[RestoreReport]):
     """The walk visitor; one per thread, each with its own report."""
 
     def __init__(self, shared: _Shared, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
@@ -67,7 +68,7 @@ class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
         self._count()
         if not self.resume(d, names):
             return False
-        if treemarks.OPAQUE_ADDED in names:
+        if marks.OPAQUE_ADDED in names:
             self._opaque(d, names)
         self._restore_inode(d, names)
         return True
@@ -79,11 +80,11 @@ class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
         self.report.entries += 1
         if self.on_entry is not None:
             self.on_entry()
-        if name.startswith(_TMP_START) and treemarks.is_temporary(name):
+        if name.startswith(_TMP_START) and marks.is_temporary(name):
             if self.dry_run:
                 self.report.changes.append(f"remove leftover temporary file: {display(d.join(name))}")
             else:
-                treemarks.remove_leftover(d, name)
+                marks.remove_leftover(d, name)
             return
         shared = self.shared
         if st.st_nlink > 1 or st.st_ino in shared.nodes:
@@ -122,11 +123,11 @@ class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
             self.defer.append(d.join(name))
             return
         self._count()
-        if treemarks.is_temporary(name) and not stat.S_ISLNK(st.st_mode):
+        if marks.is_temporary(name) and not stat.S_ISLNK(st.st_mode):
             if self.dry_run:
                 self.report.changes.append(f"remove leftover temporary node: {display(d.join(name))}")
             else:
-                treemarks.remove_leftover(d, name)
+                marks.remove_leftover(d, name)
 
     # ------------------------------------------------------------------ work
     def _parse(self, fd: int, names: frozenset[str], d: Dir, name: str | None) -> Override | None:
@@ -192,9 +193,9 @@ class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
         if self.dry_run:
             self.report.changes.append(f"remove user.overlay.opaque added by convert: {display(d.path)}")
             return
-        if treemarks.USER_OPAQUE in names:
-            os.removexattr(d.fd, treemarks.USER_OPAQUE)
-        os.removexattr(d.fd, treemarks.OPAQUE_ADDED)
+        if markers.USER_OPAQUE in names:
+            os.removexattr(d.fd, markers.USER_OPAQUE)
+        os.removexattr(d.fd, marks.OPAQUE_ADDED)
 
     def _recreate(self, d: Dir, name: str, st: os.stat_result, override: Override) -> None:
         """Replace a placeholder file by the device, fifo or socket it records."""
@@ -205,8 +206,8 @@ class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
                 f"{override.mode:04o}: {display(d.join(name))}"
             )
             return
-        treemarks.before_namespace_change(d)
-        tmp = treemarks.temporary_name(treemarks.RESTORE_TMP_PREFIX, st.st_ino)
+        marks.before_namespace_change(d)
+        tmp = marks.temporary_name(marks.RESTORE_TMP_PREFIX, st.st_ino)
         _unlink_quietly(d, tmp)
         assert override.file_type is not None
         os.mknod(tmp, override.file_type | override.mode, override.rdev, dir_fd=d.fd)
@@ -223,10 +224,10 @@ class _Restorer(treemarks.MarkingVisitor[RestoreReport]):
     def _relink(self, d: Dir, name: str, st: os.stat_result) -> None:
         """Another name of a placeholder already recreated: link it to the new node."""
         node = self.shared.nodes[st.st_ino]
-        treemarks.before_namespace_change(d)
-        tmp = treemarks.temporary_name(treemarks.RESTORE_TMP_PREFIX, st.st_ino)
+        marks.before_namespace_change(d)
+        tmp = marks.temporary_name(marks.RESTORE_TMP_PREFIX, st.st_ino)
         _unlink_quietly(d, tmp)
-        treemarks.link_fd(node, d, tmp)
+        marks.link_fd(node, d, tmp)
         os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
 
 
@@ -253,7 +254,7 @@ def restore_tree(
     """Undo `convert_tree` on the tree at `root` (see the module docstring).
 
     Per-entry failures are collected in the report's `errors`.  Call
-    `cshare.convert.check_can_convert` first.  `processes` and `workers` as
+    `cshare.tree.convert.check_can_convert` first.  `processes` and `workers` as
     for convert_tree.
     """
     shared = _Shared()

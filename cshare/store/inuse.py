@@ -21,9 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cshare_fuse.fusemount import fuse_descriptors
-
-from .mount import mount_tables, process_argv, unescape_mountinfo
+from ..system.mountinfo import unescape_mountinfo
+from ..system.procfs import holds_fuse_device, mount_tables, process_argv, process_dirs
 
 
 @dataclass(frozen=True)
@@ -62,13 +61,13 @@ def holders(layers_dir: Path, layer_ids: Iterable[str]) -> list[Holder]:
     prefix = str(layers_dir).rstrip("/") + "/"
     found: list[Holder] = []
     me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
+    for entry in process_dirs():
+        if int(entry.name) == me:
             continue
         argv = [os.fsdecode(a) for a in process_argv(int(entry.name))]
         text = "\0".join(argv)
         # /dev/fuse open: a FUSE daemon, not a shell that merely ran a mount command.
-        if "lowerdir=" not in text or not fuse_descriptors(entry.path):
+        if "lowerdir=" not in text or not holds_fuse_device(entry.path):
             continue
         for layer_id in sorted(set(named_layers(text, prefix)) & wanted):
             found.append(Holder(layer_id, int(entry.name), _owner(entry.path), _program(entry.path, argv)))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from . import __version__
+from .. import __version__
 from .console import CshareError, fail, print_json
 
 app = typer.Typer(
@@ -280,7 +280,7 @@ def mount(
       podman run --rm -it --rootfs ~/mnt /bin/sh
       podman unshare cshare umount ~/mnt
     """
-    from .mount import mount_image
+    from ..mount.ops import mount_image
 
     def action() -> None:
         record = mount_image(image, mountpoint, store, upper, work, debug=_debug_printer(debug))
@@ -306,7 +306,7 @@ def umount(
     with your changes is kept.  A mountpoint that is not mounted, or still in
     use by a container, is an error.
     """
-    from .mount import unmount
+    from ..mount.ops import unmount
 
     def action() -> None:
         record = unmount(mountpoint, debug=_debug_printer(debug))
@@ -341,7 +341,7 @@ def demo(
     removed afterwards; /dev/fuse is opened to users (0666) for the run when
     it is not already.  The exit status is 1 if any check failed.
     """
-    from .demo import run_demo
+    from ..demo.workflow import run_demo
 
     _guard(lambda: run_demo(user=user, keep=keep, json_out=json_out))
 
@@ -354,7 +354,7 @@ def _guard(action: Callable[[], object]) -> None:
 
 
 def main() -> None:
-    """Run the typer app (the installed `cshare` goes through cshare.launch first)."""
+    """Run the typer app (the installed `cshare` goes through cshare.cli.launch first)."""
     app()
 
 

@@ -1,6 +1,6 @@
 """Rendering of `cshare convert`, `restore` and `verify`: checks, progress, output, exit status.
 
-The work itself is in cshare.convert, cshare.restore and cshare.verify; this
+The work itself is in cshare.tree.convert, cshare.tree.restore and cshare.tree.verify; this
 module only checks the arguments before anything changes, drives the progress
 bar, prints the report (text or `--json`) and turns per-entry errors into a
 non-zero exit once the whole tree has been handled.
@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .convert import ConvertReport, check_can_convert, convert_tree
-from .errors import CshareError, error_line
-from .restore import RestoreReport, restore_tree
-from .treewalk import display
-from .verify import verify_tree
+from ..errors import CshareError, error_line
+from ..tree.convert import ConvertReport, check_can_convert, convert_tree
+from ..tree.restore import RestoreReport, restore_tree
+from ..tree.verify import verify_tree
+from ..tree.walk import display
 
 #: The options of the convert family that fast_path understands (all of them today).
 _FAST_OPTIONS = {

@@ -1,6 +1,6 @@
 """`cshare demo`: the whole workflow on the built-in image, shown as one table.
 
-Root builds the demo image (cshare.demo_image) into a private podman store,
+Root builds the demo image (cshare.demo.image) into a private podman store,
 makes it shared into a demo shared store, then an ordinary user (alice by
 default, created if missing) does what users do: `podman unshare cshare mount`,
 `podman run --rootfs`, `podman unshare cshare umount`.  Every fact in the
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .console import CshareError, print_json, stderr, stdout
+from ..cli.console import CshareError, print_json, stderr, stdout
 
 #: containers.conf for the demo user's rootless podman.  runc: crun refuses some
 #: cgroup setups ("hybrid mode"); cgroupfs and a file event log: the user has no
@@ -357,8 +357,8 @@ def _unmount_below(path: Path) -> None:
 
 def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Steps) -> None:
     """Everything between the set-up and the clean-up; fills `result`."""
-    from .demo_image import DEMO_IMAGE, import_demo_image
-    from .make_shared import make_shared
+    from ..store.make_shared import make_shared
+    from .image import DEMO_IMAGE, import_demo_image
 
     podman_dir = workdir / "podman"
     podman_dir.mkdir(mode=0o700)
@@ -503,7 +503,7 @@ def run_demo(user: str = "alice", keep: bool = False, json_out: bool = False) ->
     if os.geteuid() != 0:
         raise CshareError("cshare demo must run as root (it builds an image and acts as a user): sudo cshare demo")
     _check_tools()
-    from .demo_image import DEMO_IMAGE
+    from .image import DEMO_IMAGE
 
     result = DemoResult(user=user, image=DEMO_IMAGE)
     steps = _Steps(result, quiet=json_out)

@@ -33,7 +33,7 @@ Guarantees:
   xattr); the original owners live in the override xattr.  There are no
   setuid/setgid files, no device nodes (a whiteout, char 0/0, is not one) and
   no file capabilities: a layer's `security.capability` is kept as
-  `user.cshare.capability` (cshare.make_shared.secure_tree).
+  `user.cshare.capability` (cshare.store.make_shared.secure_tree).
 
 Python API: `SharedStore(root)` with `images()`, `resolve(name)`,
 `layer_diff(layer_id)`, `lower_dirs(image)` (top first), `read_lock()`; the
@@ -45,7 +45,6 @@ locks here are counted per process: nesting them is safe.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import grp
@@ -61,8 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import CshareError
+from ..system import libc
 from . import names as refnames
-from .errors import CshareError
 from .inuse import holders
 
 STORE_LOCK = "store.lock"
@@ -185,17 +185,6 @@ def _fcntl_lock(path: Path, exclusive: bool) -> Iterator[None]:
         finally:
             with _locks_guard:
                 del _held[key]
-    finally:
-        os.close(fd)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the store's filesystem so a published layer survives a crash whole."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            os.sync()
     finally:
         os.close(fd)
 
@@ -392,7 +381,7 @@ class SharedStore:
             raise CshareError(f"layer {layer_id[:12]} is already in {self.where}")
         _write_json(staged / LAYER_META, meta)
         os.chmod(staged, 0o755)
-        _syncfs(self.root)
+        libc.syncfs(self.root)  # a published layer survives a crash whole
         os.rename(staged, target)
         return target
 
@@ -427,7 +416,7 @@ class SharedStore:
         """Remove the record, then every layer no other image uses (orphans too).
 
         Refused, before anything changes, while an overlay anywhere on the
-        machine has one of those layers as a lower layer (cshare.inuse), unless
+        machine has one of those layers as a lower layer (cshare.store.inuse), unless
         `force`.
         """
         removed, kept = [], []

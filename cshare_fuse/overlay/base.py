@@ -1,0 +1,243 @@
+"""The merged tree: layers, node table, names and lookup, attributes read, copy-up.
+
+`OverlayBase` owns the layers, the node table and the open handles.  It
+resolves names to nodes, reports their attributes and listings, and copies a
+lower entry up before anything changes it.  The operation families build on
+it (entries, files, dirs, attributes, xattrs); `Overlay` joins them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as statmod
+from collections.abc import Sequence
+
+import pyfuse3
+import trio
+
+from .. import merge
+from ..attrs import AttrPolicy, entry_attributes
+from ..copyup import CopyPolicy, copy_up
+from ..datasource import DataSource, Stat
+from ..errors import OverlayError
+from ..formats import markers
+from ..formats.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR
+from ..handles import HandleTable
+from ..inodes import Node, NodeTable
+from ..layers import Layer, LowerLayer, UpperLayer
+from ..options import MountConfig
+
+#: Copies larger than this go to a worker thread so other requests keep flowing.
+_THREAD_COPY_BYTES = 1 << 20
+
+
+class OverlayBase:
+    def __init__(self, config: MountConfig, lowers: Sequence[DataSource],
+                 upperdir: str | None, workdir: str | None) -> None:
+        self.config = config
+        honour = any(src.honour_overrides for src in lowers) or config.xattr_permissions > 0
+        self.layers: list[Layer] = []
+        self.upper: UpperLayer | None = None
+        if upperdir is not None:
+            self.upper = UpperLayer(0, upperdir, honour_overrides=honour)
+            self.layers.append(self.upper)
+        for source in lowers:
+            self.layers.append(LowerLayer(len(self.layers), source))
+        #: Index of the upper layer in self.layers; -1 (matching no node) without one.
+        self.upper_index = 0 if self.upper is not None else -1
+        self.workdir = os.fsencode(workdir) if workdir else None
+        primary = self.upper.root if self.upper else os.fsencode(lowers[0].root)
+        self.table = NodeTable(os.stat(primary).st_dev)
+        self.root = self.table.make_root(0)
+        self.root.dir_layers = self._root_layers()
+        if self.upper is None:
+            self.root.lower_stat = self.layers[0].stat(b"")
+        self.policy = AttrPolicy.from_config(config)
+        override_name = {0: None, 1: FUSE_OVERLAYFS_XATTR, 2: OVERRIDE_XATTR}[config.xattr_permissions]
+        self.copy_policy = CopyPolicy(override_name, can_chown=os.geteuid() == 0)
+        self.handles = HandleTable()
+        self.read_only = self.upper is None or config.read_only
+        # Writeback caching: the kernel merges writes and may read pages of a file
+        # opened write-only; it also implements O_APPEND itself.
+        self.writeback = config.writeback and not self.read_only
+
+    def _root_layers(self) -> tuple[int, ...]:
+        result: list[int] = []
+        for layer in self.layers:
+            result.append(layer.index)
+            if not layer.is_upper and layer.is_opaque(b""):
+                break
+        return tuple(result)
+
+    # ------------------------------------------------------------------ nodes
+    def node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None:
+            raise OverlayError(errno.ESTALE, f"unknown node {ino}")
+        return node
+
+    def child(self, parent: Node, name: bytes) -> Node | None:
+        """The node for `name` in the merged directory `parent`, or None."""
+        node = parent.children.get(name)
+        if node is not None:
+            return node
+        if markers.is_reserved_name(name):
+            return None
+        resolved = merge.resolve(self.layers, parent.dir_layers, parent.path(), name)
+        if resolved is None:
+            return None
+        node = self._make_node(parent, name, resolved)
+        parent.cache_child(name, node)
+        return node
+
+    def _make_node(self, parent: Node, name: bytes, res: merge.Resolved) -> Node:
+        st = res.stat
+        key = (st.dev, st.ino)
+        # Names of one upper file share a node: they are one file.  Names of a lower
+        # hardlink do not: a write copies up only the name it came through (as the
+        # kernel's overlay does with index=off), and the kernel tells us only the
+        # node, never the name, on open.  pyfuse3 reports the node number as
+        # st_ino, so such names show distinct inode numbers (with the lower nlink).
+        hardlinked = (not statmod.S_ISDIR(st.mode) and st.nlink > 1
+                      and self.layers[res.layer].is_upper)
+        if hardlinked:
+            existing = self.table.by_backing.get(key)
+            if existing is not None and not existing.unlinked and existing.layer == res.layer:
+                existing.add_alias(parent, name)
+                return existing
+        node = Node(self.table.number_for(st), parent, name, res.layer, statmod.S_IFMT(st.mode))
+        node.dir_layers = res.dir_layers
+        node.has_lower = res.has_lower
+        node.backing_key = key
+        if not self.layers[res.layer].is_upper:
+            node.lower_stat = st
+        if hardlinked:
+            return self.table.add_hardlinked(node)
+        return self.table.add(node)
+
+    def lookup(self, parent_ino: int, name: bytes) -> Node | None:
+        """The node of `name` in directory `parent_ino`, or None when it does not exist."""
+        parent = self.node(parent_ino)
+        if not parent.is_dir:
+            raise OverlayError(errno.ENOTDIR)
+        return self.child(parent, name)
+
+    def stat_of(self, node: Node) -> Stat:
+        if node.lower_stat is not None and node.layer != self.upper_index:
+            return node.lower_stat
+        st: Stat | None = None
+        if not node.unlinked and self.upper is not None:
+            st = self.upper.stat(node.path())
+        if st is None:
+            for fd in node.open_fds:
+                return Stat.from_os(os.fstat(fd))
+            if node.unlinked and node.removed_stat is not None:
+                return node.removed_stat
+            raise OverlayError(errno.ENOENT, f"{node!r} vanished from the upper layer")
+        return st
+
+    def _stat_or_none(self, node: Node) -> Stat | None:
+        try:
+            return self.stat_of(node)
+        except (OSError, OverlayError):
+            return None
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        if node.entry is not None:
+            return node.entry
+        st = self.stat_of(node)
+        merged = node.is_dir and len(node.dir_layers) > 1
+        entry = entry_attributes(node.ino, st, self.policy, merged_dir=merged)
+        if node.lower_stat is not None and node.layer != self.upper_index:
+            node.entry = entry
+        return entry
+
+    def listing(self, node: Node) -> list[tuple[bytes, Node]]:
+        if node.listing is None:
+            entries: list[tuple[bytes, Node]] = []
+            for name in merge.merged_names(self.layers, node.dir_layers, node.path()):
+                child = self.child(node, name)
+                if child is not None:
+                    entries.append((name, child))
+            return node.set_listing(entries)
+        return node.listing
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if node.file_type != statmod.S_IFLNK:
+            raise OverlayError(errno.EINVAL)
+        return self.layers[node.layer].readlink(node.path())
+
+    def statfs(self) -> pyfuse3.StatvfsData:
+        top = self.layers[0]
+        root = top.root if isinstance(top, UpperLayer) else os.fsencode(top.source.root) if isinstance(top, LowerLayer) else b"/"
+        vfs = os.statvfs(root)
+        data = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail"):
+            setattr(data, name, getattr(vfs, name))
+        data.f_namemax = vfs.f_namemax
+        return data
+
+    # ------------------------------------------------------------------ copy-up
+    def _writable(self) -> UpperLayer:
+        if self.read_only or self.upper is None:
+            raise OverlayError(errno.EROFS)
+        return self.upper
+
+    async def ensure_upper(self, node: Node) -> None:
+        """Make sure `node`'s entry exists in the upper layer (parents first)."""
+        upper = self._writable()
+        if node.layer == self.upper_index:
+            return
+        if node.unlinked:
+            # Its name is gone: a copy would bring a deleted file back.
+            raise OverlayError(errno.ENOENT, f"{node!r} was removed")
+        if node.parent is not None:
+            await self.ensure_upper(node.parent)
+        running = node.lock
+        if isinstance(running, trio.Lock) and running.locked():
+            # A copy of this node is running in a thread: wait for it to finish.
+            async with running:
+                pass
+            if node.layer == self.upper_index:
+                return
+        assert self.workdir is not None
+        source = self.layers[node.layer]
+        assert isinstance(source, LowerLayer)
+        path = node.path()
+        real = source.raw_stat(path)
+        want = node.lower_stat or source.stat(path)
+        assert want is not None
+        args = (source, path, real, want, upper, self.workdir, self.copy_policy)
+        if statmod.S_ISREG(real.mode) and real.size > _THREAD_COPY_BYTES:
+            # Large: copied in a thread so that other requests go on meanwhile;
+            # the lock makes requests for this same node wait for the copy.
+            if node.lock is None:
+                node.lock = trio.Lock()
+            assert isinstance(node.lock, trio.Lock)
+            async with node.lock:
+                if node.layer == self.upper_index:
+                    return
+                await trio.to_thread.run_sync(copy_up, *args)
+                self._now_in_upper(node)
+        else:
+            # Small: copied synchronously, so no other task runs until it is
+            # done and no lock (a trio checkpoint per copy-up) is needed.
+            copy_up(*args)
+            self._now_in_upper(node)
+        copied = upper.stat(path)
+        node.backing_key = (copied.dev, copied.ino) if copied is not None else None
+
+    def _now_in_upper(self, node: Node) -> None:
+        for parent, name in self.table.copied_up(node, self.upper_index):
+            invalidate_entry(parent.ino, name)
+
+
+def invalidate_entry(parent_ino: int, name: bytes) -> None:
+    """Tell the kernel to forget its cached entry `name` in `parent_ino`."""
+    try:
+        pyfuse3.invalidate_entry_async(parent_ino, name)
+    except Exception:  # not mounted (unit tests) or the queue is gone: nothing cached then
+        pass

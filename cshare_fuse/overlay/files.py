@@ -1,0 +1,107 @@
+"""Files and their handles: create, open, read, write, release, fsync.
+
+A handle remembers the layer its descriptor is open on, so a reader that
+opened a lower file follows it to the upper copy once a writer copied it up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as statmod
+
+import pyfuse3
+
+from ..attrs import entry_attributes
+from ..datasource import Stat
+from ..errors import OverlayError
+from ..handles import FileHandle
+from ..inodes import Node
+from .entries import EntryOps
+
+_CREATE_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC
+
+
+class FileOps(EntryOps):
+    def _open_flags(self, flags: int) -> int:
+        flags &= ~_CREATE_STRIP
+        if self.writeback:
+            flags &= ~os.O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
+    def _register_fd(self, fd: int, node: Node, writable: bool) -> int:
+        self.table.fd_opened(node, fd)
+        return self.handles.add(FileHandle(fd, node, writable, node.layer))
+
+    def _current_fd(self, fh: int) -> int:
+        """The handle's fd, moved to the upper copy if the file was copied up since.
+
+        A file opened read-only on a lower layer and then copied up by a writer
+        must show the new data, as the kernel's overlay does (since Linux 4.19).
+        """
+        handle = self.handles.file(fh)
+        node = handle.node
+        if handle.layer != node.layer and node.layer == self.upper_index and not node.unlinked:
+            assert self.upper is not None
+            fd = self.upper.open(node.path(), os.O_RDONLY)
+            self.table.fd_opened(node, fd)
+            old, handle.fd, handle.layer = handle.fd, fd, node.layer
+            self.table.fd_closed(node, old)
+            os.close(old)
+        return handle.fd
+
+    async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int,
+                     gid: int) -> tuple[int, Node, pyfuse3.EntryAttributes]:
+        """Create and open a regular file; returns its handle, node and attributes."""
+        parent, real, removed, owner_uid, owner_gid, _ = await self._new_entry(
+            parent_ino, name, uid, gid)
+        fd = os.open(real, self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, statmod.S_IMODE(mode))
+        try:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (owner_uid, owner_gid):
+                self._give(fd, owner_uid, owner_gid, mode)
+                st = os.fstat(fd)
+            new = Stat.from_os(st)
+            node = self._added_upper(parent, name, removed, new)
+        except BaseException:
+            os.close(fd)
+            raise
+        attributes = entry_attributes(node.ino, new, self.policy, merged_dir=False)
+        return self._register_fd(fd, node, writable=True), node, attributes
+
+    async def open(self, ino: int, flags: int) -> int:
+        node = self.node(ino)
+        if node.is_dir:
+            raise OverlayError(errno.EISDIR)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if writing:
+            await self.ensure_upper(node)
+        if node.layer == self.upper_index:
+            assert self.upper is not None
+            fd = self.upper.open(node.path(), self._open_flags(flags)
+                                 | (flags & os.O_TRUNC if writing else 0))
+        else:
+            fd = self.layers[node.layer].open(node.path(), os.O_RDONLY | (flags & os.O_NOATIME))
+        return self._register_fd(fd, node, writing)
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self._current_fd(fh), size, offset)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return os.pwrite(self.handles.file(fh).fd, data, offset)
+
+    def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        if not isinstance(handle, FileHandle):
+            return
+        os.close(handle.fd)
+        self.table.fd_closed(handle.node, handle.fd)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        if not self.config.fsync:
+            return
+        fd = self.handles.file(fh).fd
+        (os.fdatasync if datasync else os.fsync)(fd)

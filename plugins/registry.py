@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from cshare_fuse import plugin_api
 from cshare_fuse.plugin_api import API_VERSION, DataSource, Stat
-from plugins.registry_cache import FileCache
+from plugins.registry_cache import FileCache, default_cache
 from plugins.registry_fetch import Fetcher
 from plugins.registry_http import RegistryClient, check_address, check_repository
 from plugins.registry_toc import (
@@ -73,11 +73,6 @@ def _logger() -> logging.Logger:
     if callable(getter):
         return getter("registry")
     return logging.getLogger("cshare_fuse.plugins.registry")
-
-
-def default_cache() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "cshare", "registry")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,12 @@ import stat
 _BLOCK = 1 << 20
 
 
+def default_cache() -> str:
+    """$XDG_CACHE_HOME/cshare/registry, by default ~/.cache/cshare/registry."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cshare", "registry")
+
+
 class DigestMismatch(Exception):
     """Fetched or cached contents do not hash to the digest the TOC gives."""
 

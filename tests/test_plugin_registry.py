@@ -361,7 +361,7 @@ def test_man_page_renders_and_names_every_spec_key() -> None:
 
 def test_registry_references_parse() -> None:
     from cshare.errors import CshareError
-    from cshare.registry_ref import RegistryRef, parse_ref
+    from cshare.mount.registry_ref import RegistryRef, parse_ref
 
     assert parse_ref("docker://127.0.0.1:5000/team/app:v1") == RegistryRef(
         "127.0.0.1:5000", "team/app", "v1")

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CshareError
+from ..errors import CshareError
 
 PREFIX = "docker://"
 SPEC_NAME = "image.json"
@@ -109,7 +109,7 @@ def _platform_manifest(ref: RegistryRef, index: dict[str, object]) -> str:
 
 def write_spec(state_dir: Path, ref: RegistryRef, digest: str, tls_verify: bool) -> Path:
     """The registry plugin's image description for this mount, written atomically."""
-    from plugins.registry import default_cache
+    from plugins.registry_cache import default_cache
 
     cache = Path(default_cache())
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -156,6 +156,37 @@ def test_user_mount_matches_podman_store_and_fetches_little(pushed: Pushed,
     print(f"fetched: mount {at_mount}, ls -lR 0, cat {for_cat} of {pushed.blob_bytes} bytes")
 
 
+def test_cshare_mount_docker_reference_runs_a_container(pushed: Pushed) -> None:
+    """`cshare mount docker://...` as alice inside podman unshare, then podman run --rootfs on it."""
+    scratch = pushed.base / "alice-cli"
+    scratch.mkdir()
+    scratch.chmod(0o755)
+    alice = rootless_user("alice", scratch)
+    mnt, cache = user_dir(alice, scratch / "mnt"), user_dir(alice, scratch / "cache")
+    cache.chmod(0o700)
+    ref = f"docker://{pushed.registry.address}/{REPO}:1"
+    cshare = [tool("cshare")]
+    in_ns = ["podman", "unshare", "env", f"XDG_CACHE_HOME={cache}"]
+    try:
+        plain = alice.run([*in_ns, *cshare, "mount", ref, str(mnt)])
+        assert plain.returncode != 0 and "--tls-verify=false" in plain.stderr, plain.stderr
+        assert len(plain.stderr.strip().splitlines()) == 1
+        up = alice.run([*in_ns, *cshare, "mount", ref, str(mnt), "--tls-verify=false"])
+        assert up.returncode == 0, up.stderr
+        assert f"mounted {ref}" in up.stdout
+        run = alice.run(["podman", "run", "--rm", "--network", "none", "--rootfs", str(mnt),
+                         "sh", "-c", "id -u; cat /etc/shadow; stat -c %u:%g:%a /var/www/index.html"
+                         " /usr/bin/setuid-tool; ls /d; test -e /f || echo no-f"])
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines() == ["0", "root:*:19000:0:99999:7:::", "33:33:640",
+                                           "0:0:4755", "new", "no-f"], run.stdout
+        down = alice.run(["podman", "unshare", *cshare, "umount", str(mnt)])
+        assert down.returncode == 0, down.stderr
+        assert any((cache / "files").rglob("*")), "nothing was cached"
+    finally:
+        kill_overlays_below([alice], scratch, [mnt])
+
+
 def test_corrupted_blob_is_never_served(pushed: Pushed, tmp_path: Path) -> None:
     """A file whose frames in the registry were changed gives EIO, no byte of it, and one log line."""
     spec = write_spec(tmp_path / "image.json", pushed.registry, REPO, pushed.manifest,

@@ -15,10 +15,15 @@ import json
 import os
 import platform
 import re
+import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CshareError
+from ..system import namespaces
+from .command import find_daemon, overlay_command, uses_plugins
+from .records import LOG_NAME, RECORD_NAME, MountRecord, mount_key, mounts_dir
 
 PREFIX = "docker://"
 SPEC_NAME = "image.json"
@@ -44,6 +49,16 @@ class RegistryRef:
 
 def is_registry_ref(text: str) -> bool:
     return text.startswith(PREFIX)
+
+
+def tls_verify_value(text: str) -> bool:
+    """--tls-verify's value, spelt as podman accepts it."""
+    value = text.strip().lower()
+    if value in ("true", "1", "t", "yes"):
+        return True
+    if value in ("false", "0", "f", "no"):
+        return False
+    raise CshareError(f"--tls-verify={text}: give true or false")
 
 
 def parse_ref(text: str) -> RegistryRef:
@@ -125,3 +140,52 @@ def write_spec(state_dir: Path, ref: RegistryRef, digest: str, tls_verify: bool)
 def lower_entries(spec: Path, layers: int) -> list[str]:
     """lowerdir entries for every layer, the topmost first (the manifest lists the base first)."""
     return [f"//registry/{i}/{spec}" for i in reversed(range(layers))]
+
+
+def registry_argv(command: list[str], entries: list[str], upper: Path, work: Path,
+                  mountpoint: Path) -> list[str]:
+    """The overlay command line: the registry plugin's layers under the user's upper layer."""
+    from cshare_fuse.formats.optsyntax import escape
+
+    options = [
+        "plugins=registry",
+        "lowerdir=" + ":".join(entries),
+        f"upperdir={escape(upper)}",
+        f"workdir={escape(work)}",
+        "allow_other",  # as for a shared-store mount (command.overlay_argv says why)
+        "default_permissions",
+    ]
+    return [*command, "-o", ",".join(options), str(mountpoint)]
+
+
+def mount_registry_image(reference: str, mountpoint: Path, *, tls_verify: bool = True,
+                         upper: Path | None = None, work: Path | None = None,
+                         debug: Callable[[str], None] | None = None) -> MountRecord:
+    """Mount every layer of docker://... lazily on MOUNTPOINT; return once the mount is ready."""
+    from . import ops
+
+    note = debug or (lambda _msg: None)
+    ops._check_dirs(upper, work)
+    ops.check_can_mount()
+    mnt = ops.check_mountpoint(mountpoint)
+    command = overlay_command()
+    if not uses_plugins(command):
+        raise CshareError(f"{Path(command[0]).name} has no plugins: a docker:// image needs "
+                          "cshare-overlay's registry plugin (unset CSHARE_OVERLAY_CMD)")
+    ref = parse_ref(reference)
+    digest, layers = resolve(ref, tls_verify)
+    state = mounts_dir() / mount_key(digest.removeprefix("sha256:"), mnt)
+    ops._check_not_mounted_elsewhere(state, str(ref), mnt)
+    upper_dir, work_dir = ops._prepare_state(state, upper, work)
+    entries = lower_entries(write_spec(state, ref, digest, tls_verify), layers)
+    argv = registry_argv(command, entries, upper_dir, work_dir, mnt)
+    note("running: " + shlex.join(argv))
+    ops._run_overlay(argv, state / LOG_NAME, str(ref), mnt)
+    record = MountRecord(image_id=digest.removeprefix("sha256:"), image=str(ref),
+                         mountpoint=str(mnt), upper=str(upper_dir), work=str(work_dir),
+                         lowers=entries, command=argv, state_dir=str(state),
+                         own_dirs=upper is None, mount_ns=namespaces.mount_namespace_id(),
+                         pid=find_daemon(mnt))
+    record.save()
+    note(f"overlay pid {record.pid}; record {state / RECORD_NAME}; log {state / LOG_NAME}")
+    return record

@@ -65,14 +65,11 @@ _OPEN_MODIFIERS = os.O_NOATIME | os.O_NONBLOCK
 
 
 def _logger() -> logging.Logger:
-    """The plugin API's logger when it offers one, else a child of the daemon's logger."""
+    """The plugin API's logger for this plugin when it has one, else a child of the daemon's."""
     found = getattr(plugin_api, "logger", None)
-    if isinstance(found, logging.Logger):
-        return found.getChild("registry") if found.name != "registry" else found
-    getter = getattr(plugin_api, "get_logger", None)
-    if callable(getter):
-        return getter("registry")
-    return logging.getLogger("cshare_fuse.plugins.registry")
+    if callable(found):
+        return found("registry")
+    return logging.getLogger("cshare_fuse.plugin.registry")
 
 
 @dataclass(frozen=True)

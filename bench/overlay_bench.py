@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cshare.system.mountinfo import unescape_mountinfo
+from cshare.system import mountinfo
 
 from .common import (
     DATA_ROOT,
@@ -209,19 +209,11 @@ def cshare_overlay_command() -> str | None:
 
 def mountinfo_entry(mnt: Path) -> tuple[str, str] | None:
     """(major:minor, fstype) of the mount at `mnt`, read without touching the mount itself."""
-    target = str(mnt)
     try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.readlines()
+        entry = mountinfo.find(mnt)
     except OSError:
         return None
-    found = None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 4 and unescape_mountinfo(fields[4]) == target:
-            sep = fields.index("-")
-            found = (fields[2], fields[sep + 1])  # the last one is the visible one
-    return found
+    return (entry.device, entry.fstype) if entry is not None else None
 
 
 def daemon_pids(mnt: Path) -> list[int]:

@@ -15,15 +15,11 @@ root carries the xattr, as fuse-overlayfs does; the `test` plugin always sets it
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import stat as statmod
 from dataclasses import dataclass
 
 from .formats import overrides
-
-#: The xattr namespaces an unprivileged reader can see; listing others is pointless.
-_ENODATA = getattr(errno, "ENODATA", 61)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,16 +119,7 @@ class DataSource:
         """
         if st is not None and not (statmod.S_ISREG(st.mode) or statmod.S_ISDIR(st.mode)):
             return None
-
-        def get(name: str) -> bytes | None:
-            try:
-                return self.getxattr(path, name)
-            except OSError as exc:
-                if exc.errno in (_ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                    return None
-                raise
-
-        found = overrides.read_override(get)
+        found = overrides.read_override_from(lambda name: self.getxattr(path, name))
         return found[1] if found else None
 
     def exists(self, path: bytes) -> bool:

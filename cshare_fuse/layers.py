@@ -18,12 +18,11 @@ from .datasource import DataSource, Stat, join
 from .formats import overrides
 from .formats.markers import OPAQUE_MARKER, OPAQUE_XATTRS
 
-_ENODATA = getattr(errno, "ENODATA", 61)
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 
 
 def _absent_xattr(exc: OSError) -> bool:
-    return exc.errno in (_ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
+    return exc.errno in overrides.ABSENT_XATTR_ERRNOS
 
 
 class Layer:
@@ -195,16 +194,8 @@ class UpperLayer(Layer):
 
     def override(self, path: bytes) -> overrides.Override | None:
         real = self.real(path)
-
-        def get(name: str) -> bytes | None:
-            try:
-                return os.getxattr(real, name, follow_symlinks=False)
-            except OSError as exc:
-                if _absent_xattr(exc):
-                    return None
-                raise
-
-        found = overrides.read_override(get)
+        found = overrides.read_override_from(
+            lambda name: os.getxattr(real, name, follow_symlinks=False))
         return found[1] if found else None
 
     def names(self, path: bytes) -> tuple[bytes, ...]:

@@ -13,6 +13,13 @@ from .errors import ConfigError
 from .formats.optsyntax import split_escaped, split_options
 from .records import record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    #: What an `-o` option does: handler(parsed so far, name, value or None).
+    Handler = Callable[["_Parsed", str, "str | None"], None]
+
 
 @record
 class LowerSpec:
@@ -59,6 +66,8 @@ FUSE_PASSTHROUGH = frozenset(
 #: Accepted for compatibility; they change nothing here (each says why in the man page).
 ACCEPTED_NOOPS = frozenset({"noacl", "redirect_dir", "xino", "fast_ino", "nofail",
                             "_netdev", "user", "users", "auto", "noauto", "defaults"})
+#: SELinux mount labels (podman passes `context="..."` on SELinux hosts): accepted, not applied.
+SELINUX_LABELS = frozenset({"context", "fscontext", "defcontext", "rootcontext"})
 
 
 @record
@@ -123,7 +132,9 @@ def parse_lowerdir(value: str) -> tuple[LowerSpec, ...]:
 
 
 def parse_mapping(name: str, value: str) -> IdMapping:
-    parts = value.split(":")
+    """`FILEID:FUSEID:LEN[:...]`; containers/storage writes each triple with a
+    leading colon (`:0:1000:1:1:100000:65536`), so one leading colon is allowed."""
+    parts = value.removeprefix(":").split(":")
     if len(parts) % 3 or not all(p.isascii() and p.isdigit() for p in parts):
         raise ConfigError(f"{name}={value!r}: expected FILEID:FUSEID:LEN[:FILEID:FUSEID:LEN...]")
     nums = [int(p) for p in parts]
@@ -151,8 +162,9 @@ def _bool_value(name: str, value: str | None) -> bool:
     raise ConfigError(f"{name}={value!r}: expected 0 or 1")
 
 
-def parse_command_line(argv: list[str]) -> MountConfig:
-    """Parse `[-f] [-d] [-o OPT[,OPT...]]... [SOURCE] MOUNTPOINT` in any order."""
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str], bool, bool]:
+    """`[-f] [-d] [-o OPT[,OPT...]]... [SOURCE] MOUNTPOINT` in any order ->
+    (options, positional arguments, foreground, debug)."""
     positional: list[str] = []
     opts: list[str] = []
     foreground = debug = False
@@ -163,9 +175,8 @@ def parse_command_line(argv: list[str]) -> MountConfig:
             if i + 1 >= len(argv):
                 raise ConfigError("-o needs an argument")
             opts.extend(split_options(argv[i + 1]))
-            i += 2
-            continue
-        if arg.startswith("-o") and len(arg) > 2:
+            i += 1
+        elif arg.startswith("-o"):
             opts.extend(split_options(arg[2:]))
         elif arg == "-f":
             foreground = True
@@ -181,100 +192,170 @@ def parse_command_line(argv: list[str]) -> MountConfig:
         else:
             positional.append(arg)
         i += 1
+    return opts, positional, foreground, debug
 
+
+class _Parsed:
+    """What the `-o` options have said so far (the handlers below fill it in)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, object] = {}
+        self.fuse_options: set[str] = set()
+        self.warnings: list[str] = []
+        self.lowers: tuple[LowerSpec, ...] | None = None
+
+
+def _need(name: str, value: str | None) -> str:
+    if value is None or value == "":
+        raise ConfigError(f"option {name} needs a value ({name}=...)")
+    return value
+
+
+def _store(field: str, convert: Callable[[str, str], object]) -> Handler:
+    """A handler for `NAME=VALUE` stored in MountConfig.`field` as convert(NAME, VALUE)."""
+    def handle(p: _Parsed, name: str, value: str | None) -> None:
+        p.values[field] = convert(name, _need(name, value))
+    return handle
+
+
+def _switch(field: str) -> Handler:
+    """A handler for `NAME`, `NAME=1` or `NAME=0` stored in MountConfig.`field`."""
+    def handle(p: _Parsed, name: str, value: str | None) -> None:
+        p.values[field] = _bool_value(name, value)
+    return handle
+
+
+def _first_path(name: str, value: str) -> str:
+    return split_escaped(value, ":")[0]
+
+
+def _plugin_names(name: str, value: str) -> tuple[str, ...]:
+    return tuple(p for p in split_escaped(value, ":") if p)
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected seconds") from None
+    if not seconds >= 0:
+        raise ConfigError(f"{name}={value!r}: must not be negative")
+    return seconds
+
+
+def _lowerdir(p: _Parsed, name: str, value: str | None) -> None:
+    p.lowers = parse_lowerdir(_need(name, value))
+
+
+def _squash_to_root(p: _Parsed, name: str, value: str | None) -> None:
+    p.values["squash_to_uid"] = p.values["squash_to_gid"] = 0
+
+
+def _volatile(p: _Parsed, name: str, value: str | None) -> None:
+    p.values["fsync"] = False  # fuse-overlayfs: volatile means no fsync at all
+
+
+def _max_write(p: _Parsed, name: str, value: str | None) -> None:
+    _int_value(name, _need(name, value), 4096, 2**24)  # still refuse a malformed value
+    p.warnings.append(f"{name}={value} is not supported (pyfuse3 cannot negotiate it); "
+                      "the kernel's default write size is used")
+
+
+def _passthrough(p: _Parsed, name: str, value: str | None) -> None:
+    if value is not None:
+        raise ConfigError(f"option {name} takes no value")
+    if name == "ro":
+        p.values["read_only"] = True
+    p.fuse_options.add(name)
+
+
+def _fuse_value(p: _Parsed, name: str, value: str | None) -> None:
+    p.fuse_options.add(f"{name}={_need(name, value)}")
+
+
+def _noop(p: _Parsed, name: str, value: str | None) -> None:
+    pass
+
+
+def _xino(p: _Parsed, name: str, value: str | None) -> None:
+    if value not in (None, "off", "auto", "on"):
+        raise ConfigError(f"xino={value!r}: expected off, auto or on")
+
+
+def _fast_ino(p: _Parsed, name: str, value: str | None) -> None:
+    _bool_value(name, value)
+
+
+def _redirect_dir(p: _Parsed, name: str, value: str | None) -> None:
+    if value not in ("off", "nofollow", None):
+        p.warnings.append(f"redirect_dir={value} is not supported; behaving as redirect_dir=off")
+
+
+def _selinux_label(p: _Parsed, name: str, value: str | None) -> None:
+    label = _need(name, value)
+    if len(label) >= 2 and label[0] == label[-1] == '"':
+        label = label[1:-1]
+    p.warnings.append(f"{name}={label} ignored: cshare-overlay does not apply SELinux labels")
+
+
+#: Every `-o` option: its name -> what it does to the configuration (formats.md §4).
+OPTIONS: dict[str, Handler] = {
+    "lowerdir": _lowerdir,
+    "upperdir": _store("upperdir", _first_path),
+    "workdir": _store("workdir", _first_path),
+    "plugins": _store("plugins", _plugin_names),
+    "squash_to_root": _squash_to_root,
+    "squash_to_uid": _store("squash_to_uid", _int_value),
+    "squash_to_gid": _store("squash_to_gid", _int_value),
+    "uidmapping": _store("uidmapping", parse_mapping),
+    "gidmapping": _store("gidmapping", parse_mapping),
+    "xattr_permissions": _store("xattr_permissions", lambda n, v: _int_value(n, v, 0, 2)),
+    "static_nlink": _switch("static_nlink"),
+    "timeout": _store("timeout", _seconds),
+    "writeback": _switch("writeback"),
+    "fsync": _switch("fsync"),
+    "noxattrs": _switch("noxattrs"),
+    "volatile": _volatile,
+    "max_write": _max_write,
+    "fsname": _fuse_value,
+    "subtype": _fuse_value,
+    **{name: _passthrough for name in FUSE_PASSTHROUGH},
+    **{name: _noop for name in ACCEPTED_NOOPS},
+    "xino": _xino,
+    "fast_ino": _fast_ino,
+    "redirect_dir": _redirect_dir,
+    **{name: _selinux_label for name in SELINUX_LABELS},
+}
+
+
+def parse_command_line(argv: list[str]) -> MountConfig:
+    """Parse `[-f] [-d] [-o OPT[,OPT...]]... [SOURCE] MOUNTPOINT` in any order."""
+    opts, positional, foreground, debug = _split_argv(argv)
     if not positional:
         raise ConfigError(f"no mountpoint given; {USAGE}")
     if len(positional) > 2:
         raise ConfigError(f"too many arguments {positional!r}; {USAGE}")
-    mountpoint = positional[-1]
-    source = positional[0] if len(positional) == 2 else None
-
-    values: dict[str, object] = {}
-    fuse_opts: set[str] = set()
-    warnings: list[str] = []
-    lowers: tuple[LowerSpec, ...] | None = None
+    parsed = _Parsed()
     for opt in opts:
         name, has_value, raw = opt.partition("=")
-        value = raw if has_value else None
-
-        def need(name: str = name, value: str | None = value) -> str:
-            if value is None or value == "":
-                raise ConfigError(f"option {name} needs a value ({name}=...)")
-            return value
-
-        if name == "lowerdir":
-            lowers = parse_lowerdir(need())
-        elif name == "upperdir":
-            values["upperdir"] = split_escaped(need(), ":")[0]
-        elif name == "workdir":
-            values["workdir"] = split_escaped(need(), ":")[0]
-        elif name == "plugins":
-            values["plugins"] = tuple(p for p in split_escaped(need(), ":") if p)
-        elif name == "squash_to_root":
-            values["squash_to_uid"] = 0
-            values["squash_to_gid"] = 0
-        elif name == "squash_to_uid":
-            values["squash_to_uid"] = _int_value(name, need())
-        elif name == "squash_to_gid":
-            values["squash_to_gid"] = _int_value(name, need())
-        elif name == "uidmapping":
-            values["uidmapping"] = parse_mapping(name, need())
-        elif name == "gidmapping":
-            values["gidmapping"] = parse_mapping(name, need())
-        elif name == "xattr_permissions":
-            values["xattr_permissions"] = _int_value(name, need(), 0, 2)
-        elif name == "static_nlink":
-            values["static_nlink"] = _bool_value(name, value)
-        elif name == "timeout":
-            try:
-                seconds = float(need())
-            except ValueError:
-                raise ConfigError(f"timeout={value!r}: expected seconds") from None
-            if not seconds >= 0:
-                raise ConfigError(f"timeout={value!r}: must not be negative")
-            values["timeout"] = seconds
-        elif name == "writeback":
-            values["writeback"] = _bool_value(name, value)
-        elif name == "fsync":
-            values["fsync"] = _bool_value(name, value)
-        elif name == "noxattrs":
-            values["noxattrs"] = _bool_value(name, value)
-        elif name == "max_write":
-            _int_value(name, need(), 4096, 2**24)  # still refuse a malformed value
-            warnings.append(f"{opt} is not supported (pyfuse3 cannot negotiate it); "
-                            "the kernel's default write size is used")
-        elif name in FUSE_PASSTHROUGH:
-            if value is not None:
-                raise ConfigError(f"option {name} takes no value")
-            if name == "ro":
-                values["read_only"] = True
-            fuse_opts.add(name)
-        elif name == "volatile":
-            values["fsync"] = False  # fuse-overlayfs: volatile means no fsync at all
-        elif name in ACCEPTED_NOOPS:
-            if name == "xino" and value not in (None, "off", "auto", "on"):
-                raise ConfigError(f"xino={value!r}: expected off, auto or on")
-            if name == "fast_ino":
-                _bool_value(name, value)
-            if name == "redirect_dir" and value not in ("off", "nofollow", None):
-                warnings.append(f"redirect_dir={value} is not supported; behaving as redirect_dir=off")
-        elif name in ("fsname", "subtype"):
-            fuse_opts.add(f"{name}={need()}")
+        handler = OPTIONS.get(name)
+        if handler is None:
+            parsed.warnings.append(f"unknown option {opt!r} ignored")
         else:
-            warnings.append(f"unknown option {opt!r} ignored")
-
-    if lowers is None:
+            handler(parsed, name, raw if has_value else None)
+    if parsed.lowers is None:
         raise ConfigError("no lowerdir= given; at least one lower layer is required")
+    values = parsed.values
     if ("workdir" in values) != ("upperdir" in values):
         missing = "workdir" if "upperdir" in values else "upperdir"
         raise ConfigError(f"upperdir and workdir go together: {missing}= is missing")
     return MountConfig(
-        mountpoint=mountpoint,
-        lowers=lowers,
-        source=source,
+        mountpoint=positional[-1],
+        lowers=parsed.lowers,
+        source=positional[0] if len(positional) == 2 else None,
         foreground=foreground,
         debug=debug,
-        fuse_options=frozenset(fuse_opts),
-        warnings=tuple(warnings),
+        fuse_options=frozenset(parsed.fuse_options),
+        warnings=tuple(parsed.warnings),
         **values,  # type: ignore[arg-type]
     )

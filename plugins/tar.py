@@ -170,18 +170,10 @@ def build_index(members: list[tarfile.TarInfo], default_mtime_ns: int) -> dict[b
     for member in members:
         path = _normalize(member.name, "member")
         if member.islnk():
-            target = _normalize(member.linkname, f"hardlink {member.name!r} ->")
-            first = index.get(target)
-            if first is None or first.is_dir or first.member is None:
-                raise ArchiveError(f"hardlink {member.name!r} points to {member.linkname!r}, "
-                                   "which is not an earlier non-directory member")
-            canonical = first.link_to if first.link_to is not None else target
-            if canonical == path:
+            linked = _hardlink_entry(index, member, path)
+            if linked is None:
                 continue  # a link to itself changes nothing
-            origin = index[canonical]
-            entry = Entry(mode=origin.mode, uid=origin.uid, gid=origin.gid, size=origin.size,
-                          mtime_ns=origin.mtime_ns, rdev=origin.rdev, symlink=origin.symlink,
-                          link_to=canonical, member=member, xattrs=origin.xattrs)
+            entry = linked
         else:
             entry = _entry_of(member)
         if path == b"":
@@ -202,7 +194,28 @@ def build_index(members: list[tarfile.TarInfo], default_mtime_ns: int) -> dict[b
         index[path] = entry
         parent.children[_basename(path)] = None
 
-    # nlink: a directory has its "." and each subdirectory's ".."; a file its names.
+    _count_links(index)
+    return index
+
+
+def _hardlink_entry(index: dict[bytes, Entry], member: tarfile.TarInfo, path: bytes) -> Entry | None:
+    """The entry of hardlink `member` at `path` (None: a link to itself)."""
+    target = _normalize(member.linkname, f"hardlink {member.name!r} ->")
+    first = index.get(target)
+    if first is None or first.is_dir or first.member is None:
+        raise ArchiveError(f"hardlink {member.name!r} points to {member.linkname!r}, "
+                           "which is not an earlier non-directory member")
+    canonical = first.link_to if first.link_to is not None else target
+    if canonical == path:
+        return None
+    origin = index[canonical]
+    return Entry(mode=origin.mode, uid=origin.uid, gid=origin.gid, size=origin.size,
+                 mtime_ns=origin.mtime_ns, rdev=origin.rdev, symlink=origin.symlink,
+                 link_to=canonical, member=member, xattrs=origin.xattrs)
+
+
+def _count_links(index: dict[bytes, Entry]) -> None:
+    """nlink: a directory has its "." and each subdirectory's ".."; a file its names."""
     for entry in index.values():
         if entry.is_dir:
             entry.nlink = 2
@@ -214,7 +227,6 @@ def build_index(members: list[tarfile.TarInfo], default_mtime_ns: int) -> dict[b
     for entry in index.values():
         if entry.link_to is not None:
             entry.nlink = index[entry.link_to].nlink
-    return index
 
 
 class TarSource(DataSource):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cshare.system.mountinfo import unescape_mountinfo
+from cshare.system.mountinfo import points_below
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 VENV_BIN = Path(sys.executable).parent
@@ -101,13 +101,9 @@ def world_tmp() -> Iterator[Path]:
 
 def unmount_all_below(path: Path) -> None:
     """Lazily unmount anything mounted at or below `path` (teardown after a failure)."""
-    prefix = str(path.resolve())
     try:
-        with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
+        points = points_below(path.resolve())
     except OSError:
         return
-    for point in sorted(points, key=len, reverse=True):
-        point = unescape_mountinfo(point)
-        if point == prefix or point.startswith(prefix + "/"):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    for point in points:
+        subprocess.run(["umount", "-l", point], capture_output=True)

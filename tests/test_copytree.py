@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import is_root, require
+from tree_support import deep_tree_removed, make_chain
 
 from cshare.errors import CshareError
 from cshare.tree.copy import copy_tree
@@ -202,3 +203,16 @@ def test_reflink_when_the_filesystem_can(tmp_path: Path) -> None:
         assert free_before - free_after < 4 << 20  # 16 MiB of data, far less used
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_chain_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    # An image may nest directories deeper than Python's recursion limit (1000);
+    # the copy walks iteratively, so it must copy such a chain like any other.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    with deep_tree_removed(src, dst):
+        chain = Path(*make_chain(src, 1100))
+        (src / chain / "leaf").write_text("at the bottom")
+        stats = copy_tree(src, dst)
+        assert (dst / chain / "leaf").read_text() == "at the bottom"
+        assert stats.entries == 1101

@@ -37,10 +37,12 @@ from podman_support import (  # noqa: F401
     podman_images,
     podman_store,
 )
+from tree_support import deep_tree_removed, make_chain
 
 from cshare.demo.image import build_demo_rootfs
 from cshare.store.containers import SourceStore
-from cshare.store.make_shared import make_shared, secure_tree, unsafe_entries
+from cshare.store.layercheck import secure_tree, unsafe_entries
+from cshare.store.make_shared import make_shared
 from cshare.store.shared import SharedStore
 from cshare_fuse.formats.overrides import OVERRIDE_XATTR, STASHED_CAPABILITY_XATTR, parse_override
 
@@ -557,3 +559,19 @@ def test_demo_rootfs_has_the_cases_that_matter(tmp_path: Path) -> None:
         text=True,
     )
     assert out.returncode == 0 and out.stdout.split("\n")[0] == "0" and "only root" in out.stdout
+
+
+def test_layer_checks_walk_a_chain_deeper_than_the_recursion_limit(tmp_path: Path) -> None:
+    """secure_tree and unsafe_entries walk iteratively: a 1,100-level chain is just a tree."""
+    require(is_root(), "root (chown)")
+    tree = tmp_path / "layer"
+    tree.mkdir()
+    with deep_tree_removed(tree):
+        leaf = tree / Path(*make_chain(tree, 1100)) / "leaf"
+        leaf.write_text("x")
+        os.chown(leaf, 33, 33)
+        os.chmod(leaf, 0o755)
+        assert unsafe_entries(tree) == [f"{'d/' * 1100}leaf: owned by uid 33, not root"]
+        assert secure_tree(tree) == 1
+        assert os.stat(leaf).st_uid == 0
+        assert unsafe_entries(tree) == []

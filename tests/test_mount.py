@@ -387,3 +387,4 @@ def test_rm_refuses_an_image_a_user_has_mounted(
         if session.poll() is None:
             session.kill()
         kill_overlays_below([alice], world_tmp, [mnt])
+

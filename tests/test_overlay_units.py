@@ -32,7 +32,13 @@ from cshare_fuse.fusemount import (
 )
 from cshare_fuse.inodes import NodeTable
 from cshare_fuse.layers import LowerLayer, UpperLayer
-from cshare_fuse.options import LowerSpec, parse_command_line
+from cshare_fuse.options import (
+    OPTIONS,
+    SELINUX_LABELS,
+    LowerSpec,
+    MountConfig,
+    parse_command_line,
+)
 
 # ------------------------------------------------------------------ options
 
@@ -84,14 +90,76 @@ def test_volatile_turns_fsync_off_and_squash_to_root_sets_both() -> None:
     assert (config.squash_to_uid, config.squash_to_gid) == (0, 0)
 
 
+# What podman passes to a mount_program (shared/docs/formats.md §5), form by form.
+PODMAN_BASE = ("lowerdir=/s/overlay/l/A:/s/overlay/l/B,upperdir=/c/diff,workdir=/c/work")
+
+
+def podman_parse(extra: str) -> MountConfig:
+    return parse_command_line(["-o", f"{PODMAN_BASE},{extra}", "/c/merged"])
+
+
+def test_podman_argv_with_its_empty_field_and_volatile() -> None:
+    config = parse_command_line(["-o", f"{PODMAN_BASE},,volatile", "/c/merged"])
+    assert [lower.path for lower in config.lowers] == ["/s/overlay/l/A", "/s/overlay/l/B"]
+    assert (config.upperdir, config.workdir, config.mountpoint) == ("/c/diff", "/c/work", "/c/merged")
+    assert config.fsync is False
+    assert config.warnings == ()  # the empty field is nothing, not an unknown option
+
+
+def test_podman_id_mappings_have_a_leading_colon() -> None:
+    config = podman_parse("uidmapping=:0:1:1001:1001:0:1:1002:1002:64535,gidmapping=:0:1:1001")
+    assert config.uidmapping.ranges == ((0, 1, 1001), (1001, 0, 1), (1002, 1002, 64535))
+    assert config.gidmapping.ranges == ((0, 1, 1001),)
+    assert config.uidmapping.to_fuse(1001) == 0
+    for bad in ("::0:1:1", ":0:1", ":0:1:1:"):
+        with pytest.raises(ConfigError, match="uidmapping"):
+            podman_parse(f"uidmapping={bad}")
+
+
+def test_podman_single_id_map_squashes() -> None:
+    config = podman_parse("squash_to_uid=1000,squash_to_gid=1001")
+    assert (config.squash_to_uid, config.squash_to_gid) == (1000, 1001)
+    with pytest.raises(ConfigError, match="squash_to_uid"):
+        podman_parse("squash_to_uid=-1")
+
+
+def test_podman_selinux_context_keeps_its_commas_and_is_only_warned_about() -> None:
+    label = "system_u:object_r:container_file_t:s0:c123,c456"
+    config = podman_parse(f'context="{label}",volatile')
+    assert config.fsync is False  # the option after the quoted value is still parsed
+    assert len(config.warnings) == 1 and label in config.warnings[0]
+    assert "SELinux" in config.warnings[0]
+    assert not any("c456" in o for o in config.fuse_options)
+
+
+def test_podman_force_mask_passes_xattr_permissions() -> None:
+    assert podman_parse("xattr_permissions=2").xattr_permissions == 2
+    assert podman_parse("xattr_permissions=1").xattr_permissions == 1
+
+
+def test_every_option_of_the_table_is_parsed_by_its_own_handler() -> None:
+    # The table is the parser: no known option may fall through to "unknown".
+    for name in OPTIONS:
+        value = {"lowerdir": "=/x", "upperdir": "=/u", "workdir": "=/w", "plugins": "=test",
+                 "squash_to_uid": "=1", "squash_to_gid": "=1", "uidmapping": "=0:0:1",
+                 "gidmapping": "=0:0:1", "xattr_permissions": "=1", "timeout": "=1",
+                 "max_write": "=65536", "fsname": "=f", "subtype": "=s", "xino": "=off",
+                 "redirect_dir": "=off"}.get(name, "")
+        if name in SELINUX_LABELS:
+            value = '="u:r:t:s0"'
+        extra = ",upperdir=/u,workdir=/w" if name in ("upperdir", "workdir") else ""
+        config = parse_command_line(["-o", f"lowerdir=/l,{name}{value}{extra}", "/mnt"])
+        assert not any("unknown option" in w for w in config.warnings), name
+
+
 @given(st.lists(st.text(alphabet="ab:\\/", min_size=1, max_size=8), min_size=1, max_size=5))
 def test_escaped_colons_round_trip(parts: list[str]) -> None:
     escaped = ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in parts)
     assert split_escaped(escaped, ":") == parts
 
 
-@given(st.lists(st.text(alphabet="ab:,\\/", min_size=1, max_size=8), min_size=1, max_size=5),
-       st.text(alphabet="ab:,\\/", min_size=1, max_size=8))
+@given(st.lists(st.text(alphabet='ab:,"=\\/', min_size=1, max_size=8), min_size=1, max_size=5),
+       st.text(alphabet='ab:,"=\\/', min_size=1, max_size=8))
 def test_escape_is_what_the_option_parser_undoes(parts: list[str], upper: str) -> None:
     # cshare builds command lines with optsyntax.escape; cshare-overlay must read back each path.
     options = split_options(f"lowerdir={lowerdir_value(parts)},upperdir={escape(upper)},ro")

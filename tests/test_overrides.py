@@ -3,7 +3,10 @@ and a hypothesis round trip.  Pure: needs neither root nor FUSE."""
 
 from __future__ import annotations
 
+import errno
+import os
 import stat
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -21,6 +24,7 @@ from cshare_fuse.formats.overrides import (
     parse_override,
     parse_prototype,
     read_override,
+    read_override_from,
 )
 
 MAX_ID = 2**32 - 2
@@ -212,3 +216,20 @@ def test_near_miss_text_parses_or_raises_override_error(text: str) -> None:
         return
     if record.file_type is not None:
         assert parse_override(record.format()) == record
+
+
+def test_read_override_from_a_raising_getxattr() -> None:
+    def getter(values: dict[str, bytes], failure: int) -> Callable[[str], bytes]:
+        def get(name: str) -> bytes:
+            if name in values:
+                return values[name]
+            raise OSError(failure, os.strerror(failure))
+        return get
+
+    for absent in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+        assert read_override_from(getter({}, absent)) is None
+        found = read_override_from(getter({FUSE_OVERLAYFS_XATTR: b"1:2:0644"}, absent))
+        assert found == (FUSE_OVERLAYFS_XATTR, Override(1, 2, 0o644))
+    with pytest.raises(OSError) as info:
+        read_override_from(getter({}, errno.EIO))
+    assert info.value.errno == errno.EIO

@@ -38,6 +38,7 @@ from conftest import (
     unmount_all_below,
 )
 
+from cshare.system.mountinfo import is_mount_point
 from cshare_fuse.formats.overrides import OVERRIDE_XATTR, Override
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(60)]
@@ -227,7 +228,7 @@ CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 def test_file_capabilities_set_aside_by_make_shared_work_in_the_users_container(
         world_tmp: Path) -> None:
     """A file capability works again for the container's uid 33, and only on that file."""
-    from cshare.store.make_shared import secure_tree
+    from cshare.store.layercheck import secure_tree
 
     require_rootless()
     tree = world_tmp / "caps"
@@ -282,8 +283,7 @@ def root_fuse_dirs(world_tmp: Path) -> Iterator[Path]:
 
 
 def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+    return is_mount_point(path)
 
 
 class Foreground:

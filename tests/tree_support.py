@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -329,3 +332,30 @@ def build_large_tree(root: Path, entries: int, per_dir: int = 100) -> int:
         d += 1
     fix_times(root)
     return made
+
+
+def make_chain(root: Path, depth: int, name: str = "d") -> list[str]:
+    """`depth` nested directories `name` under `root`, made through fds (pathlib and
+    shutil recurse, and such a chain is deeper than Python's recursion limit)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, 0o755, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    return [name] * depth
+
+
+
+@contextmanager
+def deep_tree_removed(*roots: Path) -> Iterator[None]:
+    """Remove `roots` afterwards, however the test ends: pytest's cleanup of its
+    temporary directories recurses and would fail on a deep chain (for every
+    later pytest run on this machine).  GNU rm walks iteratively."""
+    try:
+        yield
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", *map(str, roots)], check=False)

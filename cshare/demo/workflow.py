@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..cli.console import CshareError, print_json, stderr, stdout
+from ..system.mountinfo import points_below
 
 #: containers.conf for the demo user's rootless podman.  runc: crun refuses some
 #: cgroup setups ("hybrid mode"); cgroupfs and a file event log: the user has no
@@ -347,16 +348,13 @@ def _check_tools() -> None:
 
 
 def _unmount_below(path: Path) -> None:
-    prefix = str(path)
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted(points, key=len, reverse=True):
-        if point == prefix or point.startswith(prefix + "/"):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    for point in points_below(path):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
-def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Steps) -> None:
-    """Everything between the set-up and the clean-up; fills `result`."""
+def _root_builds_and_shares(workdir: Path, steps: _Steps) -> tuple[Path, Path]:
+    """Root imports the demo image into a private podman store and makes it shared:
+    (the shared store, the image's layer in podman's store)."""
     from ..store.make_shared import make_shared
     from .image import DEMO_IMAGE, import_demo_image
 
@@ -367,7 +365,6 @@ def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Step
                    "--storage-driver", "overlay"]
     root_env = dict(os.environ, CONTAINERS_CONF=str(podman_dir / "containers.conf"))
     store = workdir / "store"
-
     with steps.step("import", f"root builds {DEMO_IMAGE} and imports it with podman"):
         import_demo_image(DEMO_IMAGE, podman_args, env=root_env)
         inspect = subprocess.run(
@@ -380,21 +377,23 @@ def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Step
         layer = Path(inspect.stdout.strip())
     with steps.step("make_shared", "root runs cshare make-shared (copy + convert the layers)"):
         make_shared(DEMO_IMAGE, storage_root=podman_dir / "root", store_root=store)
-    with steps.step("user", f"preparing the ordinary user {user_name}"):
-        user = prepare_user(user_name, workdir)
-        if user.created:
-            result.notes.append(f"created user {user.name} for the demo (remove with: userdel -r {user.name})")
-        mnt = workdir / "mnt"
-        mnt.mkdir()
-        os.chown(mnt, user.uid, user.gid)
-        host = {p.path: describe_stat(os.lstat(str(layer) + p.path)) for p in PROBES}
-        # The user, without cshare, trying to reach the same files of root's image.
-        without: dict[str, str] = {}
-        for p in PROBES:
-            done = user.run(["stat", "-c", "%a", str(layer) + p.path], timeout=30)
-            without[p.path] = "readable" if done.returncode == 0 else (
-                "permission denied" if "denied" in done.stderr.lower() else _last_line(done))
-    digest_before = tree_digest(store)
+    return store, layer
+
+
+def _what_the_user_sees_without(user: DemoUser, layer: Path) -> dict[str, str]:
+    """The user, without cshare, trying to reach the same files of root's image."""
+    without: dict[str, str] = {}
+    for p in PROBES:
+        done = user.run(["stat", "-c", "%a", str(layer) + p.path], timeout=30)
+        without[p.path] = "readable" if done.returncode == 0 else (
+            "permission denied" if "denied" in done.stderr.lower() else _last_line(done))
+    return without
+
+
+def _user_mounts_and_runs(user: DemoUser, mnt: Path, store: Path, steps: _Steps) -> tuple[str, str, str]:
+    """The user mounts the image, runs two containers on it and unmounts it:
+    (output as container root, output as uid 33, stat of the device nodes on the mount)."""
+    from .image import DEMO_IMAGE
 
     with steps.step("mount", f"{user.name}: podman unshare cshare mount"):
         user.must(["podman", "unshare", "cshare", "mount", DEMO_IMAGE, str(mnt), "--store", str(store)],
@@ -417,11 +416,36 @@ def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Step
         if not unmounted:
             # The mount lives in the user's podman namespace, out of root's reach.
             user.run(["podman", "unshare", "umount", "-l", str(mnt)], timeout=30)
+    return as_root, as_www, on_mount
+
+
+def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Steps) -> None:
+    """Everything between the set-up and the clean-up; fills `result`."""
+    store, layer = _root_builds_and_shares(workdir, steps)
+    with steps.step("user", f"preparing the ordinary user {user_name}"):
+        user = prepare_user(user_name, workdir)
+        if user.created:
+            result.notes.append(f"created user {user.name} for the demo (remove with: userdel -r {user.name})")
+        mnt = workdir / "mnt"
+        mnt.mkdir()
+        os.chown(mnt, user.uid, user.gid)
+        host = {p.path: describe_stat(os.lstat(str(layer) + p.path)) for p in PROBES}
+        without = _what_the_user_sees_without(user, layer)
+    digest_before = tree_digest(store)
+    as_root, as_www, on_mount = _user_mounts_and_runs(user, mnt, store, steps)
     digest_after = tree_digest(store)
 
     seen = _stats(as_root)
     seen.update({path.removeprefix(str(mnt)): desc for path, desc in _stats(on_mount).items()})
-    flags = _flags(as_root) | _flags(as_www)
+    _owner_rows(result, user, host, without, seen)
+    _access_rows(result, user, without, _flags(as_root) | _flags(as_www))
+    result.rows.append(Row("access", "shared store unchanged afterwards", "", "",
+                           "yes" if digest_before == digest_after else "no",
+                           ok=digest_before == digest_after))
+
+
+def _owner_rows(result: DemoResult, user: DemoUser, host: dict[str, str], without: dict[str, str],
+                seen: dict[str, str]) -> None:
     for p in PROBES:
         got = seen.get(p.path, "not seen")
         mark = "*" if p.path.startswith("/dev/") else ""
@@ -434,6 +458,9 @@ def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Step
         result.notes.append("* containers get podman's own /dev: the image's device node "
                             f"is shown as {user.name} sees it on the mount")
 
+
+def _access_rows(result: DemoResult, user: DemoUser, without: dict[str, str],
+                 flags: dict[str, bool]) -> None:
     def check(item: str, flag: str, expect: bool, without_text: str) -> None:
         value = flags.get(flag)
         shown = "not run" if value is None else ("yes" if value else "no")
@@ -446,9 +473,6 @@ def run_workflow(user_name: str, workdir: Path, result: DemoResult, steps: _Step
     upper_files = list(user.data_home.glob(f"cshare/mounts/*/upper/demo-{os.getpid()}"))
     result.rows.append(Row("access", f"write /demo-{os.getpid()}: in {user.name}'s upper dir",
                            "", "", "yes" if upper_files else "no", ok=bool(upper_files)))
-    result.rows.append(Row("access", "shared store unchanged afterwards", "", "",
-                           "yes" if digest_before == digest_after else "no",
-                           ok=digest_before == digest_after))
 
 
 def _short(text: str) -> str:

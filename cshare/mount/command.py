@@ -18,7 +18,7 @@ from pathlib import Path
 from cshare_fuse.formats.optsyntax import escape
 
 from ..errors import CshareError
-from ..system.procfs import process_argv, process_dirs
+from ..system.procfs import process_argv, process_dirs, process_state
 
 #: Environment variable naming another overlay program (e.g. `fuse-overlayfs`) to run.
 OVERLAY_ENV = "CSHARE_OVERLAY_CMD"
@@ -68,18 +68,12 @@ def overlay_argv(
     return [*command, "-o", ",".join(options), str(mountpoint)]
 
 
-# ------------------------------------------------------------------ checks
-
-
 def serving(pid: int | None, mountpoint: str | Path) -> bool:
     """True while `pid` is a live overlay daemon for `mountpoint` (a reused pid is not)."""
     if not pid:
         return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    if state in ("Z", "X"):  # a zombie has finished its work
+    state = process_state(pid)
+    if state is None or state in ("Z", "X"):  # gone, or a zombie that has finished its work
         return False
     argv = process_argv(pid)
     return (

@@ -96,8 +96,8 @@ def users_elsewhere(path: Path) -> list[int]:
     if device is None:
         return []
     return [
-        pid for pid, lines in mount_tables(skip=namespaces.mount_namespace_id())
-        if any(len(fields) > 2 and fields[2] == device for fields in map(str.split, lines))
+        pid for pid, table in mount_tables(skip=namespaces.mount_namespace_id())
+        if any(entry.device == device for entry in table)
     ]
 
 
@@ -116,6 +116,64 @@ def _log_tail(log: Path, offset: int) -> str:
         return ""
     lines = [ln for ln in lines if ln]
     return lines[-1] if lines else ""
+
+
+def _check_not_mounted_elsewhere(state: Path, image: str, mnt: Path) -> None:
+    """Refuse when the previous record of this image and mountpoint has a live daemon."""
+    previous = state / RECORD_NAME
+    if not previous.exists():
+        return
+    try:
+        old = MountRecord.load(previous)
+    except (OSError, ValueError, TypeError):
+        return
+    if serving(old.pid, mnt):
+        raise CshareError(
+            f"{image} is already mounted on {mnt} in another mount namespace "
+            f"(overlay pid {old.pid}): run `cshare umount {mnt}` there first"
+        )
+
+
+def _prepare_state(state: Path, upper: Path | None, work: Path | None) -> tuple[Path, Path]:
+    """The per-image-and-mountpoint state directory and the upper and work directories."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    for p in (data_home() / "cshare", state.parent):
+        p.chmod(0o700)  # other users must not read each other's changes
+    _prepare_dir(state, 0o700)
+    upper_dir = (state / "upper") if upper is None else Path(os.path.abspath(upper))
+    work_dir = (state / "work") if work is None else Path(os.path.abspath(work))
+    if upper is None:
+        # The upper root becomes the container's "/": every uid must traverse it.
+        _prepare_dir(upper_dir, 0o755)
+        _prepare_dir(work_dir, 0o700)
+    else:
+        upper_dir.mkdir(parents=True, exist_ok=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+    return upper_dir, work_dir
+
+
+def _run_overlay(argv: list[str], log: Path, image: str, mnt: Path) -> None:
+    """Run the overlay program; return once it has reported `mnt` mounted."""
+    program = Path(argv[0]).name
+    with open(log, "ab") as log_file:
+        offset = log_file.tell()
+        # Output goes to a file, not a pipe: the daemon keeps its stderr open
+        # long after the launcher has exited, and a pipe would never close.
+        try:
+            result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                    stderr=log_file, timeout=READY_TIMEOUT, check=False)
+        except FileNotFoundError:
+            raise CshareError(f"overlay program {argv[0]} not found: run scripts/install") from None
+        except subprocess.TimeoutExpired:
+            raise CshareError(
+                f"{program} did not report the mount of {mnt} ready within "
+                f"{READY_TIMEOUT:.0f} s (log: {log})"
+            ) from None
+    if result.returncode != 0:
+        reason = _log_tail(log, offset) or f"exit status {result.returncode}"
+        raise CshareError(f"{program} could not mount {image} on {mnt}: {reason} (log: {log})")
+    if not is_mount_point(mnt):
+        raise CshareError(f"{program} exited without error but {mnt} is not mounted (log: {log})")
 
 
 def mount_image(
@@ -143,65 +201,13 @@ def mount_image(
     with store.read_lock():
         record_image = store.resolve(image)
         lowers = [Path(p) for p in store.lower_dirs(record_image)]
-        key = mount_key(record_image.id, mnt)
-        state = mounts_dir() / key
-        previous = state / RECORD_NAME
-        if previous.exists():
-            try:
-                old = MountRecord.load(previous)
-            except (OSError, ValueError, TypeError):
-                old = None
-            if old is not None and serving(old.pid, mnt):
-                raise CshareError(
-                    f"{image} is already mounted on {mnt} in another mount namespace "
-                    f"(overlay pid {old.pid}): run `cshare umount {mnt}` there first"
-                )
-        state.parent.mkdir(parents=True, exist_ok=True)
-        for p in (data_home() / "cshare", state.parent):
-            p.chmod(0o700)  # other users must not read each other's changes
-        _prepare_dir(state, 0o700)
-        own = upper is None
-        upper_dir = (state / "upper") if upper is None else Path(os.path.abspath(upper))
-        work_dir = (state / "work") if work is None else Path(os.path.abspath(work))
-        if own:
-            # The upper root becomes the container's "/": every uid must traverse it.
-            _prepare_dir(upper_dir, 0o755)
-            _prepare_dir(work_dir, 0o700)
-        else:
-            upper_dir.mkdir(parents=True, exist_ok=True)
-            work_dir.mkdir(parents=True, exist_ok=True)
+        state = mounts_dir() / mount_key(record_image.id, mnt)
+        _check_not_mounted_elsewhere(state, image, mnt)
+        upper_dir, work_dir = _prepare_state(state, upper, work)
         argv = overlay_argv(command, lowers, upper_dir, work_dir, mnt)
         note("running: " + shlex.join(argv))
         log = state / LOG_NAME
-        with open(log, "ab") as log_file:
-            offset = log_file.tell()
-            # Output goes to a file, not a pipe: the daemon keeps its stderr open
-            # long after the launcher has exited, and a pipe would never close.
-            try:
-                result = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    timeout=READY_TIMEOUT,
-                    check=False,
-                )
-            except FileNotFoundError:
-                raise CshareError(f"overlay program {argv[0]} not found: run scripts/install") from None
-            except subprocess.TimeoutExpired:
-                raise CshareError(
-                    f"{Path(argv[0]).name} did not report the mount of {mnt} ready within "
-                    f"{READY_TIMEOUT:.0f} s (log: {log})"
-                ) from None
-        if result.returncode != 0:
-            reason = _log_tail(log, offset) or f"exit status {result.returncode}"
-            raise CshareError(
-                f"{Path(argv[0]).name} could not mount {image} on {mnt}: {reason} (log: {log})"
-            )
-        if not is_mount_point(mnt):
-            raise CshareError(
-                f"{Path(argv[0]).name} exited without error but {mnt} is not mounted (log: {log})"
-            )
+        _run_overlay(argv, log, image, mnt)
     name = record_image.names[0] if getattr(record_image, "names", None) else record_image.id
     record = MountRecord(
         image_id=record_image.id,
@@ -212,7 +218,7 @@ def mount_image(
         lowers=[str(p) for p in lowers],
         command=argv,
         state_dir=str(state),
-        own_dirs=own,
+        own_dirs=upper is None,
         mount_ns=namespaces.mount_namespace_id(),
         pid=find_daemon(mnt),
     )

@@ -21,8 +21,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..system.mountinfo import unescape_mountinfo
-from ..system.procfs import holds_fuse_device, mount_tables, process_argv, process_dirs
+from ..system.procfs import (
+    holds_fuse_device,
+    mount_tables,
+    process_argv,
+    process_dirs,
+    process_name,
+)
 
 
 @dataclass(frozen=True)
@@ -71,29 +76,18 @@ def holders(layers_dir: Path, layer_ids: Iterable[str]) -> list[Holder]:
             continue
         for layer_id in sorted(set(named_layers(text, prefix)) & wanted):
             found.append(Holder(layer_id, int(entry.name), _owner(entry.path), _program(entry.path, argv)))
-    for pid, lines in mount_tables():
-        for line in lines:
-            fields = line.split()
-            if "-" not in fields:
+    for pid, table in mount_tables():
+        for mount in table:
+            if mount.fstype != "overlay":
                 continue
-            sep = fields.index("-")
-            if fields[sep + 1] != "overlay" or len(fields) < sep + 4:
-                continue
-            options = unescape_mountinfo(fields[sep + 3])
-            for layer_id in sorted(set(named_layers(options, prefix)) & wanted):
-                what = f"overlay mounted on {unescape_mountinfo(fields[4])}"
+            for layer_id in sorted(set(named_layers(mount.super_options, prefix)) & wanted):
+                what = f"overlay mounted on {mount.mount_point}"
                 found.append(Holder(layer_id, pid, _owner(f"/proc/{pid}"), what))
     return found
 
 
 def _program(proc_dir: str, argv: list[str]) -> str:
-    # comm is the name of the file executed, also for a script (argv[0] is then
-    # its interpreter).
-    try:
-        with open(f"{proc_dir}/comm") as f:
-            return f.read().strip() or os.path.basename(argv[0])
-    except OSError:
-        return os.path.basename(argv[0])
+    return process_name(proc_dir) or os.path.basename(argv[0])
 
 
 def _owner(proc_dir: str) -> str:

@@ -33,7 +33,7 @@ Guarantees:
   xattr); the original owners live in the override xattr.  There are no
   setuid/setgid files, no device nodes (a whiteout, char 0/0, is not one) and
   no file capabilities: a layer's `security.capability` is kept as
-  `user.cshare.capability` (cshare.store.make_shared.secure_tree).
+  `user.cshare.capability` (cshare.store.layercheck).
 
 Python API: `SharedStore(root)` with `images()`, `resolve(name)`,
 `layer_diff(layer_id)`, `lower_dirs(image)` (top first), `read_lock()`; the

@@ -12,6 +12,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import mountinfo
+from .mountinfo import MountEntry
+
 
 def process_dirs() -> Iterator[os.DirEntry[str]]:
     """The /proc/PID entries of every process visible to us (pid = int(entry.name))."""
@@ -26,6 +29,25 @@ def process_argv(pid: int) -> list[bytes]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     except OSError:
         return []
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of `pid` (R, S, Z...; proc(5)), None when it is gone."""
+    try:
+        # The command name in parentheses may itself contain ") ".
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def process_name(proc_dir: str) -> str | None:
+    """`comm` of the process at `proc_dir`: the name of the file it executed (a script's
+    own name, where argv[0] is its interpreter); None when unreadable."""
+    try:
+        with open(f"{proc_dir}/comm") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def holds_fuse_device(proc_dir: str) -> bool:
@@ -43,8 +65,8 @@ def holds_fuse_device(proc_dir: str) -> bool:
     return False
 
 
-def mount_tables(skip: str | None = None) -> Iterator[tuple[int, list[str]]]:
-    """(a pid, its mountinfo lines), once for every mount namespace but `skip`.
+def mount_tables(skip: str | None = None) -> Iterator[tuple[int, list[MountEntry]]]:
+    """(a pid, its mount table), once for every mount namespace but `skip`.
 
     Root sees every namespace this way, users' (podman unshare) and containers'
     included; an ordinary user only those of its own processes.
@@ -56,8 +78,7 @@ def mount_tables(skip: str | None = None) -> Iterator[tuple[int, list[str]]]:
             if ns in seen:
                 continue
             seen.add(ns)
-            with open(f"{entry.path}/mountinfo") as f:
-                lines = f.readlines()
+            table = mountinfo.read(f"{entry.path}/mountinfo")
         except OSError:
             continue  # gone, or not ours to look at
-        yield int(entry.name), lines
+        yield int(entry.name), table

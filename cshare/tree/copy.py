@@ -8,9 +8,10 @@ What "exactly" means for a container layer:
 - hard links stay hard links (within the tree), sparse files stay sparse;
 - device nodes, fifos, sockets and whiteouts (char 0/0) are recreated with
   mknod; `.wh.` files and `.wh..wh..opq` markers are plain files and copied as such;
-- symlinks are copied as symlinks and never followed: the walk goes through
-  directory file descriptors with O_NOFOLLOW, so a symlink (or a race that puts
-  one in place of a directory) can never lead the copy out of the tree.
+- symlinks are copied as symlinks and never followed: the walk (cshare.tree.walk,
+  iterative, so any depth) goes through directory file descriptors with
+  O_NOFOLLOW, so a symlink (or a race that puts one in place of a directory)
+  can never lead the copy out of the tree.
 
 Regular file contents are cloned with a reflink (FICLONE) when the filesystem
 can share extents; otherwise they are copied in the kernel with
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CshareError
+from .walk import Dir, walk
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 _CHUNK = 1 << 30
@@ -52,90 +54,113 @@ class CopyStats:
 
 
 class _Copier:
-    def __init__(self, on_entry: Callable[[str], None] | None):
+    """A walk visitor (cshare.tree.walk) that recreates each entry it visits below `dst`."""
+
+    def __init__(self, src: Path, dst: Path, on_entry: Callable[[str], None] | None):
+        self.src, self.dst = src, dst
         self.stats = CopyStats()
         self.on_entry = on_entry
         self.links: dict[tuple[int, int], str] = {}  # (dev, ino) -> path below the destination root
         self.reflink_ok: bool | None = None  # learnt on the first regular file
-        self.dst_root_fd = -1
+        #: The open destination directory of each source directory the walk holds open.
+        self.dst_fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self.dst_fds.values():
+            os.close(fd)
+        self.dst_fds.clear()
 
     # ---------------------------------------------------------------- walking
-    def copy_dir(self, src_fd: int, dst_fd: int, rel: str) -> None:
-        with os.scandir(src_fd) as it:
-            entries = sorted(e.name for e in it)
-        for name in entries:
-            self.copy_entry(src_fd, dst_fd, name, f"{rel}/{name}" if rel else name)
-
-    def copy_entry(self, src_dir: int, dst_dir: int, name: str, rel: str) -> None:
-        st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
-        mode = st.st_mode
+    def _count(self, rel: str) -> None:
         self.stats.entries += 1
         if self.on_entry is not None:
             self.on_entry(rel)
-        if stat.S_ISDIR(mode):
-            os.mkdir(name, 0o700, dir_fd=dst_dir)
-            sfd = os.open(name, _DIR_FLAGS, dir_fd=src_dir)
-            try:
-                dfd = os.open(name, _DIR_FLAGS, dir_fd=dst_dir)
-                try:
-                    self.copy_dir(sfd, dfd, rel)
-                    self.finish_fd(sfd, dfd, st)
-                finally:
-                    os.close(dfd)
-            finally:
-                os.close(sfd)
-            os.utime(
-                name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False
-            )
+
+    def enter(self, d: Dir, names: frozenset[str]) -> bool:
+        if d.path == ".":
+            return True  # copy_tree made and opened the destination root
+        self._count(d.path)
+        parent, _, name = d.path.rpartition("/")
+        parent_fd = self.dst_fds[parent or "."]
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        self.dst_fds[d.path] = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        d.state["xattrs"] = names
+        return True
+
+    def leave(self, d: Dir) -> None:
+        dfd = self.dst_fds.pop(d.path)
+        try:
+            self.finish_fd(d.fd, dfd, d.st, d.state.get("xattrs"))  # type: ignore[arg-type]
+            os.utime(dfd, ns=(d.st.st_atime_ns, d.st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+
+    def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
+        rel = d.join(name)
+        self._count(rel)
+        if not self._linked(d, name, st):
+            self.copy_file(fd, self.dst_fds[d.path], name, st, names)
+            self._remember(st, rel)
+
+    def special(self, d: Dir, name: str, st: os.stat_result) -> None:
+        rel = d.join(name)
+        self._count(rel)
+        if self._linked(d, name, st):
             return
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in self.links:
-            os.link(
-                self.links[key],
-                name,
-                src_dir_fd=self.dst_root_fd,
-                dst_dir_fd=dst_dir,
-                follow_symlinks=False,
-            )
-            self.stats.hardlinks += 1
-            return
-        if stat.S_ISREG(mode):
-            self.copy_file(src_dir, dst_dir, name, st)
-        elif stat.S_ISLNK(mode):
-            target = os.readlink(name, dir_fd=src_dir)
+        mode, dst_dir = st.st_mode, self.dst_fds[d.path]
+        if stat.S_ISLNK(mode):
+            target = os.readlink(name, dir_fd=d.fd)
             os.symlink(target, name, dir_fd=dst_dir)
-            self.finish_path(src_dir, dst_dir, name, st, chmod=False)
+            self.finish_path(d.fd, dst_dir, name, st, chmod=False)
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
             # mknod makes all four; a whiteout is simply char 0/0.
             os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_dir)
             self.stats.specials += 1
-            self.finish_path(src_dir, dst_dir, name, st, chmod=True)
+            self.finish_path(d.fd, dst_dir, name, st, chmod=True)
         else:
             raise CshareError(f"{rel}: unknown file type {stat.S_IFMT(mode):o}; cannot copy it")
+        self._remember(st, rel)
+
+    def error(self, path: str, message: str) -> None:
+        raise CshareError(f"copying {self.src} to {self.dst} failed at {path}: {message}")
+
+    def other_filesystem(self, path: str) -> None:
+        raise CshareError(
+            f"copying {self.src} to {self.dst}: {path} is a mount point; a layer cannot hold one"
+        )
+
+    def _linked(self, d: Dir, name: str, st: os.stat_result) -> bool:
+        """Make `name` another link to an inode copied before; False if it is new."""
+        target = self.links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+        if target is None:
+            return False
+        os.link(target, name, src_dir_fd=self.dst_fds["."], dst_dir_fd=self.dst_fds[d.path],
+                follow_symlinks=False)
+        self.stats.hardlinks += 1
+        return True
+
+    def _remember(self, st: os.stat_result, rel: str) -> None:
         if st.st_nlink > 1:
-            self.links[key] = rel
+            self.links[(st.st_dev, st.st_ino)] = rel
 
     # ---------------------------------------------------------------- contents
-    def copy_file(self, src_dir: int, dst_dir: int, name: str, st: os.stat_result) -> None:
-        sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    def copy_file(
+        self, sfd: int, dst_dir: int, name: str, st: os.stat_result, names: frozenset[str]
+    ) -> None:
+        """Copy the regular file open as `sfd` (the walk checked its type) to `name` in `dst_dir`."""
+        dfd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dst_dir,
+        )
         try:
-            if not stat.S_ISREG(os.fstat(sfd).st_mode):
-                raise CshareError(f"{name} changed type while being copied; is the source in use?")
-            dfd = os.open(
-                name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-                dir_fd=dst_dir,
-            )
-            try:
-                if st.st_size and self.copy_data(sfd, dfd, st):
-                    self.stats.reflinked += 1
-                self.finish_fd(sfd, dfd, st)
-                os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
-            finally:
-                os.close(dfd)
+            if st.st_size and self.copy_data(sfd, dfd, st):
+                self.stats.reflinked += 1
+            self.finish_fd(sfd, dfd, st, names)
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
-            os.close(sfd)
+            os.close(dfd)
         self.stats.files += 1
         self.stats.bytes += st.st_size
 
@@ -178,10 +203,11 @@ class _Copier:
             pos += n
 
     # ---------------------------------------------------------------- metadata
-    def copy_xattrs(self, src: int | str, dst: int | str) -> None:
-        """Copy every xattr; paths are never followed (l*xattr), fds are used as they are."""
+    def copy_xattrs(self, src: int | str, dst: int | str, names: frozenset[str] | None = None) -> None:
+        """Copy every xattr (`names`, when the walk listed them); paths are never followed
+        (l*xattr), fds are used as they are."""
         follow = not isinstance(src, str)
-        for attr in os.listxattr(src, follow_symlinks=follow):
+        for attr in sorted(names) if names is not None else os.listxattr(src, follow_symlinks=follow):
             try:
                 value = os.getxattr(src, attr, follow_symlinks=follow)
                 os.setxattr(dst, attr, value, follow_symlinks=follow)
@@ -194,11 +220,13 @@ class _Copier:
                     continue
                 raise
 
-    def finish_fd(self, sfd: int, dfd: int, st: os.stat_result) -> None:
+    def finish_fd(
+        self, sfd: int, dfd: int, st: os.stat_result, names: frozenset[str] | None = None
+    ) -> None:
         # chown first: it clears setuid/setgid and security.capability.
         os.fchown(dfd, st.st_uid, st.st_gid)
         os.fchmod(dfd, stat.S_IMODE(st.st_mode))
-        self.copy_xattrs(sfd, dfd)
+        self.copy_xattrs(sfd, dfd, names)
 
     def finish_path(
         self, src_dir: int, dst_dir: int, name: str, st: os.stat_result, chmod: bool
@@ -219,27 +247,22 @@ def copy_tree(src: Path, dst: Path, *, on_entry: Callable[[str], None] | None = 
     progress.  Raises CshareError on anything that cannot be copied exactly;
     the partial `dst` is then left for the caller to remove.
     """
-    copier = _Copier(on_entry)
     try:
-        src_fd = os.open(src, _DIR_FLAGS)
+        src_fd = os.open(src, _DIR_FLAGS)  # O_NOFOLLOW: the root itself must not be a symlink
     except OSError as exc:
         raise CshareError(f"cannot open layer directory {src}: {exc.strerror}") from None
+    copier = _Copier(src, dst, on_entry)
     try:
-        st = os.fstat(src_fd)
         os.mkdir(dst, 0o700)
-        dst_fd = os.open(dst, _DIR_FLAGS)
-        copier.dst_root_fd = dst_fd
-        try:
-            copier.copy_dir(src_fd, dst_fd, "")
-            copier.finish_fd(src_fd, dst_fd, st)
-        finally:
-            os.close(dst_fd)
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        copier.dst_fds["."] = os.open(dst, _DIR_FLAGS)
+        # The walk opens its root by path: give it the directory opened above.
+        walk(Path(f"/proc/self/fd/{src_fd}"), copier)
     except OSError as exc:
         where = exc.filename or src
         raise CshareError(
             f"copying {src} to {dst} failed at {where}: {exc.strerror or exc}"
         ) from None
     finally:
+        copier.close()
         os.close(src_fd)
     return copier.stats

@@ -57,7 +57,9 @@ class VerifyReport:
         }
 
 
-class _Verifier:
+class Verifier:
+    """The walk visitor of `cshare verify`; make-shared runs it inside its own layer check."""
+
     def __init__(self) -> None:
         self.report = VerifyReport()
         self.is_root = os.geteuid() == 0
@@ -137,6 +139,6 @@ class _Verifier:
 
 def verify_tree(root: Path) -> VerifyReport:
     """Check the tree at `root`; the report is `.ok` when nothing was found."""
-    verifier = _Verifier()
+    verifier = Verifier()
     walk(Path(root), verifier)
     return verifier.report

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 def escape(path: object) -> str:
-    """A path (str or Path) as it goes into an `-o` value: `\\`, `,` and `:` escaped."""
-    return str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+    """A path (str or Path) as it goes into an `-o` value: `\\`, `,`, `:` and `"` escaped."""
+    text = str(path).replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+    return text.replace('"', '\\"')  # a value may not start a quoted string (split_options)
 
 
 def lowerdir_value(paths: Iterable[object]) -> str:
@@ -25,18 +26,24 @@ def lowerdir_value(paths: Iterable[object]) -> str:
     return ":".join(escape(p) for p in paths)
 
 
-def split_escaped(text: str, sep: str) -> list[str]:
-    """Split on `sep` except where it is escaped with a backslash; unescape `\\sep`, `\\\\`."""
+def _split(text: str, sep: str, unescape: str, quotes: bool) -> list[str]:
+    """Split `text` on unescaped `sep`.  A backslash before a character of `unescape`
+    gives that character; any other escape stays as it is (for a later split).
+    With `quotes`, a double-quoted value right after `=` is kept whole."""
     parts: list[str] = []
     current: list[str] = []
+    quoted = False
     i = 0
     while i < len(text):
         ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in (sep, "\\", ","):
-            current.append(text[i + 1])
-            i += 2
-            continue
-        if ch == sep:
+        if quoted or (quotes and ch == '"' and current and current[-1] == "="):
+            quoted = (ch != '"') if quoted else True
+            current.append(ch)
+        elif ch == "\\" and i + 1 < len(text):
+            following = text[i + 1]
+            current.append(following if following in unescape else ch + following)
+            i += 1
+        elif ch == sep:
             parts.append("".join(current))
             current = []
         else:
@@ -46,25 +53,17 @@ def split_escaped(text: str, sep: str) -> list[str]:
     return parts
 
 
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split on `sep` except where it is escaped with a backslash; unescape `\\sep`, `\\\\`,
+    `\\,` and `\\"`."""
+    return _split(text, sep, sep + '\\,"', quotes=False)
+
+
 def split_options(text: str) -> list[str]:
-    """Split an `-o` string on commas, keeping `\\,` and the `\\:` escapes intact."""
-    out: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            if text[i + 1] == ",":
-                current.append(",")
-            else:
-                current.append(text[i : i + 2])  # keep \: for lowerdir's own split
-            i += 2
-            continue
-        if ch == ",":
-            out.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    out.append("".join(current))
-    return [o for o in out if o]
+    """Split an `-o` string on commas, keeping `\\,` and the `\\:` escapes intact.
+
+    A value in double quotes right after `=` keeps its commas: podman passes
+    an SELinux label as `context="...:s0:c1,c2"`.  Empty fields (podman's `,,`)
+    are dropped.  `\\,` becomes a comma; other escapes stay for lowerdir's own split.
+    """
+    return [o for o in _split(text, ",", ",", quotes=True) if o]

@@ -9,6 +9,7 @@ place that reads and writes that record; the filesystem, the plugins and
 
 from __future__ import annotations
 
+import errno
 import re
 import stat
 from collections.abc import Callable
@@ -27,6 +28,10 @@ PROTOTYPE_XATTR = "user.original-permissions"
 #: the `test` plugin reports them as CAPABILITY_XATTR again).
 STASHED_CAPABILITY_XATTR = "user.cshare.capability"
 CAPABILITY_XATTR = "security.capability"
+
+#: getxattr errnos that mean "no such attribute here" (absent, unsupported by the
+#: filesystem, or not ours to read), never a failure.
+ABSENT_XATTR_ERRNOS = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES})
 
 #: Every name an override may be stored under, in the order readers prefer them.
 ALL_OVERRIDE_XATTRS: tuple[str, ...] = (
@@ -226,3 +231,18 @@ def read_override(
         except OverrideError as exc:
             raise OverrideError(f"{name}={exc}") from None
     return None
+
+
+def read_override_from(getxattr: Callable[[str], bytes]) -> tuple[str, Override] | None:
+    """`read_override` over a plain getxattr that raises OSError when the attribute
+    is missing: ABSENT_XATTR_ERRNOS count as absent, any other error is raised."""
+
+    def get(name: str) -> bytes | None:
+        try:
+            return getxattr(name)
+        except OSError as exc:
+            if exc.errno in ABSENT_XATTR_ERRNOS:
+                return None
+            raise
+
+    return read_override(get)

@@ -182,7 +182,10 @@ def test_cshare_mount_docker_reference_runs_a_container(pushed: Pushed) -> None:
                                            "0:0:4755", "new", "no-f"], run.stdout
         down = alice.run(["podman", "unshare", *cshare, "umount", str(mnt)])
         assert down.returncode == 0, down.stderr
-        assert any((cache / "files").rglob("*")), "nothing was cached"
+        specs = list((scratch / "data-alice").rglob("image.json"))
+        used = cache / "cshare" / "registry"  # $XDG_CACHE_HOME/cshare/registry
+        assert len(specs) == 1 and json.loads(specs[0].read_text())["cache"] == str(used)
+        assert any(p.is_file() for p in (used / "files").rglob("*")), "nothing was cached"
     finally:
         kill_overlays_below([alice], scratch, [mnt])
 

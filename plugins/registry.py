@@ -139,6 +139,9 @@ def fetch_manifest(client: RegistryClient, spec: ImageSpec) -> dict[str, object]
 class RegistrySource(DataSource):
     """A layer tree from a TOC; file contents from the registry through the cache."""
 
+    #: Everything but open answers from memory: only open may wait on the network.
+    inline = frozenset(getattr(plugin_api, "ALL_METHODS", frozenset())) - {"open"}
+
     def __init__(self, spec: ImageSpec, spec_path: str, which: str) -> None:
         self.spec, self.spec_path, self.which = spec, spec_path, which
         self.cache = FileCache(spec.cache)

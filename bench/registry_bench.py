@@ -40,7 +40,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cshare.mount import unescape_mountinfo
+from cshare.system import mountinfo
 
 from .common import (
     DATA_ROOT,
@@ -223,12 +223,8 @@ class Podman:
 
 def unmount_below(path: Path) -> None:
     """Unmount whatever is still mounted at or below `path` (deepest first)."""
-    prefix = str(path.resolve())
-    with open("/proc/self/mountinfo") as f:
-        points = [unescape_mountinfo(line.split()[4]) for line in f]
-    for point in sorted(points, key=len, reverse=True):
-        if point == prefix or point.startswith(prefix + "/"):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    for point in sorted(mountinfo.points_below(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 # ------------------------------------------------------------------ the benchmark
@@ -301,6 +297,8 @@ class RegistryBench:
                 f"workdir={base / 'work'}")
         run_timed([str(Path(sys.executable).parent / "cshare-overlay"), "-o", opts,
                    str(base / "mnt")], self.timeout, what="cshare-overlay")
+        if mountinfo.find(base / "mnt") is None:
+            raise BenchFailure(f"cshare-overlay exited 0 but {base / 'mnt'} is not mounted")
         return base / "mnt"
 
     def lazy_first(self, run: int) -> None:
@@ -355,6 +353,8 @@ class RegistryBench:
         took, out, _ = run_timed([sys.executable, "-c", READER, str(root)], self.timeout,
                                  what="full read", capture_stdout=True)
         count, total = (int(x) for x in out.split())
+        if count != self.files + 2:  # busybox and /etc/app.conf besides the data
+            raise BenchFailure(f"full read of {root} found {count} files, not {self.files + 2}")
         self.read_counts[system].add((count, total))
         return took
 

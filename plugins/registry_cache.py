@@ -19,6 +19,9 @@ import errno
 import hashlib
 import os
 import stat
+import threading
+
+import zstandard
 
 _BLOCK = 1 << 20
 
@@ -57,6 +60,26 @@ class FileCache:
         self.tmp = os.path.join(self.root, "tmp")
         os.makedirs(self.files, mode=0o700, exist_ok=True)
         os.makedirs(self.tmp, mode=0o700, exist_ok=True)
+        # All 256 fan-out directories up front: publishing a file is then one link.
+        if len(os.listdir(self.files)) < 256:
+            for n in range(256):
+                os.makedirs(os.path.join(self.files, f"{n:02x}"), mode=0o700, exist_ok=True)
+        self._local = threading.local()
+        self._proc_fd, self._proc_pid = -1, -1
+
+    def proc_fds(self) -> int:
+        """An fd on /proc/self/fd, kept open (names an unnamed file by linkat)."""
+        if self._proc_pid != os.getpid():  # opened before a fork, it names the parent's fds
+            self._proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._proc_pid = os.getpid()
+        return self._proc_fd
+
+    def decompressor(self) -> zstandard.ZstdDecompressor:
+        """This thread's decompressor (one may not be shared between threads)."""
+        found = getattr(self._local, "decompressor", None)
+        if found is None:
+            found = self._local.decompressor = zstandard.ZstdDecompressor()
+        return found
 
     def path(self, digest: str) -> str:
         hexpart = digest.partition(":")[2]
@@ -105,23 +128,27 @@ def _hash_fd(fd: int) -> str:
 
 
 class CacheWriter:
-    """Decompress one file's frames into tmp/, hash them, and publish them if they verify."""
+    """Decompress one file's frames into an unnamed file, hash them, and publish them if they verify."""
 
     def __init__(self, cache: FileCache, digest: str, size: int) -> None:
-        import zstandard
-
         self.cache, self.digest, self.size = cache, digest, size
-        self._decoder = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
-        self._error = zstandard.ZstdError
+        self._decoder = cache.decompressor().decompressobj(read_across_frames=True)
         self._hash = hashlib.sha256()
         self._written = 0
-        self._tmp = os.path.join(cache.tmp, f"{os.getpid()}-{os.urandom(6).hex()}")
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._tmp: str | None = None
+        try:  # unnamed until published: nothing partial ever has a name
+            self._fd = os.open(cache.tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            self._tmp = os.path.join(cache.tmp, f"{os.getpid()}-{os.urandom(6).hex()}")
+            self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600)
 
     def feed(self, compressed: bytes | memoryview) -> None:
         try:
             data = self._decoder.decompress(compressed)
-        except self._error as exc:
+        except zstandard.ZstdError as exc:
             raise DigestMismatch(f"its frames do not decompress ({exc})") from None
         if not data:
             return
@@ -141,18 +168,31 @@ class CacheWriter:
         if actual != self.digest:
             raise DigestMismatch(f"its contents hash to {actual}, the TOC says {self.digest}")
         os.fchmod(self._fd, 0o400)
+        final = self.cache.path(self.digest)
+        if self._tmp is None:
+            try:
+                self._link(final)
+            except FileExistsError:  # published meanwhile (maybe damaged): replace it
+                self._tmp = os.path.join(self.cache.tmp, f"{os.getpid()}-{os.urandom(6).hex()}")
+                self._link(self._tmp)
+        if self._tmp is not None:
+            os.replace(self._tmp, final)  # atomic: readers see the old file or the whole new one
+            self._tmp = None
         os.close(self._fd)
         self._fd = -1
-        final = self.cache.path(self.digest)
-        os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
-        os.replace(self._tmp, final)  # atomic: readers see the old file or the whole new one
+
+    def _link(self, name: str) -> None:
+        """Give the unnamed file a name: linkat(/proc/self/fd/N, AT_SYMLINK_FOLLOW)."""
+        os.link(str(self._fd), name, src_dir_fd=self.cache.proc_fds(), follow_symlinks=True)
 
     def abort(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        try:
-            os.unlink(self._tmp)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+            self._tmp = None

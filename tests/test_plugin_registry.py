@@ -407,3 +407,41 @@ def test_registry_references_parse() -> None:
                 "docker://bad host/a:t", "docker://h:1/a@sha256:123"):
         with pytest.raises(CshareError):
             parse_ref(bad)
+
+
+def test_cache_publishes_only_verified_contents(tmp_path: Path) -> None:
+    import hashlib
+
+    import zstandard
+
+    from plugins.registry_cache import DigestMismatch, FileCache
+
+    cache = FileCache(str(tmp_path / "cache"))
+    data = b"contents " * 1000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    frames = zstandard.ZstdCompressor().compress(data[:4000]) + \
+        zstandard.ZstdCompressor().compress(data[4000:])  # two frames, as a chunked file has
+    for damaged in (frames[:-3] + b"\0\0\0", zstandard.ZstdCompressor().compress(data[:-1] + b"!")):
+        wrong = cache.writer(digest, len(data))
+        with pytest.raises(DigestMismatch):  # when decompressing, or when hashing at the end
+            wrong.feed(damaged)
+            wrong.finish()
+        wrong.abort()
+    assert not cache.present(digest) and os.listdir(cache.tmp) == []
+    right = cache.writer(digest, len(data))
+    for n in range(0, len(frames), 100):
+        right.feed(frames[n:n + 100])
+    right.finish()
+    right.abort()
+    assert Path(cache.path(digest)).read_bytes() == data
+    assert stat.S_IMODE(os.stat(cache.path(digest)).st_mode) == 0o400
+    fd = cache.open_checked(digest, len(data))
+    assert fd is not None
+    os.close(fd)
+    os.chmod(cache.path(digest), 0o600)
+    Path(cache.path(digest)).write_bytes(data[:-1] + b"!")  # damaged on disk
+    assert cache.open_checked(digest, len(data)) is None and not cache.present(digest)
+    (tmp_path / "open").mkdir(mode=0o777)
+    os.chmod(tmp_path / "open", 0o777)
+    with pytest.raises(PermissionError, match="writable by others"):
+        FileCache(str(tmp_path / "open"))

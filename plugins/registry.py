@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass
 
 from cshare_fuse import plugin_api
@@ -136,6 +137,27 @@ def fetch_manifest(client: RegistryClient, spec: ImageSpec) -> dict[str, object]
     return doc
 
 
+class _Manifests:
+    """Verified manifests by (registry, repository, digest): one fetch for all layers of a mount."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[tuple[str, str, str], dict[str, object]] = {}
+
+    def get(self, spec: ImageSpec, client: RegistryClient) -> dict[str, object]:
+        key = (spec.registry, spec.repository, spec.manifest)
+        with self._lock:
+            found = self._known.get(key)
+        if found is None:
+            found = fetch_manifest(client, spec)  # checked against its digest: safe to share
+            with self._lock:
+                self._known[key] = found
+        return found
+
+
+_manifests = _Manifests()
+
+
 class RegistrySource(DataSource):
     """A layer tree from a TOC; file contents from the registry through the cache."""
 
@@ -148,11 +170,14 @@ class RegistrySource(DataSource):
         super().__init__(self.cache.root)
         self.client = RegistryClient(spec.registry, tls_verify=spec.tls_verify,
                                      timeout=spec.timeout, attempts=spec.attempts)
-        manifest = fetch_manifest(self.client, spec)
+        manifest = _manifests.get(spec, self.client)
         listed = manifest["layers"]
         layers = [x for x in listed if isinstance(x, dict)] if isinstance(listed, list) else []
         index, layer = select_layer(layers, which)
         self.layer_digest = str(layer.get("digest"))
+        if not is_sha256_digest(self.layer_digest):
+            raise ValueError(f"layer {index} of {spec.repository} has digest "
+                             f"{self.layer_digest!r}, not a sha256 one")
         annotations = layer.get("annotations")
         where = toc_location(annotations if isinstance(annotations, dict) else None)
         if where is None:

@@ -68,6 +68,11 @@ class Stat:
                                    rdev=rdev, size=size)
 
 
+#: The methods the overlay calls, for `DataSource.inline`.
+ALL_METHODS: frozenset[str] = frozenset({
+    "on_lookup", "stat", "raw_stat", "readdir", "readlink", "open", "getxattr", "listxattr"})
+
+
 def join(root: bytes, path: bytes) -> bytes:
     return root + b"/" + path if path else root
 
@@ -81,6 +86,23 @@ class DataSource:
     """
 
     honour_overrides: bool = False
+
+    #: The methods the overlay may call on the loop that serves every request,
+    #: because they never wait long (memory, local syscalls).  Every other
+    #: method of a plugin's source runs in a bounded pool of worker threads
+    #: (see deferral.py), so one that waits (a network) holds up only the
+    #: request that asked.  Nothing is inline unless declared; the overlay's
+    #: own directory layers are all inline.
+    inline: frozenset[str] = frozenset()
+
+    def may_block(self, method: str, path: bytes) -> bool:
+        """Whether calling `method` (one not in `inline`) for `path` may wait long.
+
+        Asked on the request loop before such a call; False lets the overlay
+        make the call there, saving the thread switch (for instance: the file's
+        data is already at hand).  The default says yes.  Must answer at once.
+        """
+        return True
 
     def __init__(self, root: str | bytes) -> None:
         self.root: bytes = os.fsencode(root).rstrip(b"/") or b"/"

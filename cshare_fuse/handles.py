@@ -22,7 +22,7 @@ class FileHandle:
 class DirHandle:
     node: Node
     #: The listing as it was when the reading started (offsets index into it).
-    entries: list[tuple[bytes, Node]] | None = field(default=None)
+    entries: list[tuple[bytes, Node | None]] | None = field(default=None)
 
 
 class HandleTable:

@@ -138,6 +138,10 @@ class NodeTable:
         self._next_synthetic += 1
         return self._next_synthetic
 
+    def unused_number(self) -> int:
+        """A number no node has or will have (an entry listed without a node)."""
+        return self._synthetic()
+
     def number_for(self, st: Stat) -> int:
         """A number derived from the backing inode, or a fresh one on any collision."""
         if st.dev == self._primary_dev:

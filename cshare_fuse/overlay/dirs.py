@@ -172,7 +172,7 @@ class DirOps(EntryOps):
             raise OverlayError(errno.ENOTDIR)
         return self.handles.add(DirHandle(node))
 
-    def dir_entries(self, fh: int, start: int) -> list[tuple[bytes, Node]]:
+    def dir_entries(self, fh: int, start: int) -> list[tuple[bytes, Node | None]]:
         handle = self.handles.directory(fh)
         if handle.entries is None or start == 0:
             handle.entries = list(self.listing(handle.node))

@@ -14,6 +14,7 @@ import pyfuse3
 
 from ..attrs import entry_attributes
 from ..datasource import Stat
+from ..deferral import run_deferred
 from ..errors import OverlayError
 from ..handles import FileHandle
 from ..inodes import Node
@@ -84,8 +85,15 @@ class FileOps(EntryOps):
             fd = self.upper.open(node.path(), self._open_flags(flags)
                                  | (flags & os.O_TRUNC if writing else 0))
         else:
-            fd = self.layers[node.layer].open(node.path(), os.O_RDONLY | (flags & os.O_NOATIME))
+            # A plugin's open may wait (a network): in the pool, unless it is inline.
+            fd = await run_deferred(self._open_lower, node, flags)
         return self._register_fd(fd, node, writing)
+
+    def _open_lower(self, node: Node, flags: int) -> int:
+        if node.layer == self.upper_index:  # copied up while the open waited
+            assert self.upper is not None
+            return self.upper.open(node.path(), os.O_RDONLY)
+        return self.layers[node.layer].open(node.path(), os.O_RDONLY | (flags & os.O_NOATIME))
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._current_fd(fh), size, offset)

@@ -167,6 +167,7 @@ def mount_registry_image(reference: str, mountpoint: Path, *, tls_verify: bool =
     note = debug or (lambda _msg: None)
     ops._check_dirs(upper, work)
     ops.check_can_mount()
+    ops._check_user_dirs(upper, work)
     mnt = ops.check_mountpoint(mountpoint)
     command = overlay_command()
     if not uses_plugins(command):
@@ -176,11 +177,15 @@ def mount_registry_image(reference: str, mountpoint: Path, *, tls_verify: bool =
     digest, layers = resolve(ref, tls_verify)
     state = mounts_dir() / mount_key(digest.removeprefix("sha256:"), mnt)
     ops._check_not_mounted_elsewhere(state, str(ref), mnt)
-    upper_dir, work_dir = ops._prepare_state(state, upper, work)
-    entries = lower_entries(write_spec(state, ref, digest, tls_verify), layers)
-    argv = registry_argv(command, entries, upper_dir, work_dir, mnt)
-    note("running: " + shlex.join(argv))
-    ops._run_overlay(argv, state / LOG_NAME, str(ref), mnt)
+    upper_dir, work_dir, created = ops._prepare_state(state, upper, work)
+    try:
+        entries = lower_entries(write_spec(state, ref, digest, tls_verify), layers)
+        argv = registry_argv(command, entries, upper_dir, work_dir, mnt)
+        note("running: " + shlex.join(argv))
+        ops._run_overlay(argv, state / LOG_NAME, str(ref), mnt)
+    except BaseException:
+        ops._remove_created(created)  # --upper/--work made for a mount that did not happen
+        raise
     record = MountRecord(image_id=digest.removeprefix("sha256:"), image=str(ref),
                          mountpoint=str(mnt), upper=str(upper_dir), work=str(work_dir),
                          lowers=entries, command=argv, state_dir=str(state),

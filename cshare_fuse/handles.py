@@ -16,6 +16,8 @@ class FileHandle:
     #: The layer `fd` is open on: a read-only handle opened before a copy-up
     #: still points at the lower file and must move to the copy.
     layer: int
+    #: Writes through it take these setuid/setgid bits (AttributeOps.dropped_privileges).
+    drops: int = 0
 
 
 @dataclass

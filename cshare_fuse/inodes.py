@@ -30,7 +30,7 @@ class Node:
     """One merged entry: where it lives, how it is named, how often the kernel knows it."""
 
     __slots__ = ("ino", "parent", "name", "aliases", "layer", "file_type", "dir_layers",
-                 "has_lower", "lookups", "children", "listing", "unlinked", "open_fds", "backing_key",
+                 "lookups", "children", "listing", "unlinked", "open_fds", "backing_key",
                  "lower_stat", "entry", "removed_stat", "lock", "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layer: int,
@@ -45,8 +45,6 @@ class Node:
         self.file_type = file_type
         #: Directories: the layers merged into this one, top first.
         self.dir_layers: tuple[int, ...] = ()
-        #: A lower layer shows this name: removing it needs a whiteout.
-        self.has_lower = False
         self.lookups = 0
         #: Directories: resolved children by name (positive cache, kept coherent by us).
         self.children: dict[bytes, Node] = {}
@@ -242,7 +240,6 @@ class NodeTable:
         node.layer = upper_index
         node.lower_stat = None
         node.entry = None
-        node.has_lower = True
         if node.is_dir:
             node.dir_layers = (upper_index, *node.dir_layers)
         self.unshare_backing(node)

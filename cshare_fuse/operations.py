@@ -18,12 +18,17 @@ from collections.abc import Sequence
 import pyfuse3
 
 from .attrs import negative_entry
+from .caller import Caller
 from .deferral import run_deferred
 from .errors import OverlayError, fuse_boundary
 from .inodes import Node
 from .overlay import Overlay
 
 log = logging.getLogger("cshare_fuse")
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
 def _name(name: bytes | str) -> str:
@@ -78,7 +83,7 @@ class OverlayOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self.overlay.setattr(inode, attr, fields, fh)
+        return await self.overlay.setattr(inode, attr, fields, fh, _caller(ctx))
 
     @fuse_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -123,7 +128,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh = await self.overlay.open(inode, flags)
+        fh = await self.overlay.open(inode, flags, _caller(ctx))
         # Nothing changes a file behind the mount's back (lowers are immutable,
         # upper writes come through here): the kernel may keep its page cache.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -131,7 +136,8 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node, attributes = await self.overlay.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        fh, node, attributes = await self.overlay.create(parent_inode, name, mode, flags,
+                                                             ctx.uid, ctx.gid, ctx.pid)
         self.overlay.table.looked_up(node)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), attributes
 

@@ -115,7 +115,6 @@ class OverlayBase:
                 return existing
         node = Node(self.table.number_for(st), parent, name, res.layer, statmod.S_IFMT(st.mode))
         node.dir_layers = res.dir_layers
-        node.has_lower = res.has_lower
         node.backing_key = key
         if not self.layers[res.layer].is_upper:
             node.lower_stat = st
@@ -129,6 +128,18 @@ class OverlayBase:
         if not parent.is_dir:
             raise OverlayError(errno.ENOTDIR)
         return self.child(parent, name)
+
+    def lower_holds(self, parent: Node, name: bytes) -> bool:
+        """Whether a lower layer shows `name` in `parent`.
+
+        Removing or replacing such a name needs a whiteout, and a directory
+        arriving there must be opaque.  A question about the name, never about
+        the node that holds it now: a node may have got the name by create,
+        link or rename, and names of one file differ.  The lower layers are
+        immutable, so the answer is asked of them each time.
+        """
+        lowers = [index for index in parent.dir_layers if index != self.upper_index]
+        return bool(lowers) and merge.resolve(self.layers, lowers, parent.path(), name) is not None
 
     def stat_of(self, node: Node) -> Stat:
         if node.lower_stat is not None and node.layer != self.upper_index:
@@ -297,8 +308,22 @@ class OverlayBase:
         node.backing_key = (copied.dev, copied.ino) if copied is not None else None
 
     def _now_in_upper(self, node: Node) -> None:
+        # A copied-up name of a lower hardlink is a file of its own (link count
+        # 1): the attributes the kernel cached from the lower file are wrong now.
+        was_linked = node.lower_stat is not None and node.lower_stat.nlink > 1
         for parent, name in self.table.copied_up(node, self.upper_index):
             invalidate_entry(parent.ino, name)
+        if was_linked:
+            invalidate_attributes(node.ino)
+
+
+def invalidate_attributes(ino: int) -> None:
+    """Tell the kernel to forget the attributes it cached for `ino` (never its data)."""
+    try:
+        # Attributes only: no page is touched, so this cannot wait for writeback.
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except Exception:  # not mounted (unit tests), or the kernel does not know it
+        pass
 
 
 def invalidate_entry(parent_ino: int, name: bytes) -> None:

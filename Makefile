@@ -33,10 +33,9 @@ FIRST ?= 0
 fuzz:
 	$(PY) tests/overlay_fuzz.py --seeds $(SEEDS) --ops $(OPS) --first $(FIRST)
 
+# Every benchmark, then one table of all rows (bench/README.md); BENCH_ARGS=--quick for a smoke run.
 bench:
-	$(PY) -m bench.overlay_bench
-	$(PY) -m bench.convert_bench
-	$(PY) -m bench.registry_bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 # A lazy mount from a loopback registry vs podman pull + run (about 1 GB, 60,000 files).
 bench-registry:

@@ -1,11 +1,32 @@
-"""What both benchmarks share: timing, medians and ratios, cached data, cache dropping, the report.
+"""What every benchmark shares: timing, medians and ratios, cached data, cache dropping, the report.
 
 The report model is deliberately plain: a benchmark has *metrics* (rows), each
 measured on several *systems* (columns); each (metric, system) cell keeps its
-raw run times or the one-line reason it failed.  Ratios compare one system
-with the others per metric, and a metric is flagged when the subject system
-is worse than a limit times the reference.  The same model renders the rich
-table and the JSON file, so the two cannot disagree.
+raw run values or the one-line reason it failed.  Ratios compare one system
+with the others per metric; the first comparison is the primary one, and a
+metric is flagged when the subject is worse than its target (or the
+comparison's limit) times the reference.  The same model renders the table,
+the one combined table of `make bench` and the JSON file, so they cannot
+disagree.
+
+How a benchmark module adds rows (the API other modules rely on; keep it stable):
+
+    report = Report("podman", ["cshare", "fuse-overlayfs"], [],
+                    [Comparison("cshare", "fuse-overlayfs")])
+    report.add_metric("start", "podman run --rm IMAGE true", target=1.1)
+    report.add_metric("pss_idle", "PSS of one more mount, idle", unit="MB", target=5.0 / 2.2)
+    for run in range(repeat):                      # interleave the systems run by run
+        report.record("start", "cshare", seconds)  # one value per run and system
+        report.record("start", "fuse-overlayfs", seconds)
+    report.fail("start", "cshare", "why, on one line")  # the cell shows `failed` and has no median
+
+Values are seconds unless the metric's `unit` says otherwise ("MB").  Values
+recorded in the same order for both systems are paired run by run: the
+`spread` of a ratio is the lowest and highest of those per-run ratios.  For
+`make bench` (python -m bench) a module also offers `collect(argv) ->
+Report`, which runs it (printing its own table and JSON, as `main` does) and
+returns the report; bench/__main__.py lists the modules and prints every row
+of every report in one table.
 
 Everything here except the functions that touch the machine (drop_caches,
 run_timed, prepared_data, require_root) is pure and unit-tested in
@@ -86,6 +107,28 @@ def format_seconds(value: float | None) -> str:
     return f"{value:.0f} s"
 
 
+def format_value(value: float | None, unit: str) -> str:
+    """A cell: seconds through format_seconds, anything else with its unit."""
+    if unit == "s" or value is None:
+        return format_seconds(value)
+    return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+
+
+def paired_ratios(subject: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """subject[i]/reference[i] for the runs both have (run i of each was taken side by side)."""
+    return [s / r for s, r in zip(subject, reference, strict=False) if r > 0]
+
+
+def format_spread(ratios: Sequence[float]) -> str:
+    """`1.05-1.31x` over the per-run ratios; one run: its ratio; none: an em dash."""
+    if not ratios:
+        return "—"
+    low, high = min(ratios), max(ratios)
+    if len(ratios) == 1 or format_ratio(low) == format_ratio(high):
+        return format_ratio(low)
+    return f"{format_ratio(low)[:-1]}-{format_ratio(high)}"
+
+
 def one_line(text: str, limit: int = 160) -> str:
     """Collapse whitespace so a failure reason fits a table cell and a JSON string."""
     line = " ".join(text.split())
@@ -120,9 +163,13 @@ class Cell:
 
 @dataclass
 class Metric:
+    """One row: a label, the unit of its values, the target ratio of the primary comparison."""
+
     key: str
     label: str
     cells: dict[str, Cell]
+    unit: str = "s"
+    target: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,9 +198,9 @@ class Report:
     ) -> None:
         self.benchmark = benchmark
         self.systems = list(systems)
-        self.metrics = {
-            key: Metric(key, label, {s: Cell() for s in self.systems}) for key, label in metrics
-        }
+        self.metrics: dict[str, Metric] = {}
+        for key, label in metrics:
+            self.add_metric(key, label)
         # Only comparisons whose both sides are being measured make sense.
         self.comparisons = [
             c for c in comparisons if c.subject in self.systems and c.reference in self.systems
@@ -163,8 +210,16 @@ class Report:
         self.notes: list[str] = []
         self.started = datetime.now(UTC)
         self.finished: datetime | None = None
+        self.load_started = load_average()
+        self.load_finished: float | None = None
 
     # -- filling
+    def add_metric(self, key: str, label: str, *, unit: str = "s", target: float | None = None) -> None:
+        """A new row (after the existing ones); `target`: the limit of the primary comparison's ratio."""
+        if key in self.metrics:
+            raise ValueError(f"metric {key!r} is already in the {self.benchmark} report")
+        self.metrics[key] = Metric(key, label, {s: Cell() for s in self.systems}, unit, target)
+
     def record(self, metric: str, system: str, seconds: float) -> None:
         self.metrics[metric].cells[system].runs.append(seconds)
 
@@ -185,16 +240,33 @@ class Report:
         cells = self.metrics[metric].cells
         return ratio(cells[comparison.subject].median, cells[comparison.reference].median)
 
+    def spread(self, metric: str, comparison: Comparison) -> list[float]:
+        """The per-run ratios of one metric (empty when either cell failed)."""
+        cells = self.metrics[metric].cells
+        subject, reference = cells[comparison.subject], cells[comparison.reference]
+        if subject.error or reference.error:
+            return []
+        return paired_ratios(subject.runs, reference.runs)
+
+    def limit(self, metric: str, comparison: Comparison) -> float | None:
+        """The metric's target for the primary comparison, else the comparison's own limit."""
+        target = self.metrics[metric].target
+        if target is not None and self.comparisons and comparison == self.comparisons[0]:
+            return target
+        return comparison.limit
+
     def flags(self) -> list[str]:
         """One sentence per metric where a subject is worse than its limit allows."""
         out = []
         for metric in self.metrics.values():
             for comp in self.comparisons:
                 r = self.ratio(metric.key, comp)
-                if comp.limit is not None and r is not None and r > comp.limit:
+                limit = self.limit(metric.key, comp)
+                if limit is not None and r is not None and r > limit:
+                    what = "the time" if metric.unit == "s" else "the value"
                     out.append(
                         f"{metric.label}: {comp.subject} takes {format_ratio(r)} "
-                        f"the time of {comp.reference} (limit {format_ratio(comp.limit)})"
+                        f"{what} of {comp.reference} (limit {format_ratio(limit)})"
                     )
         return out
 
@@ -203,12 +275,14 @@ class Report:
         for metric in self.metrics.values():
             metrics[metric.key] = {
                 "label": metric.label,
-                "unit": "s",
+                "unit": metric.unit,
+                "target": metric.target,
                 "results": {
                     s: {"runs": list(c.runs), "median": c.median, "error": c.error}
                     for s, c in metric.cells.items()
                 },
                 "ratios": {c.name: self.ratio(metric.key, c) for c in self.comparisons},
+                "spreads": {c.name: self.spread(metric.key, c) for c in self.comparisons},
             }
         return {
             "benchmark": self.benchmark,
@@ -225,6 +299,7 @@ class Report:
             ],
             "flags": self.flags(),
             "notes": list(self.notes),
+            "load_average": {"started": self.load_started, "finished": self.load_finished},
         }
 
     def table(self, title: str) -> tuple[Table, list[str]]:
@@ -235,6 +310,9 @@ class Report:
             table.add_column(s, justify="right", no_wrap=True)
         for c in self.comparisons:
             table.add_column(c.name, justify="right", no_wrap=True)
+        if self.comparisons:
+            table.add_column("per-run range", justify="right", no_wrap=True)
+            table.add_column("target", justify="right", no_wrap=True)
         footnotes: list[str] = []
         for metric in self.metrics.values():
             row = [metric.label]
@@ -247,15 +325,114 @@ class Report:
                         footnotes.append(note)
                     row.append(f"[red]failed [{footnotes.index(note) + 1}][/red]")
                 else:
-                    row.append(format_seconds(cell.median))
+                    row.append(format_value(cell.median, metric.unit))
             for c in self.comparisons:
-                r = self.ratio(metric.key, c)
-                text = format_ratio(r)
-                if c.limit is not None and r is not None and r > c.limit:
-                    text = f"[bold red]{text} ![/bold red]"
-                row.append(text)
+                row.append(self._ratio_text(metric.key, c))
+            if self.comparisons:
+                primary = self.comparisons[0]
+                row.append(format_spread(self.spread(metric.key, primary)))
+                limit = self.limit(metric.key, primary)
+                row.append(f"≤ {format_ratio(limit)}" if limit is not None else "")
             table.add_row(*row)
         return table, [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
+
+    def _ratio_text(self, metric: str, comparison: Comparison) -> str:
+        r = self.ratio(metric, comparison)
+        text = format_ratio(r)
+        limit = self.limit(metric, comparison)
+        if limit is not None and r is not None and r > limit:
+            text = f"[bold red]{text} ![/bold red]"
+        return text
+
+
+def combined_table(reports: Sequence[Report], title: str) -> tuple[Table, list[str]]:
+    """Every row of every report in one table: cshare, its reference (named), the ratio,
+    the per-run range and the target; the kernel overlay where it was measured."""
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("metric (median)", "left"), ("cshare", "right"), ("reference", "right"),
+                          ("ratio", "right"), ("per-run range", "right"), ("target", "right"),
+                          ("kernel", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    footnotes: list[str] = []
+
+    def cell_text(report: Report, metric: Metric, system: str) -> str:
+        cell = metric.cells.get(system)
+        if cell is None:
+            return ""
+        if cell.error:
+            note = f"{report.benchmark} {system}: failed: {cell.error}"
+            if note not in footnotes:
+                footnotes.append(note)
+            return f"[red]failed [{footnotes.index(note) + 1}][/red]"
+        return format_value(cell.median, metric.unit)
+
+    for report in reports:
+        primary = report.comparisons[0] if report.comparisons else None
+        for metric in report.metrics.values():
+            subject = primary.subject if primary else (report.systems[0] if report.systems else "")
+            reference = ""
+            if primary is not None:
+                reference = f"{cell_text(report, metric, primary.reference)} ({primary.reference})"
+            limit = report.limit(metric.key, primary) if primary else None
+            table.add_row(
+                metric.label,
+                cell_text(report, metric, subject),
+                reference,
+                report._ratio_text(metric.key, primary) if primary else "",
+                format_spread(report.spread(metric.key, primary)) if primary else "",
+                f"≤ {format_ratio(limit)}" if limit is not None else "",
+                cell_text(report, metric, "kernel") if "kernel" in report.systems else "",
+            )
+    return table, [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system does not say)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def busy_note(report: Report) -> str | None:
+    """A warning when other work competed for the CPUs while the report was measured."""
+    cpus = os.cpu_count() or 1
+    loads = [x for x in (report.load_started, report.load_finished) if x is not None]
+    if not loads or max(loads) <= cpus:
+        return None
+    return (f"the 1-minute load average was {max(loads):.1f} on {cpus} CPUs during this run: "
+            "other work competed with the measurements; trust the per-run ranges, not single ratios")
+
+
+def markdown_rows(report: dict[str, Any]) -> list[str]:
+    """One report's JSON (Report.to_json) as markdown table rows, like the combined table:
+    metric | cshare | reference | ratio | per-run range | target | kernel."""
+    comparisons = report.get("comparisons") or []
+    primary = comparisons[0] if comparisons else None
+    rows = []
+    for metric in report["metrics"].values():
+        def cell(system: str, metric: dict[str, Any] = metric) -> str:
+            found = metric["results"].get(system)
+            if found is None:
+                return ""
+            return "failed" if found["error"] else format_value(found["median"], metric.get("unit", "s"))
+
+        if primary is None:
+            first = next(iter(metric["results"]), "")
+            rows.append(f"| {metric['label']} | {cell(first)} | | | | | |")
+            continue
+        name = primary["name"]
+        limit = metric.get("target") if metric.get("target") is not None else primary.get("limit")
+        rows.append(" | ".join([
+            f"| {metric['label']}",
+            cell(primary["subject"]),
+            f"{cell(primary['reference'])} ({primary['reference']})",
+            format_ratio(metric["ratios"].get(name)),
+            format_spread(metric.get("spreads", {}).get(name, [])),
+            f"≤ {format_ratio(limit)}" if limit is not None else "",
+            cell("kernel") + " |",
+        ]))
+    return rows
 
 
 def host_info() -> dict[str, Any]:
@@ -278,6 +455,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def show(report: Report, title: str, json_path: Path) -> None:
     """Print the table and the flags, and write the JSON."""
     report.finished = datetime.now(UTC)
+    report.load_finished = load_average()
+    busy = busy_note(report)
+    if busy is not None and busy not in report.notes:
+        report.notes.append(busy)
     # Piped into a file or CI log, rich would wrap at 80 columns: keep rows whole.
     probe = Console()
     out = probe if probe.is_terminal else Console(width=160)

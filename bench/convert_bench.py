@@ -67,8 +67,9 @@ class Shape:
         return {"top": self.top, "leaves": self.leaves}
 
 
-FULL = Shape(50, 100)  # 100,051 entries
-QUICK = Shape(10, 50)  # 10,011 entries
+FULL = (Shape(25, 100), Shape(50, 100))  # 50,026 and 100,051 entries
+QUICK = (Shape(10, 50),)  # 10,011 entries
+TARGET = 1.5  # issue 14: convert and restore within 1.5x of chmod -R 0755
 
 FILE_MODES = (0o644, 0o644, 0o644, 0o755, 0o600, 0o640, 0o444, 0o4755, 0o2755, 0o000, 0o777, 0o700)
 DIR_MODES = (0o755, 0o755, 0o755, 0o700, 0o1777, 0o2775, 0o555)
@@ -190,23 +191,29 @@ def cshare_command() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("cshare") or "cshare")
 
 
+def size_key(shape: Shape) -> str:
+    """`50k`, `100k`: the metric keys' suffix for a tree of that many entries."""
+    return f"{round(shape.entries / 1000)}k"
+
+
 class ConvertBench:
-    def __init__(self, shape: Shape, systems: list[str], repeat: int, timeout: float, golden: Path, cold: bool) -> None:
-        self.shape = shape
+    def __init__(self, trees: list[tuple[Shape, Path]], systems: list[str], repeat: int, timeout: float,
+                 cold: bool) -> None:
+        self.trees = trees
         self.systems = systems
         self.repeat = repeat
         self.timeout = timeout
-        self.golden = golden
         self.cold = cold
-        n = f"{shape.entries:,}"
         self.report = Report(
-            "convert",
-            systems,
-            [("convert", f"convert {n} entries"), ("restore", f"restore {n} entries")],
-            [Comparison("cshare", "chmod", limit=2.0)],
-            params={**shape.as_params(), "entries": shape.entries, "repeat": repeat,
-                    "timeout_s": timeout, "cold": cold, "tree": str(golden)},
+            "convert", systems, [], [Comparison("cshare", "chmod", limit=2.0)],
+            params={"shapes": [{**shape.as_params(), "entries": shape.entries} for shape, _ in trees],
+                    "repeat": repeat, "timeout_s": timeout, "cold": cold,
+                    "trees": [str(golden) for _, golden in trees]},
         )
+        for shape, _ in trees:
+            for verb in ("convert", "restore"):
+                self.report.add_metric(f"{verb}_{size_key(shape)}", f"{verb} {shape.entries:,} entries",
+                                       target=TARGET)
         self.report.system_info = {
             "cshare": {"command": f"{cshare_command()} convert|restore TREE --quiet"},
             "chmod": {"command": "chmod -R 0755 TREE (once per metric, on the second tree)"},
@@ -227,7 +234,8 @@ class ConvertBench:
             self.startup()
         try:
             for r in range(self.repeat):
-                self.one_run(r)
+                for shape, golden in self.trees:
+                    self.one_run(r, shape, golden)
         finally:
             remove_tree(WORK_ROOT)
         return self.report
@@ -253,32 +261,36 @@ class ConvertBench:
             f"{format_seconds(median(times))}"
         )
 
-    def one_run(self, r: int) -> None:
+    def one_run(self, r: int, shape: Shape, golden: Path) -> None:
         run_dir = WORK_ROOT / f"run{r}"
         remove_tree(run_dir)
         run_dir.mkdir(parents=True)
         a, b = run_dir / "a", run_dir / "b"
         start = time.perf_counter()
-        copy_trees(self.golden, (a, b), max(self.timeout, 900))
-        console.print(f"[dim]run {r + 1}/{self.repeat}: two copies of the tree made in "
-                      f"{time.perf_counter() - start:.1f} s[/dim]")
+        copy_trees(golden, (a, b), max(self.timeout, 900))
+        console.print(f"[dim]run {r + 1}/{self.repeat}: two copies of the {shape.entries:,}-entry tree "
+                      f"made in {time.perf_counter() - start:.1f} s[/dim]")
+        size = size_key(shape)
+        # Which of the pair goes first alternates between runs, so that neither
+        # always meets the other's writeback.
+        first_cshare = r % 2 == 0
         try:
-            if "cshare" in self.systems:
-                self.cshare_step(a, "convert")
-            if "chmod" in self.systems:
-                self.chmod_step(b, "convert")
-            if "cshare" in self.systems:
-                if self.report.failed("convert", "cshare"):
-                    self.report.fail("restore", "cshare", "not measured: convert failed")
-                else:
-                    self.cshare_step(a, "restore")
-            if "chmod" in self.systems:
-                self.chmod_step(b, "restore")
+            for verb in ("convert", "restore"):
+                metric = f"{verb}_{size}"
+                for system in (("cshare", "chmod") if first_cshare else ("chmod", "cshare")):
+                    if system not in self.systems:
+                        continue
+                    if system == "chmod":
+                        self.chmod_step(b, metric)
+                    elif verb == "restore" and self.report.failed(f"convert_{size}", "cshare"):
+                        self.report.fail(metric, "cshare", "not measured: convert failed")
+                    else:
+                        self.cshare_step(a, verb, metric, golden)
         finally:
             remove_tree(run_dir)
 
-    def cshare_step(self, tree: Path, verb: str) -> None:
-        if self.report.failed(verb, "cshare"):
+    def cshare_step(self, tree: Path, verb: str, metric: str, golden: Path) -> None:
+        if self.report.failed(metric, "cshare"):
             return
         console.print(f"[dim]  cshare {verb}[/dim]")
         self.settle()
@@ -288,12 +300,12 @@ class ConvertBench:
             if verb == "convert":
                 check_converted(tree)
             else:
-                check_restored(tree, self.golden)
+                check_restored(tree, golden)
         except BenchFailure as exc:
-            self.report.fail(verb, "cshare", str(exc))
+            self.report.fail(metric, "cshare", str(exc))
             console.print(f"[red]cshare {verb}: {exc}[/red]")
             return
-        self.report.record(verb, "cshare", seconds)
+        self.report.record(metric, "cshare", seconds)
 
     def chmod_step(self, tree: Path, metric: str) -> None:
         console.print(f"[dim]  chmod -R 0755 (baseline for {metric})[/dim]")
@@ -306,20 +318,30 @@ class ConvertBench:
         self.report.record(metric, "chmod", seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
+def collect(argv: list[str] | None = None) -> Report:
+    """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
     parser = argument_parser(PROG, "Time cshare convert and restore against chmod -R 0755.", SYSTEMS, "convert.json")
     parser.add_argument("--cold", action="store_true", help="drop caches before each timed command")
     args = parser.parse_args(argv)
     finish_args(parser, args, SYSTEMS)
     require_root(PROG, "cshare convert changes owners and modes; trees hold devices")
     precompile_cshare()
-    shape = QUICK if args.quick else FULL
-    name = "convert-quick" if args.quick else "convert"
-    golden = prepared_data(name, {"version": 2, **shape.as_params()}, lambda root: build_tree(root, shape))
+    trees = []
+    for shape in QUICK if args.quick else FULL:
+        name = f"convert-{size_key(shape)}"
+        golden = prepared_data(name, {"version": 2, **shape.as_params()},
+                               lambda root, shape=shape: build_tree(root, shape))
+        trees.append((shape, golden))
     start = time.perf_counter()
-    report = ConvertBench(shape, args.systems, args.repeat, args.timeout, golden, args.cold).run()
+    report = ConvertBench(trees, args.systems, args.repeat, args.timeout, args.cold).run()
     report.params["duration_s"] = round(time.perf_counter() - start, 1)
-    show(report, f"convert benchmark: medians of {args.repeat} run(s), {shape.entries:,} entries", args.json)
+    sizes = " and ".join(f"{shape.entries:,}" for shape, _ in trees)
+    show(report, f"convert benchmark: medians of {args.repeat} run(s), {sizes} entries", args.json)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    collect(argv)
     return 0
 
 

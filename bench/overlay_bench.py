@@ -251,12 +251,13 @@ def abort_fuse_connection(mnt: Path) -> None:
 class Overlay:
     """One system's mount of the shared lowers, with its own upper, work and mountpoint."""
 
-    def __init__(self, system: str, lowers: Sequence[Path], timeout: float, extra: str = "") -> None:
+    def __init__(self, system: str, lowers: Sequence[Path], timeout: float, extra: str = "",
+                 work_root: Path = WORK_ROOT) -> None:
         self.system = system
         self.extra = extra  # more -o options, for trying a tuning of one system
         self.lowers = list(lowers)
         self.timeout = timeout
-        self.base = WORK_ROOT / system
+        self.base = work_root / system
         self.upper = self.base / "upper"
         self.work = self.base / "work"
         self.mnt = self.base / "mnt"
@@ -564,7 +565,8 @@ class OverlayBench:
             self.report.fail("copyup", s, f"copy-up result wrong in upper: {why}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def collect(argv: list[str] | None = None) -> Report:
+    """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
     parser = argument_parser(
         PROG, "Compare cshare-overlay with fuse-overlayfs and the kernel overlay.", SYSTEMS, "overlay.json"
     )
@@ -588,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     report.params["duration_s"] = round(time.perf_counter() - start, 1)
     show(report, f"overlay benchmark: medians of {args.repeat} run(s), {'quick' if args.quick else 'full'} data",
          args.json)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    collect(argv)
     return 0
 
 

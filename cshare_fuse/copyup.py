@@ -16,6 +16,7 @@ import logging
 import os
 import stat as statmod
 from dataclasses import dataclass
+from typing import Any
 
 from .datasource import Stat
 from .formats.markers import is_internal_xattr
@@ -41,8 +42,22 @@ class CopyPolicy:
     can_chown: bool
 
 
+_pid: int | None = None  # this process's id, for staging names (reset in a forked child)
+
+
+def _forget_pid() -> None:
+    global _pid
+    _pid = None
+
+
+os.register_at_fork(after_in_child=_forget_pid)
+
+
 def staging_name(workdir: bytes) -> bytes:
-    return workdir + b"/#cshare-" + str(os.getpid()).encode() + b"-" + str(next(_counter)).encode()
+    global _pid
+    if _pid is None:
+        _pid = os.getpid()
+    return b"%s/#cshare-%d-%d" % (workdir, _pid, next(_counter))
 
 
 def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
@@ -67,8 +82,11 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
         remaining -= done
 
 
-def copy_xattrs(source: Layer, path: bytes, dest: bytes) -> None:
-    """User-visible xattrs go along; overlay and override records of the lower do not."""
+def copy_xattrs(source: Layer, path: bytes, dest: bytes | int) -> None:
+    """User-visible xattrs go along; overlay and override records of the lower do not.
+
+    `dest` is the staged entry's path, or a descriptor open on it.
+    """
     try:
         names = source.listxattr(path)
     except OSError as exc:
@@ -80,7 +98,10 @@ def copy_xattrs(source: Layer, path: bytes, dest: bytes) -> None:
             continue
         try:
             value = source.getxattr(path, name)
-            os.setxattr(dest, name, value, follow_symlinks=False)
+            if isinstance(dest, int):
+                os.setxattr(dest, name, value)
+            else:
+                os.setxattr(dest, name, value, follow_symlinks=False)
         except OSError as exc:
             # trusted.* and security.* may be refused to an unprivileged daemon;
             # a user.* xattr must come along or the copy is wrong.
@@ -89,18 +110,24 @@ def copy_xattrs(source: Layer, path: bytes, dest: bytes) -> None:
                 raise
 
 
-def apply_attributes(dest: bytes, want: Stat, policy: CopyPolicy, *, record_type: bool,
-                     have: os.stat_result | None = None) -> None:
-    """Owner, mode and times of `want` onto the staged entry `dest`.
+def apply_attributes(dest: bytes | int, want: Stat, policy: CopyPolicy, *, record_type: bool,
+                     have: os.stat_result | None = None,
+                     times: tuple[int, int] | None = None) -> None:
+    """Owner, mode and times of `want` (or `times`: atime, mtime) onto the staged entry.
 
-    `have`, the staged entry's attributes if known, lets calls that would change
-    nothing be skipped (a copy-up is a handful of syscalls; each one counts).
+    `dest` is its path, or a descriptor open on it (a regular file: the calls
+    then need no path lookup).  `have`, the staged entry's attributes if known,
+    lets calls that would change nothing be skipped (a copy-up is a handful of
+    syscalls; each one counts).
     """
+    by_fd = isinstance(dest, int)
+    # A descriptor refers to the entry itself; a path must never follow a symlink.
+    nofollow: dict[str, Any] = {} if by_fd else {"follow_symlinks": False}
     is_link = statmod.S_ISLNK(want.mode)
     if policy.override_xattr is not None or record_type:
         name = policy.override_xattr or "user.containers.override_stat"
         record = Override.from_stat(want.mode, want.uid, want.gid, want.rdev)
-        os.setxattr(dest, name, record.format(), follow_symlinks=False)
+        os.setxattr(dest, name, record.format(), **nofollow)
         if not is_link:
             # The daemon must keep read/write access to a file whose real mode it no
             # longer reports.
@@ -109,51 +136,37 @@ def apply_attributes(dest: bytes, want: Stat, policy: CopyPolicy, *, record_type
         same_owner = have is not None and (have.st_uid, have.st_gid) == (want.uid, want.gid)
         if policy.can_chown and not same_owner:
             try:
-                os.chown(dest, want.uid, want.gid, follow_symlinks=False)
+                os.chown(dest, want.uid, want.gid, **nofollow)
             except OSError as exc:
                 # An owner outside this user namespace's map cannot be given; the
                 # copy then belongs to the daemon, as with fuse-overlayfs.
                 if exc.errno not in (errno.EINVAL, errno.EPERM):
                     raise
                 log.debug("copy-up: cannot chown %r to %d:%d", dest, want.uid, want.gid)
-            have = None  # chown may have cleared setuid/setgid bits
+            if have is not None and have.st_mode & (statmod.S_ISUID | statmod.S_ISGID):
+                have = None  # chown cleared setuid/setgid bits: the mode must be set again
         if not is_link and (have is None or statmod.S_IMODE(have.st_mode)
                             != statmod.S_IMODE(want.mode)):
             os.chmod(dest, statmod.S_IMODE(want.mode))
-    os.utime(dest, ns=(want.atime_ns, want.mtime_ns), follow_symlinks=False)
+    os.utime(dest, ns=times or (want.atime_ns, want.mtime_ns), **nofollow)
 
 
 def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLayer,
-            workdir: bytes, policy: CopyPolicy) -> None:
+            workdir: bytes, policy: CopyPolicy) -> tuple[int, int] | None:
     """Copy the lower entry `path` (real attributes `real`, reported `want`) into upper.
 
     The parent directory must already exist in the upper layer.  A directory is
-    copied without its contents (they stay merged from below).
+    copied without its contents (they stay merged from below).  Returns the
+    copy's (st_dev, st_ino) where it is known without another stat (a regular
+    file), else None.
     """
     staged = staging_name(workdir)
     ftype = statmod.S_IFMT(want.mode)
     record_type = False
-    have: os.stat_result | None = None
+    identity: tuple[int, int] | None = None
     try:
         if ftype == statmod.S_IFREG:
-            src = _open_quietly(source, path)
-            try:
-                # Times as they are now (reads through the mount may have moved the
-                # atime since the lookup); the copy itself must not move them.
-                fresh = os.fstat(src)
-                want = want.replace(atime_ns=fresh.st_atime_ns, mtime_ns=fresh.st_mtime_ns)
-                # Created with its final permission bits (the daemon's umask is 0);
-                # the owner's read/write bits are what the copy needs meanwhile.
-                dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                              (want.mode & 0o777) | 0o600)
-                try:
-                    if statmod.S_ISREG(real.mode) and real.size:
-                        copy_data(src, dst, real.size)
-                    have = os.fstat(dst)
-                finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
+            identity = _copy_file(source, path, real, want, staged, policy)
         elif ftype == statmod.S_IFDIR:
             os.mkdir(staged, 0o700)
         elif ftype == statmod.S_IFLNK:
@@ -166,9 +179,10 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
                 # records what it is, exactly as `cshare convert` stores devices.
                 os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 record_type = True
-        if ftype != statmod.S_IFLNK or os.geteuid() == 0:
-            copy_xattrs(source, path, staged)
-        apply_attributes(staged, want, policy, record_type=record_type, have=have)
+        if ftype != statmod.S_IFREG:
+            if ftype != statmod.S_IFLNK or os.geteuid() == 0:
+                copy_xattrs(source, path, staged)
+            apply_attributes(staged, want, policy, record_type=record_type)
         destination = upper.real(path)
         parent = os.path.dirname(destination)
         # A copy-up is not a change the user made to the directory: keep its times,
@@ -179,6 +193,34 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
     except BaseException:
         _remove_quietly(staged)
         raise
+    return identity
+
+
+def _copy_file(source: Layer, path: bytes, real: Stat, want: Stat, staged: bytes,
+               policy: CopyPolicy) -> tuple[int, int]:
+    """The staged copy of a regular file: data, xattrs, owner, mode and times, all
+    set through its descriptor; returns its (st_dev, st_ino)."""
+    src = _open_quietly(source, path)
+    try:
+        # Times as they are now (reads through the mount may have moved the
+        # atime since the lookup); the copy itself must not move them.
+        fresh = os.fstat(src)
+        # Created with its final permission bits (the daemon's umask is 0);
+        # the owner's read/write bits are what the copy needs meanwhile.
+        dst = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                      (want.mode & 0o777) | 0o600)
+        try:
+            if statmod.S_ISREG(real.mode) and real.size:
+                copy_data(src, dst, real.size)
+            have = os.fstat(dst)
+            copy_xattrs(source, path, dst)
+            apply_attributes(dst, want, policy, record_type=False, have=have,
+                             times=(fresh.st_atime_ns, fresh.st_mtime_ns))
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    return have.st_dev, have.st_ino
 
 
 def _open_quietly(source: Layer, path: bytes) -> int:

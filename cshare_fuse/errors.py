@@ -47,10 +47,19 @@ class ConfigError(Exception):
 
 #: Test hook: "OPNAME" makes that handler raise RuntimeError, to prove the boundary;
 #: "init" makes the daemon fail after it has mounted (main.operations).
-#: Read once at start from CSHARE_OVERLAY_INJECT_FAULT (comma separated names).
-_injected_faults: frozenset[str] = frozenset(
-    n for n in os.environ.get("CSHARE_OVERLAY_INJECT_FAULT", "").split(",") if n
-)
+#: Read at start from CSHARE_OVERLAY_INJECT_FAULT (comma separated names), and
+#: again by a daemon forked from the mount server, for its client's environment.
+_injected_faults: frozenset[str] = frozenset()
+
+
+def read_injected_faults() -> None:
+    """(Re)read the test hook above from the environment."""
+    global _injected_faults
+    _injected_faults = frozenset(
+        n for n in os.environ.get("CSHARE_OVERLAY_INJECT_FAULT", "").split(",") if n)
+
+
+read_injected_faults()
 
 
 def fault_injected(name: str) -> bool:

@@ -305,6 +305,13 @@ class LowerLayer(Layer):
         self._stats[path] = result
         return result
 
+    def forget_stat(self, path: bytes) -> None:
+        """Drop the cached attributes of `path` (its node keeps what it needs);
+        a later `stat` reads them again, unchanged: the layer is immutable.
+        A plugin whose stat may block keeps its answer: asking again could wait."""
+        if not self._defer_stat:
+            self._stats.pop(path, None)
+
     def raw_stat(self, path: bytes) -> Stat:
         """The converted inode's own attributes (what copy-up reads the data by)."""
         try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import __version__, fusemount
+from . import __version__, fusemount, server
 from .errors import ConfigError, fault_injected
 from .options import USAGE, MountConfig, parse_command_line
 
@@ -400,7 +400,38 @@ def _detach_stdio() -> None:
     os.close(null)
 
 
+def _through_server(config: MountConfig, argv: list[str]) -> int | None:
+    """Mount through the mount server (cshare_fuse.server): the exit code, or
+    None when there is none to use and this process mounts directly."""
+    if not server.usable() or fusemount.needs_libfuse(config.fuse_options):
+        return None
+    result = server.mount_through_server(argv)
+    if result is None:
+        return None
+    code, answer = result
+    if code == 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as the direct path: nothing to tear down
+    reason = answer.decode(errors="replace") or "the mount process ended without an answer"
+    print(f"{PROG}: error: {reason}", file=sys.stderr)
+    return 1
+
+
+def _serve_request(argv: list[str], ready_fd: int) -> int:
+    """What a daemon forked by the mount server runs: the direct path's child."""
+    try:
+        config = parse_command_line(argv)
+    except ConfigError as exc:
+        os.write(ready_fd, str(exc).encode(errors="replace"))
+        os.close(ready_fd)
+        return 1
+    return _mount_and_serve(config, ready_fd)
+
+
 def run(argv: list[str]) -> int:
+    if argv[:1] == [server.SERVER_FLAG]:
+        return server.serve(_serve_request)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         print("See cshare-overlay(1) for every option.")
@@ -417,6 +448,9 @@ def run(argv: list[str]) -> int:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if config.foreground:
         return _mount_and_serve(config, None)
+    through_server = _through_server(config, argv)
+    if through_server is not None:
+        return through_server
 
     read_end, write_end = os.pipe()
     pid = os.fork()

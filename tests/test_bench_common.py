@@ -18,10 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     Comparison,
     Report,
+    busy_note,
+    combined_table,
     format_ratio,
     format_seconds,
+    format_spread,
+    format_value,
+    markdown_rows,
     median,
     one_line,
+    paired_ratios,
     parse_systems,
     ratio,
     stamp_matches,
@@ -148,3 +154,89 @@ def test_stamp_must_match_parameters_exactly(tmp_path: Path) -> None:
     assert not stamp_matches(stamp, {"a": 2, "b": [1, 2]})
     stamp.write_text("{half")
     assert not stamp_matches(stamp, {"a": 1})
+
+
+def test_added_rows_carry_unit_target_and_paired_spread() -> None:
+    report = Report("podman", ["cshare", "fuse-overlayfs"], [], [Comparison("cshare", "fuse-overlayfs", limit=2.0)])
+    report.add_metric("start", "podman run", target=1.1)
+    report.add_metric("pss", "PSS per mount", unit="MB")
+    for mine, theirs in ((0.30, 0.20), (0.24, 0.20), (0.22, 0.25)):
+        report.record("start", "cshare", mine)
+        report.record("start", "fuse-overlayfs", theirs)
+    report.record("pss", "cshare", 12.0)
+    report.record("pss", "fuse-overlayfs", 8.0)
+    primary = report.comparisons[0]
+    # Run i against run i: the range of the ratios, not a ratio of medians.
+    assert report.spread("start", primary) == pytest.approx([1.5, 1.2, 0.88])
+    assert format_spread(report.spread("start", primary)) == "0.88-1.50x"
+    # The row's own target replaces the comparison's limit for the primary comparison only.
+    assert report.limit("start", primary) == 1.1
+    assert report.limit("pss", primary) == 2.0
+    flags = report.flags()
+    assert len(flags) == 1
+    assert flags[0].startswith("podman run: cshare takes 1.20x") and "limit 1.10x" in flags[0]
+    data = report.to_json()["metrics"]
+    assert data["pss"]["unit"] == "MB" and data["start"]["target"] == 1.1
+    assert data["start"]["spreads"]["cshare/fuse-overlayfs"] == pytest.approx([1.5, 1.2, 0.88])
+    with pytest.raises(ValueError, match="already"):
+        report.add_metric("start", "again")
+
+
+def test_spread_of_a_failed_cell_is_empty_and_values_keep_their_unit() -> None:
+    report = make_report()
+    assert report.spread("read", report.comparisons[0]) == []
+    assert format_spread([]) == "—"
+    assert format_spread([1.234]) == "1.23x"
+    assert format_value(12.34, "MB") == "12.3 MB"
+    assert format_value(0.0123, "s") == "12.3 ms"
+    assert paired_ratios([2.0, 3.0, 4.0], [1.0, 0.0]) == [2.0]
+
+
+def test_combined_table_has_one_row_per_metric_of_every_report() -> None:
+    overlay = make_report()
+    convert = Report("convert", ["cshare", "chmod"], [], [Comparison("cshare", "chmod")])
+    convert.add_metric("convert_50k", "convert 50k", target=1.5)
+    convert.record("convert_50k", "cshare", 0.3)
+    convert.record("convert_50k", "chmod", 0.2)
+    table, footnotes = combined_table([overlay, convert], "all")
+    assert len(table.rows) == 3
+    cells = [list(col._cells) for col in table.columns]
+    assert cells[0] == ["walk", "read", "convert 50k"]
+    assert cells[2][2] == "200.0 ms (chmod)"
+    assert cells[3][2] == "1.50x"  # at its target: not flagged
+    assert cells[5][2] == "≤ 1.50x"
+    assert cells[6][2] == ""  # no kernel column for convert
+    assert footnotes == ["[1] overlay cshare: failed: cshare mount exited 1: boom"]
+
+
+def test_busy_note_only_when_the_load_exceeds_the_cpus() -> None:
+    import os
+
+    report = make_report()
+    cpus = os.cpu_count() or 1
+    report.load_started, report.load_finished = cpus + 3.5, 0.1
+    note = busy_note(report)
+    assert note is not None and f"{cpus + 3.5:.1f} on {cpus} CPUs" in note
+    report.load_started = report.load_finished = cpus * 0.5
+    assert busy_note(report) is None
+
+
+def test_session_shapes_are_the_issues_workloads() -> None:
+    from bench.session_bench import FULL, METRICS, QUICK
+
+    # 20,000 files in 400 directories, a 512 MiB file, 2,000 files in 40 directories of 50.
+    assert (FULL.files, FULL.dirs, FULL.big_mib) == (20_000, 400, 512)
+    assert (FULL.copyup_files, FULL.copyup_dirs, FULL.per_dir) == (2_000, 40, 50)
+    assert FULL.find_entries == 1 + 1 + 400 + 20_000 + 1  # root, tree/, its dirs and files, big.bin
+    assert QUICK.copyup_dirs <= QUICK.dirs
+    targets = {key: target for key, _, target in METRICS}
+    assert targets["copyup"] == targets["cat_cold"] == 1.2
+    assert targets["find_cold"] == targets["find_warm"] == 1.1
+
+
+def test_markdown_rows_match_the_combined_table() -> None:
+    rows = markdown_rows(make_report().to_json())
+    assert rows == [
+        "| walk | 2.00 s | 600.0 ms (fuse-overlayfs) | 3.33x | 1.25-6.00x | ≤ 2.00x | 300.0 ms |",
+        "| read | failed | 1.00 s (fuse-overlayfs) | — | — | ≤ 2.00x | 500.0 ms |",
+    ]

@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CshareError, error_line
-from ..tree.convert import ConvertReport, check_can_convert, convert_tree
-from ..tree.restore import RestoreReport, restore_tree
-from ..tree.verify import RECORDS_DIGEST_KEY, Finding, VerifyReport, verify_tree
 from ..tree.walk import display, symlink_root_problem
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..tree.convert import ConvertReport
+    from ..tree.restore import RestoreReport
+    from ..tree.verify import VerifyReport
+
+# Each command imports only its own module (in its run_* function): a start-up
+# that loads the other two is time `cshare convert` spends against `chmod -R`.
 
 #: The options of the convert family that fast_path understands (all of them today).
 _FAST_OPTIONS = {
@@ -91,6 +97,8 @@ def _report(rootfs: Path, report: ConvertReport | RestoreReport, *, dry_run: boo
 
 
 def run_convert(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
+    from ..tree.convert import check_can_convert, convert_tree
+
     check_can_convert(rootfs, probe_write=not dry_run)
     with _progress("converting", quiet or json_out) as tick:
         report = convert_tree(rootfs, dry_run=dry_run, on_entry=tick)
@@ -103,6 +111,9 @@ def run_convert(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> 
 
 
 def run_restore(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> None:
+    from ..tree.convert import check_can_convert
+    from ..tree.restore import restore_tree
+
     check_can_convert(rootfs, probe_write=not dry_run)
     with _progress("restoring", quiet or json_out) as tick:
         report = restore_tree(rootfs, dry_run=dry_run, on_entry=tick)
@@ -117,6 +128,8 @@ def run_verify(rootfs: Path, *, json_out: bool) -> None:
     problem = symlink_root_problem(rootfs)
     if problem:
         raise CshareError(problem)
+    from ..tree.verify import verify_tree
+
     if not rootfs.is_dir():
         raise CshareError(f"{rootfs}: no such directory")
     layer = published_layer(rootfs)
@@ -158,6 +171,8 @@ def published_layer(rootfs: Path) -> tuple[str, dict[str, Any]] | None:
 
 
 def check_records_digest(report: VerifyReport, layer_id: str, info: dict[str, Any]) -> None:
+    from ..tree.verify import RECORDS_DIGEST_KEY, Finding
+
     """A published layer's records must be those make-shared wrote (the digest it kept)."""
     kept = info.get(RECORDS_DIGEST_KEY)
     if not isinstance(kept, str) or not kept:

@@ -30,7 +30,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from cshare_fuse.formats import markers
@@ -53,14 +52,14 @@ _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
 _TMP_START = marks.TEMPORARY_START
 
 
-@dataclass
 class ConvertReport(WalkReport):
     """What a convert run did (or, with dry_run, would do)."""
 
-    converted: int = 0
-    already_converted: int = 0
-    devices_replaced: int = 0
-    opaque_rewritten: int = 0
+    COUNTERS = ("converted", "already_converted", "devices_replaced", "opaque_rewritten")
+    converted: int
+    already_converted: int
+    devices_replaced: int
+    opaque_rewritten: int
 
 
 def check_can_convert(root: Path, *, probe_write: bool = True) -> None:

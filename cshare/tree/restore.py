@@ -16,7 +16,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from cshare_fuse.formats import markers
@@ -31,13 +30,13 @@ _TMP_START = marks.TEMPORARY_START
 _SPECIAL_TYPES = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
-@dataclass
 class RestoreReport(WalkReport):
     """What a restore run did (or, with dry_run, would do)."""
 
-    restored: int = 0
-    devices_recreated: int = 0
-    opaque_removed: int = 0
+    COUNTERS = ("restored", "devices_recreated", "opaque_removed")
+    restored: int
+    devices_recreated: int
+    opaque_removed: int
 
 
 class _Shared:

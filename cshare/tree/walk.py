@@ -23,7 +23,6 @@ import resource
 import stat
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -33,17 +32,26 @@ OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CL
 DIR_FLAGS = OPEN_FLAGS | os.O_DIRECTORY
 
 
-@dataclass(eq=False)
 class Dir:
     """An open directory of the walk: its fd, its path relative to the root, its stat.
 
-    `state` is free for the visitor (e.g. times to put back when leaving).
+    `state` is free for the visitor (e.g. times to put back when leaving).  A
+    plain class, like the reports below: `dataclasses` (with the inspect and
+    ast modules it loads) would add ~10 ms to every `cshare convert`, which is
+    timed against `chmod -R`.
     """
 
-    fd: int
-    path: str  # "." for the root, else "a/b/c" (names are str with surrogateescape)
-    st: os.stat_result
-    state: dict[str, object] = field(default_factory=dict)
+    __slots__ = ("fd", "path", "st", "state")
+
+    def __init__(self, fd: int, path: str, st: os.stat_result,
+                 state: dict[str, object] | None = None) -> None:
+        self.fd = fd
+        self.path = path  # "." for the root, else "a/b/c" (names are str with surrogateescape)
+        self.st = st
+        self.state: dict[str, object] = {} if state is None else state
+
+    def __repr__(self) -> str:
+        return f"Dir(fd={self.fd}, path={self.path!r})"
 
     def join(self, name: str) -> str:
         """The relative path of entry `name` of this directory (for messages)."""
@@ -53,26 +61,43 @@ class Dir:
 _Report = TypeVar("_Report", bound="WalkReport")
 
 
-@dataclass
 class WalkReport:
     """What a walk that changes a tree reports; convert and restore add their counters.
 
-    Every int field is a counter, every list field a list of findings.
+    Every int attribute is a counter, every list attribute a list of findings;
+    a subclass names its own counters in COUNTERS (all start at 0).
     """
 
-    entries: int = 0
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    changes: list[str] = field(default_factory=list)  # dry run only
-    skipped_mounts: list[str] = field(default_factory=list)
+    COUNTERS: tuple[str, ...] = ()
+
+    def __init__(self, **values: int) -> None:
+        self.entries = 0
+        self.errors: list[tuple[str, str]] = []
+        self.changes: list[str] = []  # dry run only
+        self.skipped_mounts: list[str] = []
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
+        for name, value in values.items():
+            if name != "entries" and name not in self.COUNTERS:
+                raise TypeError(f"{type(self).__name__} has no counter {name!r}")
+            setattr(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({inner})"
 
     def add(self, other: WalkReport) -> None:
         """Count `other` (another worker's report) into this one."""
-        for f in fields(self):
-            mine = getattr(self, f.name)
+        for name, mine in vars(self).items():
             if isinstance(mine, list):
-                mine.extend(getattr(other, f.name))
+                mine.extend(getattr(other, name))
             else:
-                setattr(self, f.name, mine + getattr(other, f.name))
+                setattr(self, name, mine + getattr(other, name))
 
     @classmethod
     def total(cls: type[_Report], reports: Iterable[WalkReport]) -> _Report:
@@ -87,7 +112,7 @@ class WalkReport:
     def summary(self) -> dict[str, object]:
         """For --json: every counter, the errors and the skipped mounts."""
         data: dict[str, object] = {
-            f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), int)
+            name: value for name, value in vars(self).items() if isinstance(value, int)
         }
         data["errors"] = [{"path": p, "message": m} for p, m in self.errors]
         data["skipped_mounts"] = self.skipped_mounts

@@ -10,10 +10,8 @@ place that reads and writes that record; the filesystem, the plugins and
 from __future__ import annotations
 
 import errno
-import re
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 
 #: The name containers/storage writes with `overlay.force_mask`; cshare writes it too.
 OVERRIDE_XATTR = "user.containers.override_stat"
@@ -53,37 +51,68 @@ _SIMPLE_KINDS: dict[str, int] = {
     "socket": stat.S_IFSOCK,
 }
 _DEVICE_KINDS: dict[str, int] = {"block": stat.S_IFBLK, "char": stat.S_IFCHR}
-_DEVICE_RE = re.compile(r"(block|char)-(\d+)-(\d+)")
-_DECIMAL_RE = re.compile(r"\d+")
-_OCTAL_RE = re.compile(r"[0-7]+")
+# Parsed with str methods, not re, and Override is a plain class, not a
+# dataclass: `cshare convert` (timed against chmod -R) and cshare-overlay's
+# start path import this module, and re and dataclasses cost them ~5-10 ms.
+
+
+def _is_decimal(field: str) -> bool:
+    return field.isdigit()  # the value is ASCII (_text), so only 0-9
+
+
+def _is_octal(field: str) -> bool:
+    return bool(field) and not field.strip("01234567")
 
 
 class OverrideError(ValueError):
     """An override value that does not parse.  Bad input: report it, never guess."""
 
 
-@dataclass(frozen=True)
 class Override:
-    """What a converted entry really is.
+    """What a converted entry really is (immutable, compared and hashed by value).
 
     `file_type` is the S_IFMT bits of the original type, or None when the record
     did not say (3-field form): then the real inode's type stands.
     """
 
+    __slots__ = ("uid", "gid", "mode", "file_type", "rdev_major", "rdev_minor")
     uid: int
     gid: int
     mode: int  # permission bits plus setuid/setgid/sticky, never type bits
-    file_type: int | None = None
-    rdev_major: int = 0
-    rdev_minor: int = 0
+    file_type: int | None
+    rdev_major: int
+    rdev_minor: int
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.uid <= _MAX_ID or not 0 <= self.gid <= _MAX_ID:
-            raise OverrideError(f"owner {self.uid}:{self.gid} is out of range")
-        if self.mode & ~PERMISSION_MASK:
-            raise OverrideError(f"mode {self.mode:o} has bits outside 07777")
-        if self.file_type is not None and stat.S_IFMT(self.file_type) != self.file_type:
-            raise OverrideError(f"file type {self.file_type:o} is not a file type")
+    def __init__(self, uid: int, gid: int, mode: int, file_type: int | None = None,
+                 rdev_major: int = 0, rdev_minor: int = 0) -> None:
+        if not 0 <= uid <= _MAX_ID or not 0 <= gid <= _MAX_ID:
+            raise OverrideError(f"owner {uid}:{gid} is out of range")
+        if mode & ~PERMISSION_MASK:
+            raise OverrideError(f"mode {mode:o} has bits outside 07777")
+        if file_type is not None and stat.S_IFMT(file_type) != file_type:
+            raise OverrideError(f"file type {file_type:o} is not a file type")
+        for name, value in zip(self.__slots__, (uid, gid, mode, file_type, rdev_major, rdev_minor),
+                               strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Override is immutable (cannot set {name})")
+
+    def _key(self) -> tuple[int, int, int, int | None, int, int]:
+        return (self.uid, self.gid, self.mode, self.file_type, self.rdev_major, self.rdev_minor)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Override) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return ("Override(uid={}, gid={}, mode={}, file_type={}, rdev_major={}, rdev_minor={})"
+                .format(*self._key()))
+
+    def __reduce__(self) -> tuple[type[Override], tuple[int, int, int, int | None, int, int]]:
+        return (Override, self._key())  # pickled between convert's worker processes
 
     @property
     def is_device(self) -> bool:
@@ -145,13 +174,13 @@ def _text(value: bytes) -> str:
 
 
 def _decimal(field: str, what: str, whole: str) -> int:
-    if not _DECIMAL_RE.fullmatch(field):
+    if not _is_decimal(field):
         raise OverrideError(f"{whole!r}: {what} {field!r} is not a decimal number")
     return int(field)
 
 
 def _octal_mode(field: str, whole: str, allow_type_bits: bool) -> int:
-    if not _OCTAL_RE.fullmatch(field):
+    if not _is_octal(field):
         raise OverrideError(f"{whole!r}: mode {field!r} is not an octal number")
     mode = int(field, 8)
     if allow_type_bits:
@@ -167,12 +196,12 @@ def _octal_mode(field: str, whole: str, allow_type_bits: bool) -> int:
 def _parse_type(field: str, whole: str) -> tuple[int, int, int]:
     if field in _SIMPLE_KINDS:
         return _SIMPLE_KINDS[field], 0, 0
-    match = _DEVICE_RE.fullmatch(field)
-    if match:
-        major, minor = int(match.group(2)), int(match.group(3))
+    parts = field.split("-")
+    if len(parts) == 3 and parts[0] in ("block", "char") and all(map(_is_decimal, parts[1:])):
+        major, minor = int(parts[1]), int(parts[2])
         if major >= 2**32 or minor >= 2**32:
             raise OverrideError(f"{whole!r}: device number out of range")
-        return _DEVICE_KINDS[match.group(1)], major, minor
+        return _DEVICE_KINDS[parts[0]], major, minor
     raise OverrideError(f"{whole!r}: unknown type {field!r}")
 
 

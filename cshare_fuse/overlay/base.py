@@ -115,8 +115,12 @@ class OverlayBase:
                 return existing
         node = Node(self.table.number_for(st), parent, name, res.layer, statmod.S_IFMT(st.mode))
         node.dir_layers = res.dir_layers
-        node.backing_key = key
-        if not self.layers[res.layer].is_upper:
+        if self.layers[res.layer].is_upper:
+            node.backing_key = key
+        else:
+            # A lower node needs no backing key (56 bytes a node): only upper
+            # names share a node, and a link copies the file up first, which
+            # gives the node the key of its copy.
             node.lower_stat = st
         if hardlinked:
             return self.table.add_hardlinked(node)
@@ -142,8 +146,15 @@ class OverlayBase:
         return bool(lowers) and merge.resolve(self.layers, lowers, parent.path(), name) is not None
 
     def stat_of(self, node: Node) -> Stat:
-        if node.lower_stat is not None and node.layer != self.upper_index:
-            return node.lower_stat
+        if node.layer != self.upper_index:  # a lower node
+            if node.lower_stat is not None:
+                return node.lower_stat
+            # Its entry answers getattr and lookup; the rare operation that
+            # needs the Stat reads it from the (immutable) layer again.
+            lower = self.layers[node.layer].stat(node.path())
+            if lower is None:
+                raise OverlayError(errno.ENOENT, f"{node!r} vanished from its lower layer")
+            return lower
         st: Stat | None = None
         if not node.unlinked and self.upper is not None:
             st = self.upper.stat(node.path())
@@ -169,18 +180,31 @@ class OverlayBase:
         entry = entry_attributes(node.ino, st, self.policy, merged_dir=merged)
         if node.lower_stat is not None and node.layer != self.upper_index:
             node.entry = entry
+            # From now on the entry answers getattr and lookup: the Stat goes,
+            # from the node and from the layer's cache (~330 bytes a node).
+            node.lower_stat = None
+            layer = self.layers[node.layer]
+            if isinstance(layer, LowerLayer):
+                layer.forget_stat(node.path())
         return entry
 
-    def listing(self, node: Node) -> Sequence[tuple[bytes, Node | None]]:
+    def listing(self, node: Node) -> list[tuple[bytes, Node | None]]:
         """The merged directory's entries; None for one that failed to resolve.
 
         One entry that fails (a plugin's error, a malformed override) must not
         fail its directory: it is listed without a node, so that only looking
         it up fails, as with the kernel's overlayfs.  Such a listing is not
         kept: the entry may resolve next time (a plugin may fail for a while).
+        A complete listing is kept as names only (8 bytes an entry instead of a
+        56-byte pair): while the node has it, every name in it is one of its
+        cached children (Node.drop_child and set_child drop the listing).
         """
-        if node.listing is not None:
-            return node.listing
+        names = node.listing
+        if names is not None:
+            children = node.children
+            pairs = [(name, children.get(name)) for name in names]
+            if all(child is not None for _, child in pairs):
+                return pairs
         entries: list[tuple[bytes, Node | None]] = []
         complete: list[tuple[bytes, Node]] = []
         waiting: list[NeedsFetch] = []
@@ -209,7 +233,7 @@ class OverlayBase:
         if waiting:
             raise gather(waiting)
         if len(complete) == len(entries):
-            return node.set_listing(complete)
+            node.set_listing(tuple(name for name, _ in complete))
         return entries
 
     def readlink(self, ino: int) -> bytes:
@@ -273,15 +297,17 @@ class OverlayBase:
             async with node.lock:
                 if node.layer == self.upper_index:
                     return
-                await trio.to_thread.run_sync(copy_up, *args)
+                identity = await trio.to_thread.run_sync(copy_up, *args)
                 self._now_in_upper(node)
         else:
             # Small: copied synchronously, so no other task runs until it is
             # done and no lock (a trio checkpoint per copy-up) is needed.
-            copy_up(*args)
+            identity = copy_up(*args)
             self._now_in_upper(node)
-        copied = upper.stat(path)
-        node.backing_key = (copied.dev, copied.ino) if copied is not None else None
+        if identity is None:
+            copied = upper.stat(path)
+            identity = (copied.dev, copied.ino) if copied is not None else None
+        node.backing_key = identity
 
     async def _copy_up_in_pool(self, node: Node, source: LowerLayer, path: bytes,
                                upper: UpperLayer) -> None:
@@ -310,7 +336,7 @@ class OverlayBase:
     def _now_in_upper(self, node: Node) -> None:
         # A copied-up name of a lower hardlink is a file of its own (link count
         # 1): the attributes the kernel cached from the lower file are wrong now.
-        was_linked = node.lower_stat is not None and node.lower_stat.nlink > 1
+        was_linked = node.layer != self.upper_index and self.stat_of(node).nlink > 1
         for parent, name in self.table.copied_up(node, self.upper_index):
             invalidate_entry(parent.ino, name)
         if was_linked:

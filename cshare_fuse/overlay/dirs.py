@@ -169,7 +169,7 @@ class DirOps(EntryOps):
     def dir_entries(self, fh: int, start: int) -> list[tuple[bytes, Node | None]]:
         handle = self.handles.directory(fh)
         if handle.entries is None or start == 0:
-            handle.entries = list(self.listing(handle.node))
+            handle.entries = self.listing(handle.node)  # a new list: later changes do not move offsets
         return handle.entries
 
     def releasedir(self, fh: int) -> None:

@@ -406,7 +406,8 @@ class RegistryBench:
                                f"(target <= {format_ratio(limit)}: {verdict})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def collect(argv: list[str] | None = None) -> Report:
+    """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
     parser = argument_parser(PROG, "Run an image lazily from a registry vs podman pull + run.",
                              SYSTEMS, "registry.json")
     parser.add_argument("--files", type=int, default=60_000, help="data files (default 60000)")
@@ -418,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     report = RegistryBench(args).run()
     show(report, f"registry: {report.params['files']} files, "
                  f"{report.params['bytes'] >> 20} MiB, {args.repeat} run(s)", args.json)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    collect(argv)
     return 0
 
 

@@ -7,7 +7,7 @@ MANDIR := $(PREFIX)/share/man
 PAGES1 := $(wildcard man/*.1)
 PAGES7 := $(wildcard man/*.7)
 
-.PHONY: install install-man test test-fast bench fuzz man lint demo clean
+.PHONY: install install-man test test-fast bench bench-registry fuzz man lint demo clean
 
 install:
 	./scripts/install
@@ -36,6 +36,10 @@ fuzz:
 # Every benchmark, then one table of all rows (bench/README.md); BENCH_ARGS=--quick for a smoke run.
 bench:
 	$(PY) -m bench $(BENCH_ARGS)
+
+# A lazy mount from a loopback registry vs podman pull + run (about 1 GB, 60,000 files).
+bench-registry:
+	$(PY) -m bench.registry_bench
 
 man:
 	$(PY) -m scripts.gen_man man

@@ -388,9 +388,12 @@ def setup(
 # ---------------------------------------------------------------- mount family
 @app.command()
 def mount(
-    image: str = typer.Argument(..., help="Image in the shared store: id, id prefix, name or short name."),
+    image: str = typer.Argument(..., help="Image in the shared store: id, id prefix, name or short name; or docker://HOST:PORT/REPO:TAG in a registry."),
     mountpoint: Path = typer.Argument(..., help="An existing, empty directory to mount the image on."),
     store: Path = StoreOption,
+    tls_verify: str = typer.Option(
+        "true", "--tls-verify", metavar="true|false", help="docker:// images: false speaks plain HTTP to the registry (as podman's --tls-verify=false)."
+    ),
     upper: Path | None = typer.Option(
         None, "--upper", help="Directory for your changes, writable by you or creatable (default: per image and mountpoint under $XDG_DATA_HOME/cshare/mounts)."
     ),
@@ -426,6 +429,13 @@ def mount(
     name the same directory.  Directories of --upper/--work it created are
     removed again when the mount fails.
 
+    IMAGE may instead be docker://HOST:PORT/REPO:TAG, an image in a registry
+    pushed with `--compression-format zstd:chunked`: every layer is then
+    mounted lazily through the bundled registry plugin, which fetches a file
+    from the registry only when it is first opened and checks it against its
+    digest (cshare-registry(7)); nothing is pulled.  Give --tls-verify=false
+    for a plain-HTTP registry such as one on loopback.
+
     \b
     Example:
       podman unshare cshare mount fedora ~/mnt
@@ -433,9 +443,14 @@ def mount(
       podman unshare cshare umount ~/mnt
     """
     from ..mount.ops import mount_image
+    from ..mount.registry_ref import is_registry_ref, mount_registry_image, tls_verify_value
 
     def action() -> None:
-        record = mount_image(image, mountpoint, store, upper, work, debug=_debug_printer(debug))
+        if is_registry_ref(image):
+            record = mount_registry_image(image, mountpoint, tls_verify=tls_verify_value(tls_verify),
+                                          upper=upper, work=work, debug=_debug_printer(debug))
+        else:
+            record = mount_image(image, mountpoint, store, upper, work, debug=_debug_printer(debug))
         if json_out:
             print_json(asdict(record))
         else:

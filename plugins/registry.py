@@ -1,0 +1,277 @@
+"""The `registry` plugin: one layer of an image in a registry, fetched file by file when first opened.
+
+Usage: `lowerdir=//registry/LAYER/SPEC`.  SPEC is a small JSON file naming the
+image (written by `cshare mount docker://...`, or by hand):
+
+    {"registry": "127.0.0.1:5000", "repository": "team/app",
+     "manifest": "sha256:<digest of the image manifest>", "tls_verify": false,
+     "cache": "/home/me/.cache/cshare/registry", "timeout": 10, "attempts": 3}
+
+(`cache`, `tls_verify` (default true), `timeout` (seconds per request) and
+`attempts` are optional.)  LAYER picks the layer of that manifest: its index
+(0 is the base layer) or the 64 hex digits of its digest.
+
+At load the manifest is fetched by digest and checked against it; the layer
+must carry a zstd:chunked table of contents (TOC, see registry_toc), which is
+fetched with one range request and checked against the manifest's checksum
+annotation.  Listings, attributes (original owners, modes, types, times,
+devices), symlinks, hardlinks and xattrs come from the TOC: no file data is
+fetched for `ls -l` or `find`.  A regular file's data is fetched on its first
+open, by a range request over its frames, decompressed, and checked against its
+digest in the TOC before any byte of it is served; with it come the small
+files that follow it in the blob, in a readahead window that grows while files
+are read in blob order (registry_fetch).  Contents are kept in the user's cache
+(registry_cache), shared by all the user's mounts.  Whiteouts and opaque
+directories are the tar-style `.wh.` names, which the overlay honours.
+
+Failures: a file whose fetched or cached bytes do not match its digest is not
+served (EIO, one log line naming the file and the layer); a registry that does
+not answer makes the opens of not-yet-fetched files fail with EIO after bounded
+timeouts and retries, while fetched files keep working.  Only the registry
+address in SPEC is ever contacted; no authentication is spoken.
+
+Written only against cshare_fuse.plugin_api, exactly as a third party would.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+
+from cshare_fuse import plugin_api
+from cshare_fuse.plugin_api import API_VERSION, DataSource, Stat
+from plugins.registry_cache import FileCache, default_cache
+from plugins.registry_fetch import Fetcher
+from plugins.registry_http import RegistryClient, check_address, check_repository
+from plugins.registry_toc import (
+    Entry,
+    TocError,
+    build_tree,
+    data_entries,
+    decode_toc,
+    is_sha256_digest,
+    sha256_digest,
+    toc_location,
+)
+
+IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
+                   "application/vnd.docker.distribution.manifest.v2+json")
+_ENODATA = getattr(errno, "ENODATA", 61)
+_OPEN_MODIFIERS = os.O_NOATIME | os.O_NONBLOCK
+
+
+def _logger() -> logging.Logger:
+    """The plugin API's logger for this plugin when it has one, else a child of the daemon's."""
+    found = getattr(plugin_api, "logger", None)
+    if callable(found):
+        return found("registry")
+    return logging.getLogger("cshare_fuse.plugin.registry")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a SPEC file says: which registry, repository and manifest, and how to talk."""
+
+    registry: str
+    repository: str
+    manifest: str
+    tls_verify: bool = True
+    cache: str = ""
+    timeout: float = 10.0
+    attempts: int = 3
+
+    @classmethod
+    def read(cls, path: str) -> ImageSpec:
+        try:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read(1 << 16))
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a JSON layer description: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        missing = [k for k in ("registry", "repository", "manifest") if not doc.get(k)]
+        if missing:
+            raise ValueError(f"{path} lacks {', '.join(missing)}")
+        if not is_sha256_digest(str(doc["manifest"])):
+            raise ValueError(f"{path}: manifest {doc['manifest']!r} is not a sha256 digest")
+        timeout, attempts = doc.get("timeout", 10.0), doc.get("attempts", 3)
+        if not isinstance(timeout, int | float) or not 0 < timeout <= 600 or not isinstance(
+                attempts, int) or not 1 <= attempts <= 10:
+            raise ValueError(f"{path}: timeout must be 0-600 seconds, attempts 1-10")
+        return cls(registry=check_address(str(doc["registry"])),
+                   repository=check_repository(str(doc["repository"])),
+                   manifest=str(doc["manifest"]), tls_verify=doc.get("tls_verify", True) is not False,
+                   cache=str(doc.get("cache") or default_cache()), timeout=float(timeout),
+                   attempts=attempts)
+
+
+def select_layer(layers: list[dict[str, object]], which: str) -> tuple[int, dict[str, object]]:
+    """The layer DATA names: an index (0 is the base) or the hex of its digest."""
+    if which.isdigit() and len(which) < 6:
+        index = int(which)
+        if index >= len(layers):
+            raise ValueError(f"layer {index}: the image has {len(layers)} layers")
+        return index, layers[index]
+    for index, layer in enumerate(layers):
+        if layer.get("digest") in (which, f"sha256:{which}"):
+            return index, layer
+    raise ValueError(f"layer {which!r} is not in the image (give its index or digest hex)")
+
+
+def fetch_manifest(client: RegistryClient, spec: ImageSpec) -> dict[str, object]:
+    """The image manifest, checked against its digest."""
+    body, media, _ = client.manifest(spec.repository, spec.manifest)
+    if sha256_digest(body) != spec.manifest:
+        raise ValueError(f"manifest of {spec.repository} does not match its digest "
+                         f"{spec.manifest}")
+    doc = json.loads(body)
+    media = doc.get("mediaType") or media
+    if media not in IMAGE_MANIFESTS or not isinstance(doc.get("layers"), list):
+        raise ValueError(f"{spec.manifest} is a {media or 'manifest of unknown type'}, not an "
+                         "image manifest")
+    return doc
+
+
+class _Manifests:
+    """Verified manifests by (registry, repository, digest): one fetch for all layers of a mount."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[tuple[str, str, str], dict[str, object]] = {}
+
+    def get(self, spec: ImageSpec, client: RegistryClient) -> dict[str, object]:
+        key = (spec.registry, spec.repository, spec.manifest)
+        with self._lock:
+            found = self._known.get(key)
+        if found is None:
+            found = fetch_manifest(client, spec)  # checked against its digest: safe to share
+            with self._lock:
+                self._known[key] = found
+        return found
+
+
+_manifests = _Manifests()
+
+
+class RegistrySource(DataSource):
+    """A layer tree from a TOC; file contents from the registry through the cache."""
+
+    #: Everything but open answers from memory: only open may wait on the network.
+    inline = frozenset(getattr(plugin_api, "ALL_METHODS", frozenset())) - {"open"}
+
+    def __init__(self, spec: ImageSpec, spec_path: str, which: str) -> None:
+        self.spec, self.spec_path, self.which = spec, spec_path, which
+        self.cache = FileCache(spec.cache)
+        super().__init__(self.cache.root)
+        self.client = RegistryClient(spec.registry, tls_verify=spec.tls_verify,
+                                     timeout=spec.timeout, attempts=spec.attempts)
+        manifest = _manifests.get(spec, self.client)
+        listed = manifest["layers"]
+        layers = [x for x in listed if isinstance(x, dict)] if isinstance(listed, list) else []
+        index, layer = select_layer(layers, which)
+        self.layer_digest = str(layer.get("digest"))
+        if not is_sha256_digest(self.layer_digest):
+            raise ValueError(f"layer {index} of {spec.repository} has digest "
+                             f"{self.layer_digest!r}, not a sha256 one")
+        annotations = layer.get("annotations")
+        where = toc_location(annotations if isinstance(annotations, dict) else None)
+        if where is None:
+            raise ValueError(f"layer {index} ({self.layer_digest}) of {spec.repository} has no "
+                             "zstd:chunked table of contents (pushed as plain gzip or zstd): "
+                             "push the image with --compression-format zstd:chunked")
+        raw = self.client.blob_range(spec.repository, self.layer_digest, where.offset,
+                                     where.offset + where.length)
+        try:
+            self.tree = build_tree(decode_toc(raw, where))
+        except TocError as exc:
+            raise TocError(f"layer {index} ({self.layer_digest}): {exc}") from None
+        self.dev = (1 << 61) | int(self.layer_digest[7:19], 16)  # one per layer: see raw_stat
+        self.fetcher = Fetcher(self.client, self.cache, spec.repository, self.layer_digest,
+                               data_entries(self.tree), self._layer_name(), _logger(),
+                               wait_limit=spec.timeout * (spec.attempts + 1))
+
+    def describe(self) -> str:
+        return f"//registry/{self.which}/{self.spec_path}"
+
+    def _layer_name(self) -> str:
+        return f"layer {self.layer_digest} of {self.spec.registry}/{self.spec.repository}"
+
+    # -- the tree ----------------------------------------------------------------
+    def _entry(self, path: bytes) -> Entry:
+        entry = self.tree.get(path)
+        if entry is None:
+            parent = self.tree.get(path.rpartition(b"/")[0]) if path else None
+            err = errno.ENOTDIR if parent is not None and not parent.is_dir else errno.ENOENT
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        return entry
+
+    def raw_stat(self, path: bytes) -> Stat:
+        e = self._entry(path)
+        size = len(e.symlink) if stat.S_ISLNK(e.mode) else 4096 if e.is_dir else e.size
+        # Entries have no inode on disk: numbers are the TOC's, on a device number
+        # of this layer's own, so that no two layers' hardlinks are taken as one.
+        return Stat(mode=e.mode, ino=e.ino, dev=self.dev, nlink=e.nlink, uid=e.uid, gid=e.gid,
+                    rdev=e.rdev, size=size, blocks=(size + 511) // 512, blksize=4096,
+                    atime_ns=e.atime_ns, mtime_ns=e.mtime_ns, ctime_ns=e.ctime_ns)
+
+    def exists(self, path: bytes) -> bool:
+        return path in self.tree
+
+    def readdir(self, path: bytes) -> list[bytes]:
+        entry = self._entry(path)
+        if not entry.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fsdecode(path))
+        return list(entry.children)
+
+    def readlink(self, path: bytes) -> bytes:
+        entry = self._entry(path)
+        if not stat.S_ISLNK(entry.mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), os.fsdecode(path))
+        return entry.symlink
+
+    def getxattr(self, path: bytes, name: str) -> bytes:
+        try:
+            return self._entry(path).xattrs[name]
+        except KeyError:
+            raise OSError(_ENODATA, os.strerror(_ENODATA), os.fsdecode(path)) from None
+
+    def listxattr(self, path: bytes) -> list[str]:
+        return list(self._entry(path).xattrs)
+
+    # -- file data ---------------------------------------------------------------
+    def open(self, path: bytes, flags: int) -> int:
+        entry = self._entry(path)
+        if not stat.S_ISREG(entry.mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
+        if not entry.has_data:
+            return os.memfd_create("empty", os.MFD_CLOEXEC)
+        first = entry.link_to if entry.link_to is not None else path
+        return self.fetcher.fd_for(first, entry, flags & _OPEN_MODIFIERS)
+
+    def fetched_bytes(self) -> int:
+        """Bytes received from the registry by this layer so far (TOC included)."""
+        return self.client.bytes_received
+
+
+class RegistryPlugin:
+    """The `plugin` object: name, API version, and one data source per layer."""
+
+    name = "registry"
+    api_version = API_VERSION
+
+    def load(self, data: str, path: str) -> DataSource:
+        if not data:
+            raise ValueError("DATA must name the layer: its index (0 is the base) or digest hex, "
+                             "as in //registry/0/SPEC")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such image description (a JSON file naming "
+                                    "registry, repository and manifest)")
+        return RegistrySource(ImageSpec.read(path), path, data)
+
+
+plugin = RegistryPlugin()

@@ -7,7 +7,7 @@ MANDIR := $(PREFIX)/share/man
 PAGES1 := $(wildcard man/*.1)
 PAGES7 := $(wildcard man/*.7)
 
-.PHONY: install install-man test test-fast bench man lint demo clean
+.PHONY: install install-man test test-fast bench fuzz man lint demo clean
 
 install:
 	./scripts/install
@@ -24,6 +24,14 @@ test:
 # Only what needs neither root nor FUSE.
 test-fast:
 	$(VENV)/bin/pytest -q tests -m "not root and not fuse and not rootless and not podman"
+
+# The differential fuzzer against the kernel overlay, as long as asked (as root):
+# make fuzz SEEDS=200 [OPS=400] [FIRST=0]; CSHARE_OVERLAY_CMD=fuse-overlayfs for that one.
+SEEDS ?= 100
+OPS ?= 400
+FIRST ?= 0
+fuzz:
+	$(PY) tests/overlay_fuzz.py --seeds $(SEEDS) --ops $(OPS) --first $(FIRST)
 
 # Every benchmark, then one table of all rows (bench/README.md); BENCH_ARGS=--quick for a smoke run.
 bench:

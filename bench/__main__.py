@@ -30,7 +30,7 @@ from .common import (
 )
 
 #: The modules `make bench` runs, in this order (a module's name in bench/).
-MODULES = ("overlay_bench", "session_bench", "convert_bench")
+MODULES = ("overlay_bench", "session_bench", "start_bench", "memory_bench", "convert_bench")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 
 from .formats import overrides
 
+#: Values of the low-variety stat fields seen, for Stat.from_os to share (bounded).
+_common: dict[int, int] = {}
+_COMMON_MAX = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Stat:
@@ -42,8 +46,18 @@ class Stat:
 
     @classmethod
     def from_os(cls, st: os.stat_result) -> Stat:
-        return cls(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
-                   st.st_rdev, st.st_size, st.st_blocks, st.st_blksize,
+        common = _common
+        if len(common) > _COMMON_MAX:
+            common.clear()
+        # Fields with few distinct values share one int object (a new one is
+        # 28-32 bytes, and a mount keeps a Stat for every lower entry it has seen).
+        mode = common.setdefault(st.st_mode, st.st_mode)
+        dev = common.setdefault(st.st_dev, st.st_dev)
+        uid = common.setdefault(st.st_uid, st.st_uid)
+        gid = common.setdefault(st.st_gid, st.st_gid)
+        blksize = common.setdefault(st.st_blksize, st.st_blksize)
+        return cls(mode, st.st_ino, dev, st.st_nlink, uid, gid,
+                   st.st_rdev, st.st_size, st.st_blocks, blksize,
                    st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
 
     def replace(self, **changes: int) -> Stat:
@@ -68,6 +82,11 @@ class Stat:
                                    rdev=rdev, size=size)
 
 
+#: The methods the overlay calls, for `DataSource.inline`.
+ALL_METHODS: frozenset[str] = frozenset({
+    "on_lookup", "stat", "raw_stat", "readdir", "readlink", "open", "getxattr", "listxattr"})
+
+
 def join(root: bytes, path: bytes) -> bytes:
     return root + b"/" + path if path else root
 
@@ -81,6 +100,23 @@ class DataSource:
     """
 
     honour_overrides: bool = False
+
+    #: The methods the overlay may call on the loop that serves every request,
+    #: because they never wait long (memory, local syscalls).  Every other
+    #: method of a plugin's source runs in a bounded pool of worker threads
+    #: (see deferral.py), so one that waits (a network) holds up only the
+    #: request that asked.  Nothing is inline unless declared; the overlay's
+    #: own directory layers are all inline.
+    inline: frozenset[str] = frozenset()
+
+    def may_block(self, method: str, path: bytes) -> bool:
+        """Whether calling `method` (one not in `inline`) for `path` may wait long.
+
+        Asked on the request loop before such a call; False lets the overlay
+        make the call there, saving the thread switch (for instance: the file's
+        data is already at hand).  The default says yes.  Must answer at once.
+        """
+        return True
 
     def __init__(self, root: str | bytes) -> None:
         self.root: bytes = os.fsencode(root).rstrip(b"/") or b"/"

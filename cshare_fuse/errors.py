@@ -3,8 +3,9 @@
 Inside the filesystem an operation fails by raising `OverlayError(errno)` or by
 letting an `OSError` from the backing filesystem propagate.  `fuse_boundary`
 wraps every pyfuse3 handler: it turns both into `pyfuse3.FUSEError`, and turns
-anything else (a bug, a plugin that raised) into EIO plus a log line, because
-pyfuse3 ends the whole mount on any exception that is not a FUSEError.
+anything else (a bug; a plugin that raised or broke the contract, which the
+layers report as `PluginFault`) into EIO plus a log line, because pyfuse3
+ends the whole mount on any exception that is not a FUSEError.
 
 Light at import (no pyfuse3, trio, logging or typing): `cshare-overlay` raises
 ConfigError while it checks a command line and mounts, before it loads
@@ -34,16 +35,31 @@ class OverlayError(Exception):
         self.errno = err
 
 
+class PluginFault(Exception):
+    """A layer's data source broke the contract: it raised something other than
+    OSError, or answered with a wrong type or impossible attributes.  That one
+    request fails with EIO; the message names the layer, the method and the path."""
+
+
 class ConfigError(Exception):
     """The mount cannot start: bad options, missing layers.  One line, for the user."""
 
 
 #: Test hook: "OPNAME" makes that handler raise RuntimeError, to prove the boundary;
 #: "init" makes the daemon fail after it has mounted (main.operations).
-#: Read once at start from CSHARE_OVERLAY_INJECT_FAULT (comma separated names).
-_injected_faults: frozenset[str] = frozenset(
-    n for n in os.environ.get("CSHARE_OVERLAY_INJECT_FAULT", "").split(",") if n
-)
+#: Read at start from CSHARE_OVERLAY_INJECT_FAULT (comma separated names), and
+#: again by a daemon forked from the mount server, for its client's environment.
+_injected_faults: frozenset[str] = frozenset()
+
+
+def read_injected_faults() -> None:
+    """(Re)read the test hook above from the environment."""
+    global _injected_faults
+    _injected_faults = frozenset(
+        n for n in os.environ.get("CSHARE_OVERLAY_INJECT_FAULT", "").split(",") if n)
+
+
+read_injected_faults()
 
 
 def fault_injected(name: str) -> bool:
@@ -75,7 +91,13 @@ def fuse_boundary(func: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coro
         except OverlayError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            err = exc.errno
+            raise pyfuse3.FUSEError(err if type(err) is int and err > 0 else errno.EIO) from None
+        except PluginFault as exc:
+            # The plugin's own exception, if any, is in the traceback as the cause.
+            log.error("%s; answering EIO to %s%s", exc, name, _short(args[1:], context_type),
+                      exc_info=exc.__cause__ is not None)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s%s failed unexpectedly; answering EIO", name, _short(args[1:], context_type))
             raise pyfuse3.FUSEError(errno.EIO) from None

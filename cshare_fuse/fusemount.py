@@ -52,6 +52,11 @@ _DATA_OPTIONS = frozenset({"allow_other", "default_permissions"})
 _LIBFUSE_ONLY = frozenset({"auto_unmount", "allow_root"})
 
 
+def needs_libfuse(options: Iterable[str]) -> bool:
+    """Whether these options can only be mounted through libfuse's helper."""
+    return any(o.partition("=")[0] in _LIBFUSE_ONLY for o in options)
+
+
 class MountRefused(Exception):
     """This process may not mount(2) FUSE itself; libfuse should mount instead."""
 

@@ -16,13 +16,15 @@ class FileHandle:
     #: The layer `fd` is open on: a read-only handle opened before a copy-up
     #: still points at the lower file and must move to the copy.
     layer: int
+    #: Writes through it take these setuid/setgid bits (AttributeOps.dropped_privileges).
+    drops: int = 0
 
 
 @dataclass
 class DirHandle:
     node: Node
     #: The listing as it was when the reading started (offsets index into it).
-    entries: list[tuple[bytes, Node]] | None = field(default=None)
+    entries: list[tuple[bytes, Node | None]] | None = field(default=None)
 
 
 class HandleTable:

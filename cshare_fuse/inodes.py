@@ -17,6 +17,8 @@ no kernel reference and no open descriptor.  No I/O here.
 from __future__ import annotations
 
 import stat as statmod
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import pyfuse3
 
@@ -25,12 +27,22 @@ from .datasource import Stat
 _SYNTHETIC_BASE = 1 << 62  # far above anything a filesystem hands out
 _DEVICE_SHIFT = 48
 
+# Most nodes never get a second name, a child or an open descriptor of ours:
+# they share these empty, immutable stand-ins (an empty set costs 216 bytes,
+# an empty dict 64; measured, ~500 bytes a node) and get their own container
+# from the methods below on first use.
+_NO_NAMES: frozenset[tuple[Node, bytes]] = frozenset()
+_NO_FDS: frozenset[int] = frozenset()
+_NO_CHILDREN: Mapping[bytes, Node] = MappingProxyType({})
+_FILE_TYPES = {t: t for t in (statmod.S_IFREG, statmod.S_IFDIR, statmod.S_IFLNK, statmod.S_IFCHR,
+                              statmod.S_IFBLK, statmod.S_IFIFO, statmod.S_IFSOCK)}
+
 
 class Node:
     """One merged entry: where it lives, how it is named, how often the kernel knows it."""
 
     __slots__ = ("ino", "parent", "name", "aliases", "layer", "file_type", "dir_layers",
-                 "has_lower", "lookups", "children", "listing", "unlinked", "open_fds", "backing_key",
+                 "lookups", "children", "listing", "unlinked", "open_fds", "backing_key",
                  "lower_stat", "entry", "removed_stat", "lock", "__weakref__")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layer: int,
@@ -39,22 +51,21 @@ class Node:
         self.parent = parent
         self.name = name
         #: Other (parent, name) pairs of a hardlinked file.
-        self.aliases: set[tuple[Node, bytes]] = set()
+        self.aliases: set[tuple[Node, bytes]] | frozenset[tuple[Node, bytes]] = _NO_NAMES
         #: Index of the layer whose entry this node shows (0 is the upper layer if any).
         self.layer = layer
-        self.file_type = file_type
+        # One shared int per type (S_IFMT's result is a new 28-byte int each time).
+        self.file_type = _FILE_TYPES.get(file_type, file_type)
         #: Directories: the layers merged into this one, top first.
         self.dir_layers: tuple[int, ...] = ()
-        #: A lower layer shows this name: removing it needs a whiteout.
-        self.has_lower = False
         self.lookups = 0
         #: Directories: resolved children by name (positive cache, kept coherent by us).
-        self.children: dict[bytes, Node] = {}
+        self.children: Mapping[bytes, Node] = _NO_CHILDREN
         #: Directories: merged listing, rebuilt after any change in the directory.
-        self.listing: list[tuple[bytes, Node]] | None = None
+        self.listing: tuple[bytes, ...] | None = None
         self.unlinked = False
         #: File descriptors open on this node (for fstat after unlink).
-        self.open_fds: set[int] = set()
+        self.open_fds: set[int] | frozenset[int] = _NO_FDS
         self.backing_key: tuple[int, int] | None = None
         #: The attributes from a lower layer (immutable while mounted).
         self.lower_stat: Stat | None = None
@@ -74,35 +85,52 @@ class Node:
         return (self.parent is parent and self.name == name) or (parent, name) in self.aliases
 
     # -- a directory's cached children; the listing follows every change
+    def _own_children(self) -> dict[bytes, Node]:
+        children = self.children
+        if not isinstance(children, dict):
+            children = self.children = {}
+        return children
+
     def set_child(self, name: bytes, node: Node) -> None:
-        self.children[name] = node
+        self._own_children()[name] = node
         self.listing = None
 
     def cache_child(self, name: bytes, node: Node) -> None:
         """Remember a child just resolved (the listing, if any, already shows it)."""
-        self.children[name] = node
+        self._own_children()[name] = node
 
     def drop_child(self, name: bytes, node: Node | None = None) -> None:
         """Forget the cached child `name` (only if it is `node`, when given)."""
-        if node is None or self.children.get(name) is node:
-            self.children.pop(name, None)
+        children = self.children
+        if isinstance(children, dict) and (node is None or children.get(name) is node):
+            children.pop(name, None)
         self.listing = None
 
-    def set_listing(self, entries: list[tuple[bytes, Node]]) -> list[tuple[bytes, Node]]:
-        self.listing = entries
-        return entries
+    def set_listing(self, names: tuple[bytes, ...]) -> None:
+        """Keep the merged listing's names (their nodes are among the children)."""
+        self.listing = names
 
     # -- a file's names
+    def _own_aliases(self) -> set[tuple[Node, bytes]]:
+        aliases = self.aliases
+        if not isinstance(aliases, set):
+            aliases = self.aliases = set()
+        return aliases
+
     def add_alias(self, parent: Node, name: bytes) -> None:
-        self.aliases.add((parent, name))
+        self._own_aliases().add((parent, name))
+
+    def discard_alias(self, parent: Node, name: bytes) -> None:
+        if (parent, name) in self.aliases:
+            self._own_aliases().discard((parent, name))
 
     def move_name(self, parent: Node, name: bytes, new_parent: Node, new_name: bytes) -> None:
         """This node, called `name` in `parent`, is now `new_name` in `new_parent`."""
         if self.parent is parent and self.name == name:
             self.parent, self.name = new_parent, new_name
         else:  # one alias of a hardlinked file
-            self.aliases.discard((parent, name))
-            self.aliases.add((new_parent, new_name))
+            self.discard_alias(parent, name)
+            self.add_alias(new_parent, new_name)
 
     def path(self) -> bytes:
         """The layer-relative path of the primary name."""
@@ -137,6 +165,10 @@ class NodeTable:
     def _synthetic(self) -> int:
         self._next_synthetic += 1
         return self._next_synthetic
+
+    def unused_number(self) -> int:
+        """A number no node has or will have (an entry listed without a node)."""
+        return self._synthetic()
 
     def number_for(self, st: Stat) -> int:
         """A number derived from the backing inode, or a fresh one on any collision."""
@@ -192,10 +224,14 @@ class NodeTable:
 
     # -- open descriptors
     def fd_opened(self, node: Node, fd: int) -> None:
-        node.open_fds.add(fd)
+        fds = node.open_fds
+        if not isinstance(fds, set):
+            fds = node.open_fds = set()
+        fds.add(fd)
 
     def fd_closed(self, node: Node, fd: int) -> None:
-        node.open_fds.discard(fd)
+        if isinstance(node.open_fds, set):
+            node.open_fds.discard(fd)
         self.drop_if_unused(node)
 
     # -- names going away
@@ -209,14 +245,14 @@ class NodeTable:
         parent.drop_child(name, node)
         if node.parent is parent and node.name == name:
             if node.aliases:
-                node.parent, node.name = node.aliases.pop()
+                node.parent, node.name = node._own_aliases().pop()
             else:
                 if before is not None:
                     node.removed_stat = before.replace(nlink=max(before.nlink - 1, 0))
                 node.unlinked = True
                 self.drop_if_unused(node)
         else:
-            node.aliases.discard((parent, name))
+            node.discard_alias(parent, name)
 
     def drop_if_unused(self, node: Node) -> None:
         if node.unlinked and node.lookups == 0 and not node.open_fds:
@@ -238,13 +274,12 @@ class NodeTable:
         node.layer = upper_index
         node.lower_stat = None
         node.entry = None
-        node.has_lower = True
         if node.is_dir:
             node.dir_layers = (upper_index, *node.dir_layers)
         self.unshare_backing(node)
         gone: list[tuple[Node, bytes]] = []
         for parent, name in list(node.aliases):
-            node.aliases.discard((parent, name))
+            node.discard_alias(parent, name)
             if parent.children.get(name) is node:
                 parent.drop_child(name, node)
                 gone.append((parent, name))

@@ -27,13 +27,13 @@ from __future__ import annotations
 import os
 import sys
 
-from . import __version__, fusemount
+from . import __version__, fusemount, server
 from .errors import ConfigError, fault_injected
 from .options import USAGE, MountConfig, parse_command_line
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .datasource import DataSource
+    from .layers import LowerLayer
     from .operations import OverlayOperations
 
 PROG = "cshare-overlay"
@@ -82,51 +82,65 @@ def _honours_overrides(path: str) -> bool:
 class CheckedLayout:
     """What the checks before mounting established; enough to start serving.
 
-    A directory layer is kept as (real path, honours overrides) and opened as
-    a DataSource only in the daemon, so that the checks need no import that
-    the mount does not; a plugin layer is its plugin's DataSource already
-    (loading it is one of the checks).
+    A directory layer is kept as (real path, honours overrides) and opened
+    only in the daemon, so that the checks need no import that the mount does
+    not; a plugin layer is its LowerLayer already, its root asked (loading it
+    and checking its root are among the checks).
     """
 
-    def __init__(self, lowers: list[tuple[str, bool] | DataSource], upper: str | None,
+    def __init__(self, lowers: list[tuple[str, bool] | LowerLayer], upper: str | None,
                  work: str | None) -> None:
         self.lowers = lowers
         self.upper = upper
         self.work = work
 
-    def sources(self) -> list[DataSource]:
+    def layers(self) -> list[LowerLayer]:
+        """The lower layers, top first, numbered from 1 under an upper layer, else 0."""
         from .datasource import DataSource
+        from .layers import LowerLayer
 
-        out: list[DataSource] = []
-        for lower in self.lowers:
+        first = 0 if self.upper is None else 1
+        out: list[LowerLayer] = []
+        for index, lower in enumerate(self.lowers, first):
             if isinstance(lower, tuple):
                 source = DataSource(lower[0])
                 source.honour_overrides = lower[1]
-                out.append(source)
+                out.append(LowerLayer(index, source))
             else:
                 out.append(lower)
         return out
 
 
-def check_lowers(config: MountConfig) -> tuple[list[tuple[str, bool] | DataSource], list[str]]:
+def check_lowers(config: MountConfig) -> tuple[list[tuple[str, bool] | LowerLayer], list[str]]:
     """The checked lower layers, and the real directories they live in."""
     cwd = os.getcwd()
-    lowers: list[tuple[str, bool] | DataSource] = []
+    lowers: list[tuple[str, bool] | LowerLayer] = []
     dirs: list[str] = []
     registry = None
+    first = 0 if config.upperdir is None else 1
+    if config.plugins or any(spec.plugin is not None for spec in config.lowers):
+        # Set up before any plugin is imported, so that what plugins log while
+        # loading reaches the daemon's log too.
+        _setup_logging(config, daemon=not config.foreground)
+        from .plugins import load_registry
+
+        # Checked even when no layer names a plugin: `plugins=` asks for them.
+        registry = load_registry(config.plugins)
     for spec in config.lowers:
         if spec.plugin is None:
             path = _check_dir("lowerdir", spec.path)
             lowers.append((path, _honours_overrides(path)))
             dirs.append(path)
         else:
-            from .plugins import load_registry, open_plugin_layer
+            from .plugins import check_plugin_root, open_plugin_layer
 
-            if registry is None:
-                registry = load_registry(config.plugins)
-            source = open_plugin_layer(spec, registry, cwd)
-            lowers.append(source)
-            dirs.append(_real(os.fsdecode(source.root)))
+            assert registry is not None
+            layer = check_plugin_root(spec, open_plugin_layer(spec, registry, cwd),
+                                      first + len(lowers))
+            lowers.append(layer)
+            root = getattr(layer.source, "root", None)
+            if isinstance(root, bytes | str):
+                dirs.append(_real(os.fsdecode(root)))
     return lowers, dirs
 
 
@@ -194,16 +208,25 @@ def operations(config: MountConfig, layout: CheckedLayout) -> OverlayOperations:
 
     if fault_injected("init"):
         raise RuntimeError("injected fault in init")
-    return OverlayOperations(Overlay(config, layout.sources(), layout.upper, layout.work))
+    return OverlayOperations(Overlay(config, layout.layers(), layout.upper, layout.work))
 
 
 def _setup_logging(config: MountConfig, daemon: bool) -> None:
+    """The daemon's log: CSHARE_OVERLAY_LOG, else stderr with -f, else syslog.
+
+    The handler sits on the root logger, so that plugins' loggers
+    (plugin_api.logger, "cshare_fuse.plugin.NAME") and the records of any
+    library they use (WARNING and above) end up there too.  Called again once
+    mounted: it replaces what it set up before.
+    """
     import logging
 
     log = logging.getLogger("cshare_fuse")
-    level = logging.DEBUG if config.debug else logging.INFO
-    log.setLevel(level)
-    log.handlers.clear()
+    log.setLevel(logging.DEBUG if config.debug else logging.INFO)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "cshare_overlay", False)]:
+        root.removeHandler(old)
+        old.close()
     target = os.environ.get("CSHARE_OVERLAY_LOG")
     handler: logging.Handler
     if target:
@@ -216,8 +239,12 @@ def _setup_logging(config: MountConfig, daemon: bool) -> None:
         handler = SysLogHandler("/dev/log")
     else:
         handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter(f"{PROG}[%(process)d]: %(levelname)s %(message)s"))
-    log.addHandler(handler)
+    setattr(handler, "cshare_overlay", True)  # noqa: B010 (marks the handler as ours)
+    handler.setFormatter(logging.Formatter(
+        f"{PROG}[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    if root.level > logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
 
 
 class _Refusal(Exception):
@@ -329,6 +356,7 @@ def _serve(fd: int | None, mountpoint: str) -> int:
     import trio
 
     from . import session
+    from .deferral import MAX_TASKS
 
     session.install(fd)  # None: libfuse opened the descriptor, and session finds it
     log = logging.getLogger("cshare_fuse")
@@ -345,7 +373,8 @@ def _serve(fd: int | None, mountpoint: str) -> int:
                         return
 
             nursery.start_soon(on_signals)
-            await pyfuse3.main(min_tasks=2, max_tasks=8)
+            # Room for requests served on the loop while the plugin pool is busy.
+            await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
 
     try:
@@ -371,7 +400,38 @@ def _detach_stdio() -> None:
     os.close(null)
 
 
+def _through_server(config: MountConfig, argv: list[str]) -> int | None:
+    """Mount through the mount server (cshare_fuse.server): the exit code, or
+    None when there is none to use and this process mounts directly."""
+    if not server.usable() or fusemount.needs_libfuse(config.fuse_options):
+        return None
+    result = server.mount_through_server(argv)
+    if result is None:
+        return None
+    code, answer = result
+    if code == 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as the direct path: nothing to tear down
+    reason = answer.decode(errors="replace") or "the mount process ended without an answer"
+    print(f"{PROG}: error: {reason}", file=sys.stderr)
+    return 1
+
+
+def _serve_request(argv: list[str], ready_fd: int) -> int:
+    """What a daemon forked by the mount server runs: the direct path's child."""
+    try:
+        config = parse_command_line(argv)
+    except ConfigError as exc:
+        os.write(ready_fd, str(exc).encode(errors="replace"))
+        os.close(ready_fd)
+        return 1
+    return _mount_and_serve(config, ready_fd)
+
+
 def run(argv: list[str]) -> int:
+    if argv[:1] == [server.SERVER_FLAG]:
+        return server.serve(_serve_request)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         print("See cshare-overlay(1) for every option.")
@@ -388,6 +448,9 @@ def run(argv: list[str]) -> int:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if config.foreground:
         return _mount_and_serve(config, None)
+    through_server = _through_server(config, argv)
+    if through_server is not None:
+        return through_server
 
     read_end, write_end = os.pipe()
     pid = os.fork()

@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Sequence
 
 import pyfuse3
 
 from .attrs import negative_entry
+from .caller import Caller
+from .deferral import run_deferred
 from .errors import OverlayError, fuse_boundary
 from .inodes import Node
 from .overlay import Overlay
 
 log = logging.getLogger("cshare_fuse")
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid, ctx.pid)
 
 
 def _name(name: bytes | str) -> str:
@@ -49,10 +56,19 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        node = self.overlay.lookup(parent_inode, name)
-        if node is None:
+        # Plugin calls that may block run in the pool (deferral.py); the lookup
+        # count is taken once the answer is complete.
+        found = await run_deferred(self._lookup, parent_inode, name)
+        if found is None:
             return negative_entry(self.overlay.policy)
-        return self._reply(node)
+        node, attributes = found
+        self.overlay.table.looked_up(node)
+        return attributes
+
+    def _lookup(self, parent_inode: int, name: bytes
+                ) -> tuple[Node, pyfuse3.EntryAttributes] | None:
+        node = self.overlay.lookup(parent_inode, name)
+        return None if node is None else (node, self.overlay.attributes(node))
 
     @fuse_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -67,11 +83,11 @@ class OverlayOperations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self.overlay.setattr(inode, attr, fields, fh)
+        return await self.overlay.setattr(inode, attr, fields, fh, _caller(ctx))
 
     @fuse_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.overlay.readlink(inode)
+        return await run_deferred(self.overlay.readlink, inode)
 
     @fuse_boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -112,7 +128,7 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh = await self.overlay.open(inode, flags)
+        fh = await self.overlay.open(inode, flags, _caller(ctx))
         # Nothing changes a file behind the mount's back (lowers are immutable,
         # upper writes come through here): the kernel may keep its page cache.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -120,7 +136,8 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, node, attributes = await self.overlay.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        fh, node, attributes = await self.overlay.create(parent_inode, name, mode, flags,
+                                                             ctx.uid, ctx.gid, ctx.pid)
         self.overlay.table.looked_up(node)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), attributes
 
@@ -152,9 +169,17 @@ class OverlayOperations(pyfuse3.Operations):
     @fuse_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         overlay = self.overlay
-        entries = overlay.dir_entries(fh, start_id)
+        entries = await run_deferred(overlay.dir_entries, fh, start_id)
         for index in range(start_id, len(entries)):
             name, node = entries[index]
+            if node is None:
+                # Listed under a number no node has, valid for no time: the kernel
+                # looks the name up at its first use, and that lookup fails.
+                # (Node id 0, "no entry", would hide the name: glibc skips d_ino 0.)
+                placeholder = _unresolved_entry(overlay.table.unused_number())
+                if not pyfuse3.readdir_reply(token, name, placeholder, index + 1):
+                    break
+                continue
             try:
                 attributes = overlay.attributes(node)
             except (OSError, OverlayError):
@@ -177,11 +202,11 @@ class OverlayOperations(pyfuse3.Operations):
 
     @fuse_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.overlay.getxattr(inode, _name(name))
+        return await run_deferred(self.overlay.getxattr, inode, _name(name))
 
     @fuse_boundary
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in self.overlay.listxattr(inode)]
+        return [os.fsencode(n) for n in await run_deferred(self.overlay.listxattr, inode)]
 
     @fuse_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes,
@@ -196,3 +221,14 @@ class OverlayOperations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         # default_permissions: the kernel checks modes itself before asking us.
         return True
+
+
+def _unresolved_entry(number: int) -> pyfuse3.EntryAttributes:
+    """A listing entry for a name that failed to resolve (Overlay.listing)."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = number
+    entry.st_mode = stat.S_IFREG  # the d_type a listing shows; nothing else is known
+    entry.st_nlink = 1
+    entry.entry_timeout = 0
+    entry.attr_timeout = 0
+    return entry

@@ -14,7 +14,11 @@ object `plugin` that has:
 
 The data source is a subclass of `DataSource`; its defaults read the layer
 directory directly, so a plugin overrides only what it needs (see
-cshare-plugins(7)).  Everything a plugin may use is exported here; anything else
+cshare-plugins(7)).  A source's methods run in a bounded pool of worker
+threads unless it lists them in `inline` (they never wait long) or its
+`may_block(method, path)` says a given call will not wait; `logger(name)`
+is the plugin's logger, whose records reach the daemon's log.  Everything a
+plugin may use is exported here; anything else
 in cshare_fuse is private and may change without notice.
 
 Versioning: API_VERSION changes only when a method is added with no default or
@@ -24,9 +28,9 @@ before mounting.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .datasource import DataSource, Stat, join
+from .datasource import ALL_METHODS, DataSource, Stat, join
 from .formats.overrides import (
     ALL_OVERRIDE_XATTRS,
     CAPABILITY_XATTR,
@@ -44,6 +48,23 @@ API_VERSION = 1
 ENTRY_POINT_GROUP = "cshare.plugins"
 
 
+if TYPE_CHECKING:
+    import logging
+
+
+def logger(name: str) -> logging.Logger:
+    """The logger of plugin `name` ("cshare_fuse.plugin.NAME").
+
+    Its records go to the daemon's log: the file named by CSHARE_OVERLAY_LOG,
+    else stderr when cshare-overlay runs in the foreground (-f), else syslog;
+    INFO and above, DEBUG too with -d.  That holds while `load()` runs and
+    after the daemon has left the terminal, where `print` goes nowhere.
+    """
+    import logging
+
+    return logging.getLogger(f"cshare_fuse.plugin.{name}")
+
+
 @runtime_checkable
 class Plugin(Protocol):
     """What the top-level `plugin` object of a plugin module must provide."""
@@ -55,6 +76,7 @@ class Plugin(Protocol):
 
 
 __all__ = [
+    "ALL_METHODS",
     "API_VERSION",
     "ALL_OVERRIDE_XATTRS",
     "CAPABILITY_XATTR",
@@ -67,6 +89,7 @@ __all__ = [
     "Plugin",
     "Stat",
     "join",
+    "logger",
     "parse_override",
     "read_override",
 ]

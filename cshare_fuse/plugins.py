@@ -20,7 +20,8 @@ from types import ModuleType
 from typing import Any
 
 from .datasource import DataSource
-from .errors import ConfigError
+from .errors import ConfigError, PluginFault
+from .layers import LowerLayer
 from .options import LowerSpec
 from .plugin_api import API_VERSION, ENTRY_POINT_GROUP, Plugin
 
@@ -58,7 +59,9 @@ def _check_plugin(obj: Any, origin: str) -> Plugin:
     if "/" in name or ":" in name or "," in name:
         raise ConfigError(f"plugin {origin}: name {name!r} may not contain '/', ':' or ','")
     version = getattr(obj, "api_version", None)
-    if version != API_VERSION:
+    # An int, and exactly one: True == 1 and 1.0 == 1, but neither says which
+    # contract the plugin was written for.
+    if type(version) is not int or version != API_VERSION:
         raise ConfigError(
             f"plugin {name} ({origin}) was written for plugin API version {version!r}; "
             f"this cshare-overlay provides version {API_VERSION}"
@@ -231,3 +234,24 @@ def open_plugin_layer(spec: LowerSpec, registry: dict[str, Plugin], cwd: str) ->
         raise ConfigError(f"lowerdir {spec}: plugin {name} load() returned "
                           f"{_describe(source)}, not a DataSource")
     return source
+
+
+def check_plugin_root(spec: LowerSpec, source: DataSource, index: int) -> LowerLayer:
+    """The layer `source` serves, as layer `index`, once its root has answered.
+
+    Asked before the mount is reported ready, so that `cshare-overlay ... MNT &&
+    ls MNT` never meets a mount that goes away because the plugin's root is
+    missing.  The answers stay cached for the mount, so the plugin is asked
+    nothing twice.
+    """
+    layer = LowerLayer(index, source)
+    try:
+        layer.check_root()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ConfigError(f"lowerdir {spec}: plugin {spec.plugin} cannot serve the layer "
+                          f"root: {reason}") from None
+    except PluginFault as exc:
+        raise ConfigError(f"lowerdir {spec}: plugin {spec.plugin} cannot serve the layer "
+                          f"root: {exc}") from None
+    return layer

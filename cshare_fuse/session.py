@@ -38,6 +38,7 @@ import time
 import pyfuse3
 import trio
 
+from .deferral import in_flight
 from .fusemount import fuse_descriptors
 
 #: Fast returns in a row before one real trio checkpoint, and the longest time between two.
@@ -83,7 +84,9 @@ def install(fd: int | None = None, spin_ms: int = 1) -> bool:
                 await trio.lowlevel.checkpoint()
                 last_checkpoint = time.monotonic()
                 continue  # others ran: one of them may have parked meanwhile
-            if poller.poll(spin_ms):
+            # While plugin calls run in worker threads, wait in trio: it takes up
+            # a finished call at once, where polling would hold it for spin_ms.
+            if not in_flight() and poller.poll(spin_ms):
                 fast += 1
                 return True  # the caller reads now, before any other task runs
             parked = True

@@ -60,7 +60,13 @@ import tarfile
 import threading
 from dataclasses import dataclass, field
 
-from cshare_fuse.plugin_api import ALL_OVERRIDE_XATTRS, API_VERSION, DataSource, Stat
+from cshare_fuse.plugin_api import (
+    ALL_METHODS,
+    ALL_OVERRIDE_XATTRS,
+    API_VERSION,
+    DataSource,
+    Stat,
+)
 
 DEFAULT_ARCHIVE = "layer.tar"
 _XATTR_PREFIX = "SCHILY.xattr."
@@ -231,6 +237,12 @@ def _count_links(index: dict[bytes, Entry]) -> None:
 
 class TarSource(DataSource):
     """A layer whose tree is the index of a tar archive, extracted into `cache/root`."""
+
+    #: Answers come from the index in memory and from creating empty entries;
+    #: only `open` may take long (it extracts the file's data, decompressing a
+    #: compressed archive from its start), so it runs in the overlay's pool
+    #: unless `may_block` finds the data already there.
+    inline = ALL_METHODS - {"open"}
 
     def __init__(self, archive: str, cache: str) -> None:
         self.archive = archive
@@ -457,6 +469,20 @@ class TarSource(DataSource):
         if not stat.S_ISLNK(entry.mode):
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), os.fsdecode(path))
         return entry.symlink
+
+    def may_block(self, method: str, path: bytes) -> bool:
+        """Only an open whose data is not extracted yet (a stat of the copy, at most)."""
+        entry = self.index.get(path)
+        if method != "open" or entry is None or not stat.S_ISREG(entry.mode):
+            return False
+        first = entry.link_to if entry.link_to is not None else path
+        if entry.size == 0 or first in self._filled:
+            return False
+        try:
+            done = os.lstat(os.path.join(self.root, first)).st_size == entry.size
+        except OSError:
+            return True  # not even created yet
+        return not done
 
     def open(self, path: bytes, flags: int) -> int:
         self._ensure(path)

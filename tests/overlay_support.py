@@ -138,9 +138,8 @@ def build_layer(root: Path, nodes: Sequence[Node]) -> None:
             p.mkdir(exist_ok=True)
             if node.kind == "opaque":
                 if node.style == "aufs":
-                    marker = p / AUFS_OPAQUE
-                    marker.write_bytes(b"")
-                    made.append(marker)
+                    # Not stamped: entries get the same times in either marker style.
+                    (p / AUFS_OPAQUE).write_bytes(b"")
                 else:
                     os.setxattr(p, OPAQUE_XATTRS[node.style], b"y")
         elif node.kind == "symlink":
@@ -160,10 +159,11 @@ def build_layer(root: Path, nodes: Sequence[Node]) -> None:
             p.chmod(0o644)
         else:
             raise ValueError(f"unknown node kind {node.kind}")
-        if node.kind in ("file", "dir", "opaque", "fifo", "chardev"):
-            os.chmod(p, node.mode)
+        # Owner first: chown(2) clears setuid/setgid, which the mode may ask for.
         if node.kind in ("file", "dir", "opaque", "fifo", "symlink", "chardev"):
             os.lchown(p, node.uid, node.gid)
+        if node.kind in ("file", "dir", "opaque", "fifo", "chardev"):
+            os.chmod(p, node.mode)
         for name, value in node.xattrs:
             os.setxattr(p, name, value, follow_symlinks=False)
         made.append(p)
@@ -451,6 +451,8 @@ def snapshot(root: Path, below: str = "") -> dict[str, dict[str, Any]]:
             rel = os.path.relpath(p, top)
             try:
                 out[rel] = describe(p)
+            except FileNotFoundError:
+                continue  # a listed whiteout (see _listed_entry): no entry
             except OSError as exc:
                 out[rel] = {"error": errno.errorcode.get(exc.errno or 0, str(exc))}
     return out
@@ -467,7 +469,11 @@ def inode_groups(root: Path, below: str = "") -> list[list[str]]:
     for dirpath, dirnames, filenames in os.walk(top):
         for name in [*dirnames, *filenames]:
             p = os.path.join(dirpath, name)
-            groups.setdefault(os.lstat(p).st_ino, []).append(os.path.relpath(p, top))
+            try:
+                ino = os.lstat(p).st_ino
+            except OSError:
+                continue  # a listed whiteout, or an error the snapshot reports
+            groups.setdefault(ino, []).append(os.path.relpath(p, top))
     return sorted(sorted(g) for g in groups.values())
 
 
@@ -626,6 +632,16 @@ def _open(p: Path, flags: int, mode: int = 0o644) -> int:
     return os.open(p, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
 
 
+def _listed_entry(p: Path) -> bool:
+    """Is a name readdir showed an entry?  The kernel overlay lists the whiteouts of a
+    lower directory that merges with nothing, yet finds no such name (ENOENT)."""
+    try:
+        os.lstat(p)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _do(root: Path, op: Op) -> Any:
     name, *args = op
 
@@ -642,7 +658,7 @@ def _do(root: Path, op: Op) -> Any:
         flags = {"write": os.O_WRONLY, "append": os.O_WRONLY | os.O_APPEND,
                  "create": os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                  "trunc_write": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}[name]
-        mode = args[2] if name == "create" else 0o644
+        mode = args[2] if name == "create" or len(args) > 2 and name == "trunc_write" else 0o644
         fd = _open(P(args[0]), flags, mode)
         try:
             data = args[1]
@@ -688,7 +704,7 @@ def _do(root: Path, op: Op) -> Any:
     if name == "stat":
         return stat_view(os.lstat(P(args[0])))
     if name == "listdir":
-        return sorted(os.listdir(P(args[0])))
+        return sorted(n for n in os.listdir(P(args[0])) if _listed_entry(P(args[0]) / n))
     if name == "readlink":
         return os.readlink(P(args[0]))
     if name == "statfs":

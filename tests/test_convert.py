@@ -418,3 +418,30 @@ def test_quiet_convert_runs_without_typer_or_rich(scratch: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "[]", run.stdout
     assert os.getxattr(root / "f", OVERRIDE_XATTR) == b"0:0:0644:file"
+
+
+@pytest.mark.parametrize("command", ["convert", "restore", "verify"])
+@pytest.mark.parametrize("spelling", ["link", "link/"])
+def test_a_rootfs_that_is_a_symlink_is_refused(scratch: Path, command: str, spelling: str) -> None:
+    """Issue 12 point 7: `convert LINK` used to convert LINK's target (a link to / would
+    open up the host).  convert, restore and verify refuse it, naming the target; the
+    target is left exactly as it was, and the directory itself is still accepted."""
+    real = scratch / "real"
+    real.mkdir(mode=0o700)
+    (real / "secret").write_text("x")
+    (real / "secret").chmod(0o600)
+    if command != "convert":
+        convert_tree(real)
+    (scratch / "link").symlink_to("real")
+    before = listing(real)
+    run = subprocess.run([tool("cshare"), command, str(scratch / spelling)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cshare: error: "), run.stderr
+    assert "is a symlink to real" in lines[0] and str(real) in lines[0], lines[0]
+    assert diff_listings(before, listing(real)) == ""
+    with pytest.raises(CshareError, match="symlink"):
+        check_can_convert(scratch / spelling)
+    ok = subprocess.run([tool("cshare"), command, str(real)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr

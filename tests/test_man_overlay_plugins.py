@@ -51,7 +51,8 @@ def test_overlay_page_names_the_environment_and_plugin_syntax() -> None:
     text = rendered(OVERLAY_PAGE)
     for needle in ("CSHARE_OVERLAY_INJECT_FAULT", "CSHARE_OVERLAY_LOG", "//test//rootfs",
                    "//test///srv/rootfs", "mount -t fuse.cshare-overlay", "fusermount3 -u",
-                   "EXIT STATUS", "-f", "-d"):
+                   "EXIT STATUS", "-f", "-d", "CSHARE_OVERLAY_SERVER", "CSHARE_OVERLAY_SERVER_IDLE",
+                   "SO_PEERCRED", "MOUNT SERVER"):
         assert needle in text, needle
 
 

@@ -212,6 +212,42 @@ def test_user_mount_errors_are_one_line(
 @pytest.mark.root
 @pytest.mark.fuse
 @pytest.mark.rootless
+@pytest.mark.timeout(120)
+def test_bad_upper_or_work_is_one_line_naming_the_path(
+    alice, world_tmp: Path, shared_demo: SharedDemo  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 12 point 5: --upper/--work alice cannot create or write, or an existing file."""
+    cshare, store = cshare_cmd(), str(shared_demo.store)
+    mnt = user_dir(alice, world_tmp / "mnt")
+    roots = world_tmp / "roots"  # root's 0755 directory: not alice's, even as namespace root
+    roots.mkdir(mode=0o755)
+    afile = world_tmp / "a-file"
+    afile.write_text("x")
+    os.chown(afile, alice.uid, alice.gid)
+    mine = user_dir(alice, world_tmp / "mine")
+    cases = [
+        (roots / "new" / "upper", mine / "work", "cannot be created", roots),
+        (afile, mine / "work", "is not a directory", afile),
+        (mine / "upper", roots / "work", "cannot be created", roots),
+        (roots, mine / "work", "not writable by you", roots),
+        (mine / "upper", afile / "work", "cannot be created", afile),
+        (mine / "same", mine / "same", "both", mine / "same"),
+    ]
+    for upper, work, says, names in cases:
+        done = alice.run([*UNSHARE, cshare, "mount", DEMO, str(mnt), "--store", store,
+                          "--upper", str(upper), "--work", str(work)])
+        line = _one_line_error(done)
+        assert says in line and str(names) in line, (upper, work, line)
+        # Nothing left behind: no state, no half-made directories, the mountpoint untouched.
+        assert alice.data_home is not None
+        assert not any(alice.data_home.glob("cshare/mounts/*")), line
+        assert list(mine.iterdir()) == [] and list(roots.iterdir()) == [], line
+        assert list(mnt.iterdir()) == []
+
+
+@pytest.mark.root
+@pytest.mark.fuse
+@pytest.mark.rootless
 @pytest.mark.timeout(60)
 def test_unusable_dev_fuse_is_reported(alice, world_tmp: Path, shared_demo: SharedDemo) -> None:  # type: ignore[no-untyped-def]
     """A private mount namespace where /dev/fuse is a root-only node: alice gets a clear line."""

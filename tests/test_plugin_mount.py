@@ -23,8 +23,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,11 +33,12 @@ from conftest import (
     make_fuse_usable_for_users,
     require,
     tool,
-    unmount_all_below,
 )
+from plugin_support import Foreground, root_fuse_dirs
 
-from cshare.system.mountinfo import is_mount_point
 from cshare_fuse.formats.overrides import OVERRIDE_XATTR, Override
+
+__all__ = ["root_fuse_dirs"]  # a fixture used here, defined in plugin_support
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.timeout(60)]
 
@@ -271,48 +270,6 @@ def test_rootless_user_without_conversion_sees_nobody_and_is_refused(world_tmp: 
 
 
 # -- mounts as root -----------------------------------------------------------------------
-
-@pytest.fixture
-def root_fuse_dirs(world_tmp: Path) -> Iterator[Path]:
-    require(is_root(), "root")
-    require(fuse_usable(), "/dev/fuse and fusermount3 (Debian package fuse3)")
-    for d in ("up", "work", "mnt"):
-        (world_tmp / d).mkdir()
-    yield world_tmp
-    unmount_all_below(world_tmp)
-
-
-def is_mounted(path: Path) -> bool:
-    return is_mount_point(path)
-
-
-class Foreground:
-    """cshare-overlay -f in the background, its log captured, unmounted at the end."""
-
-    def __init__(self, base: Path, options: str) -> None:
-        self.mnt = base / "mnt"
-        self.log = base / "overlay.log"
-        argv = [tool("cshare-overlay"), "-f", "-o",
-                f"{options},upperdir={base / 'up'},workdir={base / 'work'}", str(self.mnt)]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not is_mounted(self.mnt):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise AssertionError(f"cshare-overlay did not mount: {self.log.read_text()}")
-            time.sleep(0.05)
-
-    def close(self) -> str:
-        if is_mounted(self.mnt):
-            subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.log.read_text()
-
 
 RAISING_PLUGIN = '''
 from cshare_fuse.plugin_api import API_VERSION, DataSource

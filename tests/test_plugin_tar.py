@@ -376,3 +376,25 @@ def test_missing_cache_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         serve(tmp_path / "nothere")
     assert "no such cache directory" in str(info.value)
+
+
+def test_an_open_may_block_only_until_the_data_is_extracted(big: Path) -> None:
+    """tar declares every method inline but open, and its open blocks only while the
+    file's data still has to come out of the archive (then the overlay runs it in
+    its worker pool); everything else it answers at once."""
+    source = serve(big)
+    assert source.inline == frozenset(source.inline) and "open" not in source.inline
+    lookup(source, b"etc/f005")
+    assert source.may_block("open", b"etc/f005")
+    assert not source.may_block("stat", b"etc/f005")
+    assert read_all(source, b"etc/f005") == b"etc 5\n" * 6
+    assert not source.may_block("open", b"etc/f005")
+    # Extracted by an earlier mount of the same cache: found complete on disk.
+    again = serve(big)
+    assert not again.may_block("open", b"etc/f005")
+    assert again.may_block("open", b"etc/f006")
+    # A hardlink shares its first name's data.
+    assert again.may_block("open", b"usr/hard") and again.may_block("open", b"etc/f002")
+    lookup(again, b"usr/hard")
+    assert read_all(again, b"usr/hard") == read_all(again, b"etc/f002")
+    assert not again.may_block("open", b"usr/hard")

@@ -193,7 +193,7 @@ def test_syntax_error_in_a_plugin(tmp_path: Path) -> None:
     assert "failed to import" in message and "SyntaxError" in message
 
 
-@pytest.mark.parametrize("version", ["API_VERSION + 1", "0", "'1'", "None"])
+@pytest.mark.parametrize("version", ["API_VERSION + 1", "0", "'1'", "None", "True", "1.0"])
 def test_api_version_mismatch(tmp_path: Path, version: str) -> None:
     path = write_plugin(tmp_path, "old.py", "oldplugin", version=version)
     message = config_error(load_registry, (str(path),))
@@ -389,3 +389,24 @@ def test_cshare_overlay_reports_plugin_errors_in_one_line(tmp_path: Path, case: 
     assert expected in lines[0]
     with open("/proc/self/mountinfo") as f:
         assert str(tmp_path / "mnt") not in f.read()
+
+
+# -- what the overlay refuses to report (layers.stat_problem) ------------------------------
+
+@pytest.mark.parametrize("change, expected", [
+    ({}, None),
+    ({"mtime_ns": -5}, None),  # before 1970 is fine
+    ({"size": -1}, "impossible size"),
+    ({"mode": 0o644}, "no file type"),
+    ({"mode": 0o1170644}, "no file type"),
+    ({"uid": 1 << 32}, "outside"),
+    ({"size": 1.5}, "field of type float"),
+    ({"ino": "7"}, "field of type str"),
+])
+def test_impossible_stats_are_named(tmp_path: Path, change: dict, expected: str | None) -> None:
+    from cshare_fuse.datasource import Stat
+    from cshare_fuse.layers import stat_problem
+
+    st = Stat.from_os(os.lstat(tmp_path)).replace(**change)
+    problem = stat_problem(st)
+    assert problem is None if expected is None else expected in (problem or ""), problem

@@ -75,7 +75,8 @@ def test_problems_after_conversion_are_found(scratch: Path) -> None:
     found = kinds_by_path(tree.root)
     assert found == {
         "etc/www": {"unparsable"},
-        "etc/empty": {"not-readable"},
+        # A record on an entry that is not 0755 is not what convert leaves behind.
+        "etc/empty": {"not-readable", "mismatched-record"},
         "dev/new-null": {"device"},
         "etc/late": {"not-converted", "world-writable"},
     }
@@ -114,3 +115,67 @@ def test_an_ordinary_user_can_verify_a_converted_tree(world_tmp: Path) -> None:
     )
     assert after.returncode == 0, after.stdout + after.stderr
     assert json.loads(after.stdout)["entries"] == verify_tree(tree.root).entries
+
+
+def test_records_convert_cannot_have_written_are_reported(scratch: Path) -> None:
+    """Issue 12 point 1: forged records (as an image can carry them) are named, with --json."""
+    root = scratch / "tree"
+    root.mkdir()
+    convert_tree(root)
+
+    def entry(name: str, record: bytes, *, owner: tuple[int, int] = (1000, 1000), mode: int = 0o755,
+              data: bytes = b"x", attr: str = OVERRIDE_XATTR, directory: bool = False) -> None:
+        path = root / name
+        if directory:
+            path.mkdir()
+        else:
+            path.write_bytes(data)
+        os.chown(path, *owner)
+        os.chmod(path, mode)
+        os.setxattr(path, attr, record)
+
+    entry("setuid-root", b"0:0:04755:file")  # owned 1000:1000: convert would have said so
+    entry("fuse-setuid", b"0:0:04755", attr="user.fuseoverlayfs.override_stat")
+    entry("prototype", b"4755:0:0", attr="user.original-permissions")
+    entry("mem", b"1000:1000:0666:char-1-1")  # a "device" that is not an empty placeholder
+    entry("dir-record", b"1000:1000:0755:dir")  # on a file
+    entry("file-record", b"1000:1000:0755:file", directory=True)  # on a directory
+    entry("link-record", b"1000:1000:0777:symlink")
+    entry("not-0755", b"1000:1000:0644:file", mode=0o644)
+    entry("honest", b"1000:1000:0600:file")  # what convert writes for a 1000:1000 0600 file
+    entry("honest-device", b"1000:1000:0666:char-1-1", data=b"")
+    found = kinds_by_path(root)
+    forged = {"setuid-root", "fuse-setuid", "prototype", "mem", "dir-record", "file-record",
+              "link-record", "not-0755"}
+    assert {p for p, kinds in found.items() if "mismatched-record" in kinds} == forged, found
+    run = subprocess.run([tool("cshare"), "verify", "--json", str(root)], capture_output=True, text=True)
+    assert run.returncode == 1
+    data = json.loads(run.stdout)
+    details = {f["path"]: f["detail"] for f in data["findings"] if f["kind"] == "mismatched-record"}
+    assert details.keys() == forged
+    assert "owned by 1000:1000" in details["setuid-root"], details
+    assert "symlink" in details["link-record"] and "mode 0644" in details["not-0755"]
+
+
+def test_records_digest_covers_every_record_and_nothing_else(scratch: Path) -> None:
+    tree = build_varied_tree(scratch / "tree", scratch)
+    convert_tree(tree.root)
+    first = verify_tree(tree.root).records_digest
+    assert len(first) == 64 and first == verify_tree(tree.root).records_digest
+    os.setxattr(tree.root / "etc/www", "user.unrelated", b"x")  # the image's own data
+    assert verify_tree(tree.root).records_digest == first
+    os.setxattr(tree.secret, OVERRIDE_XATTR, b"0:0:4755:file")
+    assert verify_tree(tree.root).records_digest != first
+
+
+def test_a_published_layer_without_a_records_digest_is_reported() -> None:
+    """Layers published before make-shared kept a digest may hold an image's own records."""
+    from cshare.cli.convert_cmd import check_records_digest
+    from cshare.tree.verify import RECORDS_DIGEST_KEY, VerifyReport
+
+    report = VerifyReport(entries=1, records_digest="ab" * 32)
+    check_records_digest(report, "f" * 64, {"id": "f" * 64})
+    assert [f.kind for f in report.findings] == ["records-unverified"]
+    report = VerifyReport(entries=1, records_digest="ab" * 32)
+    check_records_digest(report, "f" * 64, {RECORDS_DIGEST_KEY: "ab" * 32})
+    assert report.ok

@@ -72,7 +72,8 @@ def convert(
     Devices, fifos and sockets, which cannot carry a user xattr, become empty
     0755 files whose TYPE says what they were (char-1-3, pipe, socket, ...).
     Symlinks are left alone and never followed; hardlinks stay hardlinked;
-    mount points inside ROOTFS are not entered.
+    mount points inside ROOTFS are not entered.  A ROOTFS that is itself a
+    symlink is refused (the message names its target): give the directory.
 
     Overlay markers keep their meaning: whiteouts (character device 0/0,
     .wh.NAME files) stay whiteouts, and a directory marked opaque with
@@ -85,9 +86,15 @@ def convert(
     A record that does not parse is reported with its path and the entry left
     untouched; the exit status is then 1.
 
+    What is trusted: convert trusts the records already in ROOTFS, so run it
+    only on trees whose xattrs you trust.  An image's tar can carry any
+    xattr; cshare make-shared therefore drops an image's own records before
+    it converts, and cshare verify reports records convert cannot have
+    written (mismatched-record).
+
     Nothing is changed when the command is not run by root, ROOTFS does not
-    exist, or its filesystem does not support user xattrs.  cshare restore
-    undoes the conversion; cshare verify checks it.
+    exist or is a symlink, or its filesystem does not support user xattrs.
+    cshare restore undoes the conversion; cshare verify checks it.
     """
     from .convert_cmd import run_convert
 
@@ -114,8 +121,9 @@ def restore(
 
     A record that does not parse is reported with its path and the entry left
     untouched; the exit status is then 1.  Nothing is changed when the command
-    is not run by root, ROOTFS does not exist, or its filesystem does not
-    support user xattrs.
+    is not run by root, ROOTFS does not exist or is a symlink (the message
+    names its target: give the directory), or its filesystem does not support
+    user xattrs.
     """
     from .convert_cmd import run_restore
 
@@ -138,9 +146,24 @@ def verify(
     whiteout and accepted), hidden-opaque (trusted.overlay.opaque without a
     marker users can see; checked only as root), incomplete (traces of an
     interrupted convert or restore), other-filesystem (a mount point, not
-    checked) and unreadable (an entry verify could not open).
+    checked), unreadable (an entry verify could not open), and
+    mismatched-record: a record cshare convert cannot have written for the
+    entry it is on, i.e. forged (as an image can carry one) or changed since:
+    the entry is not 0755, the record names another type (a dir record on a
+    file, a device record on a non-empty file, any symlink record), or, in a
+    tree that keeps its owners, another owner than the entry's.
 
-    The exit status is 0 when nothing was found and 1 otherwise.
+    When ROOTFS is a layer of a shared store (STORE/.../ID/diff), owners are
+    not compared (make-shared made the layer root-owned), every record must
+    be user.containers.override_stat, and the records are compared with the
+    digest make-shared kept when it published the layer: records-changed
+    (they differ: the layer was changed after publishing) or
+    records-unverified (published by a cshare that kept no digest).  --json
+    prints ok, entries, records_digest (SHA-256 over every entry's override
+    and bookkeeping xattrs) and the findings as kind, path, detail.
+
+    A ROOTFS that is a symlink is refused.  The exit status is 0 when nothing
+    was found and 1 otherwise.
     """
     from .convert_cmd import run_verify
 
@@ -171,6 +194,23 @@ def make_shared(
     (names, layer order, entrypoint, cmd, env, workdir, user) is written last.
     Running it again for the same image changes nothing; concurrent runs wait
     for each other.
+
+    What is trusted: only the real owner, mode and type of each entry in
+    podman's store.  An image's tar can carry any xattr, so the image's own
+    xattrs in cshare's namespaces are not copied: override records
+    (user.containers.override_stat, user.fuseoverlayfs.override_stat,
+    security.fuseoverlayfs.*, user.original-permissions), opaque markers
+    unprivileged overlays read (user.overlay.*, user.fuseoverlayfs.*) and
+    cshare's bookkeeping (user.cshare.*, user.cshare.capability included).
+    Each layer's dropped names are listed on stderr (dropped_xattrs in
+    --json).  trusted.overlay.* is kept: root's podman honours it the same
+    way.  A source store written with containers/storage's force_mask is
+    not supported: its records are dropped like any other.  File
+    capabilities (security.capability) are set aside as
+    user.cshare.capability and every entry becomes root-owned.  A layer is
+    published only when cshare verify finds nothing, and make-shared keeps a
+    digest of its records with it, which cshare verify of the published
+    layer compares.  Directory chains of any depth are handled.
     """
     from .store_cmd import run_make_shared
 
@@ -243,10 +283,10 @@ def mount(
     mountpoint: Path = typer.Argument(..., help="An existing, empty directory to mount the image on."),
     store: Path = StoreOption,
     upper: Path | None = typer.Option(
-        None, "--upper", help="Directory for your changes (default: per image and mountpoint under $XDG_DATA_HOME/cshare/mounts)."
+        None, "--upper", help="Directory for your changes, writable by you or creatable (default: per image and mountpoint under $XDG_DATA_HOME/cshare/mounts)."
     ),
     work: Path | None = typer.Option(
-        None, "--work", help="Scratch directory of the overlay, on the same filesystem as --upper (give both or neither)."
+        None, "--work", help="Scratch directory of the overlay, writable by you or creatable, on the same filesystem as --upper (give both or neither)."
     ),
     debug: bool = typer.Option(False, "--debug", help="Print the overlay command line, its pid and log file."),
     json_out: bool = typer.Option(False, "--json", help="Print what was mounted as JSON."),
@@ -272,7 +312,10 @@ def mount(
     outside a user namespace; /dev/fuse cannot be opened; IMAGE is not in the
     store; MOUNTPOINT does not exist, is not an empty directory, or already
     has something mounted on it; IMAGE is already mounted on MOUNTPOINT from
-    another namespace.
+    another namespace; --upper or --work is an existing file, a directory you
+    cannot write, or cannot be created (the line names the path), or both
+    name the same directory.  Directories of --upper/--work it created are
+    removed again when the mount fails.
 
     \b
     Example:

@@ -8,19 +8,22 @@ non-zero exit once the whole tree has been handled.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ..errors import CshareError, error_line
-from ..tree.walk import display
+from ..tree.walk import display, symlink_root_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..tree.convert import ConvertReport
     from ..tree.restore import RestoreReport
+    from ..tree.verify import VerifyReport
 
 # Each command imports only its own module (in its run_* function): a start-up
 # that loads the other two is time `cshare convert` spends against `chmod -R`.
@@ -122,11 +125,17 @@ def run_restore(rootfs: Path, *, dry_run: bool, json_out: bool, quiet: bool) -> 
 
 
 def run_verify(rootfs: Path, *, json_out: bool) -> None:
+    problem = symlink_root_problem(rootfs)
+    if problem:
+        raise CshareError(problem)
     from ..tree.verify import verify_tree
 
     if not rootfs.is_dir():
         raise CshareError(f"{rootfs}: no such directory")
-    report = verify_tree(rootfs)
+    layer = published_layer(rootfs)
+    report = verify_tree(rootfs, owners_kept=layer is None)
+    if layer is not None:
+        check_records_digest(report, *layer)
     if json_out:
         from .console import print_json
 
@@ -138,6 +147,46 @@ def run_verify(rootfs: Path, *, json_out: bool) -> None:
         print(f"{rootfs}: {report.entries} entries checked, {status}")
     if not report.ok:
         raise SystemExit(1)
+
+
+def published_layer(rootfs: Path) -> tuple[str, dict[str, Any]] | None:
+    """(layer id, its metadata) when `rootfs` is the diff of a layer in a shared store.
+
+    A shared store keeps each layer's tree as STORE/<layers dir>/ID/diff; the
+    store itself says whether that is one of its layers.
+    """
+    from ..store.shared import SharedStore
+
+    real = Path(os.path.realpath(rootfs))
+    layer_id, store_root = real.parent.name, real.parent.parent.parent
+    try:
+        store = SharedStore(store_root)
+        if not store.exists() or not store.has_layer(layer_id):
+            return None
+        if Path(os.path.realpath(store.layer_diff(layer_id))) != real:
+            return None
+        return layer_id, store.layer_info(layer_id)
+    except (CshareError, OSError, ValueError):
+        return None
+
+
+def check_records_digest(report: VerifyReport, layer_id: str, info: dict[str, Any]) -> None:
+    from ..tree.verify import RECORDS_DIGEST_KEY, Finding
+
+    """A published layer's records must be those make-shared wrote (the digest it kept)."""
+    kept = info.get(RECORDS_DIGEST_KEY)
+    if not isinstance(kept, str) or not kept:
+        report.findings.append(Finding(
+            "records-unverified", ".",
+            f"layer {layer_id[:12]} was published without a digest of its records (an older "
+            "cshare, which kept an image's own records): remove its images with cshare rm "
+            "and run make-shared again"))
+    elif kept != report.records_digest:
+        report.findings.append(Finding(
+            "records-changed", ".",
+            f"the override records of layer {layer_id[:12]} differ from those make-shared "
+            f"wrote (digest {kept[:16]}…, now {report.records_digest[:16]}…): the layer was "
+            "changed after publishing; remove its images with cshare rm and run make-shared again"))
 
 
 def _finish(errors: list[tuple[str, str]], verb: str) -> None:

@@ -6,6 +6,7 @@ turns results into rich output (progress, tables, one-line summaries) or JSON.
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ def result_json(result: MakeSharedResult) -> dict[str, Any]:
                 "reflinked": o.reflinked,
                 "copy_seconds": round(o.copy_seconds, 3),
                 "convert_seconds": round(o.convert_seconds, 3),
+                "dropped_xattrs": o.dropped_xattrs,
             }
             for o in result.layers
         ],
@@ -123,6 +125,19 @@ def run_make_shared(
         f"{name} ({result.image.id[:12]}) shared in {result.store}: "
         f"{len(result.layers)} layer(s), {added} added, {reused} reused"
     )
+    _print_dropped(result)
+
+
+def _print_dropped(result: MakeSharedResult) -> None:
+    """Say which of the image's own xattrs in cshare's namespaces were left behind."""
+    for o in result.layers:
+        if o.dropped_xattrs:
+            shown = ", ".join(f"{n} ({c})" for n, c in sorted(o.dropped_xattrs.items()))
+            print(
+                f"cshare: layer {o.id[:12]}: the image's own {shown} not copied: a shared "
+                "layer's records come only from cshare's conversion",
+                file=sys.stderr,
+            )
 
 
 def _image_size(store: SharedStore, record: ImageRecord) -> int:

@@ -85,6 +85,64 @@ def _check_dirs(upper: Path | None, work: Path | None) -> None:
         raise CshareError("--upper and --work go together: give both or neither")
 
 
+def _check_user_dirs(upper: Path | None, work: Path | None) -> None:
+    """--upper/--work, checked in the namespace that will use them (ns root may write more)."""
+    if upper is not None and work is not None:
+        if os.path.abspath(upper) == os.path.abspath(work):
+            raise CshareError(f"--upper and --work are both {os.path.abspath(upper)}: give two directories")
+        _check_user_dir(Path(os.path.abspath(upper)), "--upper")
+        _check_user_dir(Path(os.path.abspath(work)), "--work")
+
+
+def _check_user_dir(path: Path, option: str) -> None:
+    """A directory given with --upper/--work must be one we can write, or be creatable.
+
+    Checked before anything is created, so a refusal leaves nothing behind.
+    """
+    if os.path.lexists(path):
+        if not path.is_dir():
+            raise CshareError(f"{option} {path} exists and is not a directory: give a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CshareError(f"{option} {path} is not writable by you: give a directory you own")
+        return
+    parent = path.parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CshareError(f"{option} {path} cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CshareError(
+            f"{option} {path} cannot be created: {parent} is not writable by you; "
+            "give a directory you own"
+        )
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p `path`; return the directories it created, outermost first."""
+    missing = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    created: list[Path] = []
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+        except OSError as exc:
+            _remove_created(created)
+            raise CshareError(f"cannot create {p}: {exc.strerror}") from None
+        created.append(p)
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Undo _make_dirs (only directories still empty: nothing of the user's is removed)."""
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
 def users_elsewhere(path: Path) -> list[int]:
     """Pids (one per mount namespace) outside ours that still have the filesystem at `path` mounted.
 
@@ -134,8 +192,11 @@ def _check_not_mounted_elsewhere(state: Path, image: str, mnt: Path) -> None:
         )
 
 
-def _prepare_state(state: Path, upper: Path | None, work: Path | None) -> tuple[Path, Path]:
-    """The per-image-and-mountpoint state directory and the upper and work directories."""
+def _prepare_state(
+    state: Path, upper: Path | None, work: Path | None
+) -> tuple[Path, Path, list[Path]]:
+    """The per-image-and-mountpoint state directory and the upper and work directories,
+    and those of --upper/--work it created (to remove again if the mount fails)."""
     state.parent.mkdir(parents=True, exist_ok=True)
     for p in (data_home() / "cshare", state.parent):
         p.chmod(0o700)  # other users must not read each other's changes
@@ -146,10 +207,14 @@ def _prepare_state(state: Path, upper: Path | None, work: Path | None) -> tuple[
         # The upper root becomes the container's "/": every uid must traverse it.
         _prepare_dir(upper_dir, 0o755)
         _prepare_dir(work_dir, 0o700)
-    else:
-        upper_dir.mkdir(parents=True, exist_ok=True)
-        work_dir.mkdir(parents=True, exist_ok=True)
-    return upper_dir, work_dir
+        return upper_dir, work_dir, []
+    created = _make_dirs(upper_dir)
+    try:
+        created += _make_dirs(work_dir)
+    except CshareError:
+        _remove_created(created)
+        raise
+    return upper_dir, work_dir, created
 
 
 def _run_overlay(argv: list[str], log: Path, image: str, mnt: Path) -> None:
@@ -188,6 +253,7 @@ def mount_image(
     note = debug or (lambda _msg: None)
     _check_dirs(upper, work)
     check_can_mount()
+    _check_user_dirs(upper, work)
     mnt = check_mountpoint(mountpoint)
     if not store_root.is_dir():
         raise CshareError(
@@ -203,11 +269,15 @@ def mount_image(
         lowers = [Path(p) for p in store.lower_dirs(record_image)]
         state = mounts_dir() / mount_key(record_image.id, mnt)
         _check_not_mounted_elsewhere(state, image, mnt)
-        upper_dir, work_dir = _prepare_state(state, upper, work)
+        upper_dir, work_dir, created = _prepare_state(state, upper, work)
         argv = overlay_argv(command, lowers, upper_dir, work_dir, mnt)
         note("running: " + shlex.join(argv))
         log = state / LOG_NAME
-        _run_overlay(argv, log, image, mnt)
+        try:
+            _run_overlay(argv, log, image, mnt)
+        except BaseException:
+            _remove_created(created)
+            raise
     name = record_image.names[0] if getattr(record_image, "names", None) else record_image.id
     record = MountRecord(
         image_id=record_image.id,

@@ -146,10 +146,12 @@ def unsafe_entries(tree: Path, limit: int = LIMIT) -> list[str]:
     return guard.problems
 
 
-def secure_and_check(tree: Path) -> list[str]:
-    """Secure the layer, then what still makes it unsafe: the rules above, then verify's findings."""
-    verifier = Verifier()
+def secure_and_check(tree: Path) -> tuple[list[str], str]:
+    """Secure the layer, then what still makes it unsafe (the rules above, then verify's
+    findings) and the digest of its records, which make-shared keeps with the layer."""
+    verifier = Verifier(owners_kept=False)  # securing made every entry root's
     guard = LayerGuard(fix=True, verifier=verifier)
     walk(tree, guard)
-    findings = [f"{f.path}: {f.kind} ({f.detail})" for f in verifier.report.findings]
-    return guard.problems + findings
+    report = verifier.finish()
+    findings = [f"{f.path}: {f.kind} ({f.detail})" for f in report.findings]
+    return guard.problems + findings, report.records_digest

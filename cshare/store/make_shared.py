@@ -6,11 +6,17 @@ The steps, for IMAGE in podman's store (cshare.store.containers) and the shared 
 1. take the shared store's write lock (LOCK_EX; concurrent runs queue here);
 2. under podman's read locks, resolve IMAGE, walk its layer chain and copy
    every layer the shared store does not hold yet into the store's tmp/
-   (cshare.tree.copy; reflink when possible); then release podman's locks;
+   (cshare.tree.copy; reflink when possible), leaving behind the image's own
+   xattrs in cshare's namespaces (override records, user-visible opaque
+   markers, user.cshare.*: an image's tar can carry any of them, and a shared
+   layer's records must come only from converting the real metadata);
+   then release podman's locks;
 3. convert each copied layer (cshare.tree.convert.convert_tree), then in one
    more walk make it root-owned with no file capabilities and check that it is
    safe to show to every user, cshare verify's checks included
-   (cshare.store.layercheck), then publish it with one rename, base layer first;
+   (cshare.store.layercheck), then publish it with one rename, base layer first,
+   its metadata holding the digest of its records (`cshare verify` of a
+   published layer compares it);
 4. write the image record last (names, layer order, run config).
 
 So each new layer is walked three times: copied, converted, secured and
@@ -26,8 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from cshare_fuse.formats.markers import is_forgeable_in_image
+
 from ..errors import CshareError
 from ..tree.copy import copy_tree
+from ..tree.verify import RECORDS_DIGEST_KEY
 from .containers import SourceImage, SourceLayer, SourceStore
 from .layercheck import secure_and_check
 from .shared import ImageRecord, SharedStore, remove_path
@@ -44,6 +53,8 @@ class LayerOutcome:
     reflinked: int = 0
     copy_seconds: float = 0.0
     convert_seconds: float = 0.0
+    #: xattr name -> entries: what the image carried in cshare's namespaces, not copied
+    dropped_xattrs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,7 +191,12 @@ def _copy_new_layers(
         started = time.monotonic()
         stage = store.stage(f"layer-{layer.id[:12]}-")
         staged[layer.id] = stage
-        stats = copy_tree(source.layer_diff(layer), stage / "diff", on_entry=lambda _p: rep.entry())
+        # The image's own override records and markers stay behind: a shared
+        # layer's records come only from converting the real metadata.
+        stats = copy_tree(
+            source.layer_diff(layer), stage / "diff", on_entry=lambda _p: rep.entry(),
+            drop_xattr=is_forgeable_in_image,
+        )
         outcomes[layer.id] = LayerOutcome(
             layer.id,
             "added",
@@ -188,6 +204,7 @@ def _copy_new_layers(
             bytes=stats.bytes,
             reflinked=stats.reflinked,
             copy_seconds=time.monotonic() - started,
+            dropped_xattrs=stats.dropped_xattrs,
         )
     return outcomes
 
@@ -200,7 +217,7 @@ def _convert_check_publish(
     started = time.monotonic()
     diff = staged[layer.id] / "diff"
     _convert(diff, rep.entry)
-    problems = secure_and_check(diff)
+    problems, digest = secure_and_check(diff)
     if problems:
         raise CshareError(
             f"layer {layer.id[:12]} is not safe to share after conversion: {'; '.join(problems[:3])}"
@@ -219,6 +236,7 @@ def _convert_check_publish(
             "entries": outcome.entries,
             "uidset": list(layer.uidset),
             "gidset": list(layer.gidset),
+            RECORDS_DIGEST_KEY: digest,
         },
     )
 

@@ -45,12 +45,10 @@ locks here are counted per process: nesting them is safe.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import grp
 import json
 import os
-import shutil
 import stat
 import tempfile
 import threading
@@ -62,6 +60,7 @@ from typing import Any
 
 from ..errors import CshareError
 from ..system import libc
+from ..tree.remove import remove_tree
 from . import names as refnames
 from .inuse import holders
 
@@ -529,15 +528,8 @@ def remove_path(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        # Staged layers keep their original modes (0555 dirs): open them up first.
-        def onerror(func: Any, p: str, exc_info: Any) -> None:
-            exc = exc_info[1]
-            if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EACCES:
-                os.chmod(os.path.dirname(p), 0o700)
-                func(p)
-            else:
-                raise exc
-
-        shutil.rmtree(path, onerror=onerror)
+        # Iterative (a layer may be thousands of levels deep); staged layers
+        # keep their original modes (0555 dirs): it opens them up as it goes.
+        remove_tree(path)
     else:
         os.unlink(path)

@@ -44,7 +44,7 @@ from cshare_fuse.formats.overrides import (
 from ..errors import CshareError
 from . import marks
 from .parallel import default_processes, walk_parallel
-from .walk import Dir, WalkReport, display, walk
+from .walk import Dir, WalkReport, display, open_root, symlink_root_problem, walk
 
 CONVERTED_MODE = 0o755
 PROBE_XATTR = "user.cshare.probe"
@@ -68,10 +68,13 @@ def check_can_convert(root: Path, *, probe_write: bool = True) -> None:
         raise CshareError("this command must run as root (it changes files owned by others)")
     if not os.path.lexists(root):
         raise CshareError(f"{root}: no such file or directory")
+    problem = symlink_root_problem(root)
+    if problem:
+        raise CshareError(problem)
     if not os.path.isdir(root):
         raise CshareError(f"{root}: not a directory")
     try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd, _st = open_root(root)
     except OSError as exc:
         raise CshareError(f"{root}: cannot open: {exc.strerror}") from None
     try:

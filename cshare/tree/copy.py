@@ -51,15 +51,21 @@ class CopyStats:
     hardlinks: int = 0
     specials: int = 0  # devices, fifos, sockets, whiteouts
     skipped_xattrs: list[str] = field(default_factory=list)
+    #: xattr name -> how many entries had it, of those `drop_xattr` left behind
+    dropped_xattrs: dict[str, int] = field(default_factory=dict)
 
 
 class _Copier:
     """A walk visitor (cshare.tree.walk) that recreates each entry it visits below `dst`."""
 
-    def __init__(self, src: Path, dst: Path, on_entry: Callable[[str], None] | None):
+    def __init__(
+        self, src: Path, dst: Path, on_entry: Callable[[str], None] | None,
+        drop_xattr: Callable[[str], bool] | None = None,
+    ):
         self.src, self.dst = src, dst
         self.stats = CopyStats()
         self.on_entry = on_entry
+        self.drop_xattr = drop_xattr
         self.links: dict[tuple[int, int], str] = {}  # (dev, ino) -> path below the destination root
         self.reflink_ok: bool | None = None  # learnt on the first regular file
         #: The open destination directory of each source directory the walk holds open.
@@ -208,6 +214,10 @@ class _Copier:
         (l*xattr), fds are used as they are."""
         follow = not isinstance(src, str)
         for attr in sorted(names) if names is not None else os.listxattr(src, follow_symlinks=follow):
+            if self.drop_xattr is not None and self.drop_xattr(attr):
+                dropped = self.stats.dropped_xattrs
+                dropped[attr] = dropped.get(attr, 0) + 1
+                continue
             try:
                 value = os.getxattr(src, attr, follow_symlinks=follow)
                 os.setxattr(dst, attr, value, follow_symlinks=follow)
@@ -240,18 +250,27 @@ class _Copier:
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
 
-def copy_tree(src: Path, dst: Path, *, on_entry: Callable[[str], None] | None = None) -> CopyStats:
+def copy_tree(
+    src: Path,
+    dst: Path,
+    *,
+    on_entry: Callable[[str], None] | None = None,
+    drop_xattr: Callable[[str], bool] | None = None,
+) -> CopyStats:
     """Copy the directory `src` to the new directory `dst` (which must not exist).
 
     `on_entry(relative_path)` is called for every entry below the root, for
-    progress.  Raises CshareError on anything that cannot be copied exactly;
-    the partial `dst` is then left for the caller to remove.
+    progress.  xattrs for which `drop_xattr(name)` is true are not copied
+    (counted in the stats' `dropped_xattrs`): make-shared leaves an image's
+    own override records behind this way.  Raises CshareError on anything
+    that cannot be copied exactly; the partial `dst` is then left for the
+    caller to remove.
     """
     try:
         src_fd = os.open(src, _DIR_FLAGS)  # O_NOFOLLOW: the root itself must not be a symlink
     except OSError as exc:
         raise CshareError(f"cannot open layer directory {src}: {exc.strerror}") from None
-    copier = _Copier(src, dst, on_entry)
+    copier = _Copier(src, dst, on_entry, drop_xattr)
     try:
         os.mkdir(dst, 0o700)
         copier.dst_fds["."] = os.open(dst, _DIR_FLAGS)

@@ -37,10 +37,10 @@ from .walk import (
     _entries,
     _listxattr,
     _Pool,
-    _raise_fd_limit,
     _visit,
     _walk_from,
     open_root,
+    raise_fd_limit,
     visit_name,
 )
 
@@ -76,7 +76,7 @@ def default_processes() -> int:
 
 def walk_parallel(root: Path, visitor: ParallelVisitor, processes: int, spread: int | None = None) -> None:
     """Like walk.walk(root, visitor), with `processes` worker processes."""
-    _raise_fd_limit()
+    raise_fd_limit()
     root_fd, root_st = open_root(root)
     try:
         dev = root_st.st_dev

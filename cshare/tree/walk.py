@@ -159,7 +159,7 @@ _open, _fstat, _close, _os_listxattr = os.open, os.fstat, os.close, os.listxattr
 _S_IFMT, _S_IFREG = 0o170000, stat.S_IFREG
 
 
-def _raise_fd_limit(depth_hint: int = 4096) -> None:
+def raise_fd_limit(depth_hint: int = 4096) -> None:
     # One fd per directory level: a deep tree must not run out of descriptors.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, depth_hint)
@@ -170,9 +170,46 @@ def _raise_fd_limit(depth_hint: int = 4096) -> None:
             pass
 
 
+def _last_component(root: Path | str) -> str:
+    """`root` without trailing slashes: `link/` would make the kernel follow `link`."""
+    text = os.fspath(root)
+    stripped = text.rstrip("/")
+    return stripped or text
+
+
+def symlink_root_problem(root: Path | str) -> str | None:
+    """Why `root` may not be walked when its last component is a symlink, else None.
+
+    Root's tools change the tree they are given; a ROOTFS that is a symlink
+    would redirect them to wherever it points (a link to / would open up the
+    host), so the symlink itself is refused and the message names its target.
+    Symlinks in the components above it are the caller's own path and fine.
+    """
+    path = _last_component(root)
+    if not os.path.islink(path):
+        return None
+    try:
+        target = os.readlink(path)
+    except OSError as exc:
+        target = f"? ({exc.strerror})"
+    real = os.path.realpath(path)
+    return (
+        f"{path} is a symlink to {target} ({real}); cshare does not follow it: "
+        f"give {real} itself if that is the tree you mean"
+    )
+
+
 def open_root(root: Path) -> tuple[int, os.stat_result]:
-    """Open the tree's root directory (the path given by the user may be a symlink)."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Open the tree's root directory; a symlink there is refused (ELOOP), never followed.
+
+    Except /proc/self/fd/N: that names a directory the caller has opened
+    already (a magic link, which O_NOFOLLOW would refuse).
+    """
+    path = _last_component(root)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if not path.startswith("/proc/self/fd/"):
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
     return fd, os.fstat(fd)
 
 
@@ -209,7 +246,7 @@ def walk(root: Path, visitors: Visitor | list[Visitor]) -> None:
     in one thread, in order, but directories are visited concurrently.
     """
     workers = visitors if isinstance(visitors, list) else [visitors]
-    _raise_fd_limit()
+    raise_fd_limit()
     root_fd, root_st = open_root(root)
     dev = root_st.st_dev
     top = Dir(root_fd, ".", root_st)

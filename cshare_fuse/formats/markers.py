@@ -47,6 +47,19 @@ def is_internal_xattr(name: str) -> bool:
     return name.startswith(INTERNAL_XATTR_PREFIXES)
 
 
+def is_forgeable_in_image(name: str) -> bool:
+    """An xattr an image must not bring into a shared layer.
+
+    Override records, opaque markers read by unprivileged overlays and
+    cshare's bookkeeping decide what every user's container sees, so in a
+    shared layer they must come from cshare's own conversion, never from the
+    image's tar (where anyone can write them as PAX xattrs).  trusted.overlay.*
+    is the exception: root's podman honours it itself (containers/storage sets
+    it for opaque directories), so keeping it shows no more than root's podman.
+    """
+    return name.startswith(INTERNAL_XATTR_PREFIXES) and not name.startswith("trusted.overlay.")
+
+
 def is_whiteout_stat(mode: int, rdev: int) -> bool:
     """A kernel-style whiteout: a character device with device number 0/0."""
     return statmod.S_ISCHR(mode) and rdev == 0

@@ -6,6 +6,8 @@ request objects: the thin handlers in `operations` call it, and tests can
 drive it without FUSE.  Methods that may copy a large file up are async (the
 copy runs in a worker thread, under a per-node lock); everything else runs
 inline on the trio loop, because small syscalls cost less than a thread hop.
+Plugin calls that may block are the exception: the read-only operations run
+under `deferral.run_deferred`, which sends them to the plugin pool.
 
 The families: `base` (layers, node table, names and lookup, copy-up),
 `entries` (new names: mkdir, mknod, symlink, link), `files` (create, open and

@@ -9,6 +9,7 @@ it (entries, files, dirs, attributes, xattrs); `Overlay` joins them.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat as statmod
 from collections.abc import Sequence
@@ -19,8 +20,9 @@ import trio
 from .. import merge
 from ..attrs import AttrPolicy, entry_attributes
 from ..copyup import CopyPolicy, copy_up
-from ..datasource import DataSource, Stat
-from ..errors import OverlayError
+from ..datasource import Stat
+from ..deferral import NeedsFetch, gather, run_in_pool
+from ..errors import OverlayError, PluginFault
 from ..formats import markers
 from ..formats.overrides import FUSE_OVERLAYFS_XATTR, OVERRIDE_XATTR
 from ..handles import HandleTable
@@ -28,26 +30,31 @@ from ..inodes import Node, NodeTable
 from ..layers import Layer, LowerLayer, UpperLayer
 from ..options import MountConfig
 
+log = logging.getLogger("cshare_fuse")
+
 #: Copies larger than this go to a worker thread so other requests keep flowing.
 _THREAD_COPY_BYTES = 1 << 20
 
 
 class OverlayBase:
-    def __init__(self, config: MountConfig, lowers: Sequence[DataSource],
+    def __init__(self, config: MountConfig, lowers: Sequence[LowerLayer],
                  upperdir: str | None, workdir: str | None) -> None:
         self.config = config
-        honour = any(src.honour_overrides for src in lowers) or config.xattr_permissions > 0
+        honour = (any(layer.source.honour_overrides for layer in lowers)
+                  or config.xattr_permissions > 0)
         self.layers: list[Layer] = []
         self.upper: UpperLayer | None = None
         if upperdir is not None:
             self.upper = UpperLayer(0, upperdir, honour_overrides=honour)
             self.layers.append(self.upper)
-        for source in lowers:
-            self.layers.append(LowerLayer(len(self.layers), source))
+        for layer in lowers:
+            # Built (their roots asked) before the mount was ready: main.check_layout.
+            assert layer.index == len(self.layers), (layer.index, len(self.layers))
+            self.layers.append(layer)
         #: Index of the upper layer in self.layers; -1 (matching no node) without one.
         self.upper_index = 0 if self.upper is not None else -1
         self.workdir = os.fsencode(workdir) if workdir else None
-        primary = self.upper.root if self.upper else os.fsencode(lowers[0].root)
+        primary = self.upper.root if self.upper else os.fsencode(lowers[0].source.root)
         self.table = NodeTable(os.stat(primary).st_dev)
         self.root = self.table.make_root(0)
         self.root.dir_layers = self._root_layers()
@@ -108,9 +115,12 @@ class OverlayBase:
                 return existing
         node = Node(self.table.number_for(st), parent, name, res.layer, statmod.S_IFMT(st.mode))
         node.dir_layers = res.dir_layers
-        node.has_lower = res.has_lower
-        node.backing_key = key
-        if not self.layers[res.layer].is_upper:
+        if self.layers[res.layer].is_upper:
+            node.backing_key = key
+        else:
+            # A lower node needs no backing key (56 bytes a node): only upper
+            # names share a node, and a link copies the file up first, which
+            # gives the node the key of its copy.
             node.lower_stat = st
         if hardlinked:
             return self.table.add_hardlinked(node)
@@ -123,9 +133,28 @@ class OverlayBase:
             raise OverlayError(errno.ENOTDIR)
         return self.child(parent, name)
 
+    def lower_holds(self, parent: Node, name: bytes) -> bool:
+        """Whether a lower layer shows `name` in `parent`.
+
+        Removing or replacing such a name needs a whiteout, and a directory
+        arriving there must be opaque.  A question about the name, never about
+        the node that holds it now: a node may have got the name by create,
+        link or rename, and names of one file differ.  The lower layers are
+        immutable, so the answer is asked of them each time.
+        """
+        lowers = [index for index in parent.dir_layers if index != self.upper_index]
+        return bool(lowers) and merge.resolve(self.layers, lowers, parent.path(), name) is not None
+
     def stat_of(self, node: Node) -> Stat:
-        if node.lower_stat is not None and node.layer != self.upper_index:
-            return node.lower_stat
+        if node.layer != self.upper_index:  # a lower node
+            if node.lower_stat is not None:
+                return node.lower_stat
+            # Its entry answers getattr and lookup; the rare operation that
+            # needs the Stat reads it from the (immutable) layer again.
+            lower = self.layers[node.layer].stat(node.path())
+            if lower is None:
+                raise OverlayError(errno.ENOENT, f"{node!r} vanished from its lower layer")
+            return lower
         st: Stat | None = None
         if not node.unlinked and self.upper is not None:
             st = self.upper.stat(node.path())
@@ -151,17 +180,61 @@ class OverlayBase:
         entry = entry_attributes(node.ino, st, self.policy, merged_dir=merged)
         if node.lower_stat is not None and node.layer != self.upper_index:
             node.entry = entry
+            # From now on the entry answers getattr and lookup: the Stat goes,
+            # from the node and from the layer's cache (~330 bytes a node).
+            node.lower_stat = None
+            layer = self.layers[node.layer]
+            if isinstance(layer, LowerLayer):
+                layer.forget_stat(node.path())
         return entry
 
-    def listing(self, node: Node) -> list[tuple[bytes, Node]]:
-        if node.listing is None:
-            entries: list[tuple[bytes, Node]] = []
-            for name in merge.merged_names(self.layers, node.dir_layers, node.path()):
+    def listing(self, node: Node) -> list[tuple[bytes, Node | None]]:
+        """The merged directory's entries; None for one that failed to resolve.
+
+        One entry that fails (a plugin's error, a malformed override) must not
+        fail its directory: it is listed without a node, so that only looking
+        it up fails, as with the kernel's overlayfs.  Such a listing is not
+        kept: the entry may resolve next time (a plugin may fail for a while).
+        A complete listing is kept as names only (8 bytes an entry instead of a
+        56-byte pair): while the node has it, every name in it is one of its
+        cached children (Node.drop_child and set_child drop the listing).
+        """
+        names = node.listing
+        if names is not None:
+            children = node.children
+            pairs = [(name, children.get(name)) for name in names]
+            if all(child is not None for _, child in pairs):
+                return pairs
+        entries: list[tuple[bytes, Node | None]] = []
+        complete: list[tuple[bytes, Node]] = []
+        waiting: list[NeedsFetch] = []
+        for name in merge.merged_names(self.layers, node.dir_layers, node.path()):
+            try:
                 child = self.child(node, name)
-                if child is not None:
-                    entries.append((name, child))
-            return node.set_listing(entries)
-        return node.listing
+            except NeedsFetch as need:
+                waiting.append(need)  # the other entries are asked meanwhile
+                continue
+            except (OSError, OverlayError) as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue  # gone since it was listed (an upper entry)
+                log.warning("%r of %r cannot be looked up (%s): listed, answering "
+                            "its lookups with that error", name, node.path(), exc)
+                entries.append((name, None))
+                continue
+            except Exception as exc:
+                log.error("%r of %r cannot be looked up: %s; listed, answering its "
+                          "lookups EIO", name, node.path(), exc,
+                          exc_info=not isinstance(exc, PluginFault))
+                entries.append((name, None))
+                continue
+            if child is not None:
+                entries.append((name, child))
+                complete.append((name, child))
+        if waiting:
+            raise gather(waiting)
+        if len(complete) == len(entries):
+            node.set_listing(tuple(name for name, _ in complete))
+        return entries
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
@@ -207,6 +280,10 @@ class OverlayBase:
         source = self.layers[node.layer]
         assert isinstance(source, LowerLayer)
         path = node.path()
+        if source.blocks:
+            # A plugin whose calls may wait: the whole copy in a worker thread.
+            await self._copy_up_in_pool(node, source, path, upper)
+            return
         real = source.raw_stat(path)
         want = node.lower_stat or source.stat(path)
         assert want is not None
@@ -232,9 +309,47 @@ class OverlayBase:
             identity = (copied.dev, copied.ino) if copied is not None else None
         node.backing_key = identity
 
+    async def _copy_up_in_pool(self, node: Node, source: LowerLayer, path: bytes,
+                               upper: UpperLayer) -> None:
+        """Copy-up from a layer whose plugin may block: in the plugin pool, under the
+        node's lock (requests for this same node wait for the copy)."""
+        assert self.workdir is not None
+        workdir, policy, want = self.workdir, self.copy_policy, node.lower_stat
+
+        def copy() -> None:
+            real = source.raw_stat(path)
+            wanted = want or source.stat(path)
+            assert wanted is not None
+            copy_up(source, path, real, wanted, upper, workdir, policy)
+
+        if node.lock is None:
+            node.lock = trio.Lock()
+        assert isinstance(node.lock, trio.Lock)
+        async with node.lock:
+            if node.layer == self.upper_index:
+                return
+            await run_in_pool(copy)
+            self._now_in_upper(node)
+        copied = upper.stat(path)
+        node.backing_key = (copied.dev, copied.ino) if copied is not None else None
+
     def _now_in_upper(self, node: Node) -> None:
+        # A copied-up name of a lower hardlink is a file of its own (link count
+        # 1): the attributes the kernel cached from the lower file are wrong now.
+        was_linked = node.layer != self.upper_index and self.stat_of(node).nlink > 1
         for parent, name in self.table.copied_up(node, self.upper_index):
             invalidate_entry(parent.ino, name)
+        if was_linked:
+            invalidate_attributes(node.ino)
+
+
+def invalidate_attributes(ino: int) -> None:
+    """Tell the kernel to forget the attributes it cached for `ino` (never its data)."""
+    try:
+        # Attributes only: no page is touched, so this cannot wait for writeback.
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except Exception:  # not mounted (unit tests), or the kernel does not know it
+        pass
 
 
 def invalidate_entry(parent_ino: int, name: bytes) -> None:

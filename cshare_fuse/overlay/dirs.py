@@ -69,7 +69,7 @@ class DirOps(EntryOps):
                 os.rmdir(real)
             else:
                 os.unlink(real)
-        if node.has_lower or not in_upper:
+        if not in_upper or self.lower_holds(parent, name):
             self._write_whiteout(parent, name)
         self.table.detach_name(parent, name, node, before)
 
@@ -98,21 +98,18 @@ class DirOps(EntryOps):
         assert self.upper is not None
         old_real = self.upper.real(merge.child_path(old_parent.path(), old_name))
         new_real = self.upper.real(merge.child_path(new_parent.path(), new_name))
-        new_has_lower = self._remove_upper_whiteout(new_parent, new_name)
-        if dst is not None:
-            new_has_lower = new_has_lower or dst.has_lower
-            if dst.layer == self.upper_index and dst.is_dir:
-                _clear_markers(new_real)
+        self._remove_upper_whiteout(new_parent, new_name)
+        if dst is not None and dst.layer == self.upper_index and dst.is_dir:
+            _clear_markers(new_real)
         os.rename(old_real, new_real)
-        if src.has_lower:
+        if self.lower_holds(old_parent, old_name):
             self._write_whiteout(old_parent, old_name)
-        if src.is_dir and new_has_lower:
+        if src.is_dir and self.lower_holds(new_parent, new_name):
             whiteout.mark_opaque(new_real)
         if dst is not None:
             self.table.detach_name(new_parent, new_name, dst, dst_before)
         old_parent.drop_child(old_name, src)
         src.move_name(old_parent, old_name, new_parent, new_name)
-        src.has_lower = new_has_lower
         new_parent.set_child(new_name, src)
 
     def _check_move(self, src: Node, new_parent: Node, dst: Node | None) -> None:
@@ -152,16 +149,13 @@ class DirOps(EntryOps):
         old_real = self.upper.real(merge.child_path(old_parent.path(), old_name))
         new_real = self.upper.real(merge.child_path(new_parent.path(), new_name))
         renameat2(old_real, new_real, RENAME_EXCHANGE)
-        # Each name keeps hiding what it hid below; a directory arriving where a
-        # lower entry is hidden must not merge with it.
-        first_hides, second_hides = first.has_lower, second.has_lower
-        if first.is_dir and second_hides:
+        # A directory arriving where a lower entry is hidden must not merge with it.
+        if first.is_dir and self.lower_holds(new_parent, new_name):
             whiteout.mark_opaque(new_real)
-        if second.is_dir and first_hides:
+        if second.is_dir and self.lower_holds(old_parent, old_name):
             whiteout.mark_opaque(old_real)
         first.move_name(old_parent, old_name, new_parent, new_name)
         second.move_name(new_parent, new_name, old_parent, old_name)
-        first.has_lower, second.has_lower = second_hides, first_hides
         old_parent.set_child(old_name, second)
         new_parent.set_child(new_name, first)
 
@@ -172,10 +166,10 @@ class DirOps(EntryOps):
             raise OverlayError(errno.ENOTDIR)
         return self.handles.add(DirHandle(node))
 
-    def dir_entries(self, fh: int, start: int) -> list[tuple[bytes, Node]]:
+    def dir_entries(self, fh: int, start: int) -> list[tuple[bytes, Node | None]]:
         handle = self.handles.directory(fh)
         if handle.entries is None or start == 0:
-            handle.entries = list(self.listing(handle.node))
+            handle.entries = self.listing(handle.node)  # a new list: later changes do not move offsets
         return handle.entries
 
     def releasedir(self, fh: int) -> None:

@@ -85,13 +85,11 @@ class EntryOps(OverlayBase):
             else:
                 os.chmod(target, statmod.S_IMODE(mode))
 
-    def _added(self, parent: Node, name: bytes, whiteout_removed: bool) -> Node:
+    def _added(self, parent: Node, name: bytes) -> Node:
         parent.drop_child(name)
         node = self.child(parent, name)
         if node is None:
             raise OverlayError(errno.EIO, f"{name!r} vanished right after creation")
-        if whiteout_removed:
-            node.has_lower = True
         return node
 
     def _added_upper(self, parent: Node, name: bytes, whiteout_removed: bool, st: Stat) -> Node:
@@ -136,7 +134,7 @@ class EntryOps(OverlayBase):
             os.chmod(real, dir_mode)  # mkdir(2) may drop bits; set exactly what was asked
         if removed:
             whiteout.mark_opaque(real)
-        return self._added(parent, name, removed)
+        return self._added(parent, name)
 
     async def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int,
                     gid: int) -> Node:
@@ -147,7 +145,7 @@ class EntryOps(OverlayBase):
             parent_ino, name, uid, gid)
         os.mknod(real, mode, rdev)
         self._give(real, owner_uid, owner_gid, mode)
-        return self._added(parent, name, removed)
+        return self._added(parent, name)
 
     async def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int,
                       gid: int) -> Node:
@@ -155,7 +153,7 @@ class EntryOps(OverlayBase):
             parent_ino, name, uid, gid)
         os.symlink(target, real)
         self._give(real, owner_uid, owner_gid)
-        return self._added(parent, name, removed)
+        return self._added(parent, name)
 
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
         self._writable()
@@ -163,7 +161,7 @@ class EntryOps(OverlayBase):
         if node.is_dir:
             raise OverlayError(errno.EPERM)
         new_parent = self.node(new_parent_ino)
-        removed = self._prepare_new_name(new_parent, new_name)
+        self._prepare_new_name(new_parent, new_name)
         await self.ensure_upper(node)
         await self.ensure_upper(new_parent)
         assert self.upper is not None
@@ -173,6 +171,4 @@ class EntryOps(OverlayBase):
         node.add_alias(new_parent, new_name)
         new_parent.set_child(new_name, node)
         self.table.share_backing(node)
-        if removed:
-            node.has_lower = True  # the alias name hides a lower entry too
         return node

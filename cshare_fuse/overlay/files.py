@@ -13,16 +13,19 @@ import stat as statmod
 import pyfuse3
 
 from ..attrs import entry_attributes
+from ..caller import Caller
 from ..datasource import Stat
+from ..deferral import run_deferred
 from ..errors import OverlayError
 from ..handles import FileHandle
 from ..inodes import Node
+from .attributes import AttributeOps
 from .entries import EntryOps
 
 _CREATE_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC
 
 
-class FileOps(EntryOps):
+class FileOps(EntryOps, AttributeOps):
     def _open_flags(self, flags: int) -> int:
         flags &= ~_CREATE_STRIP
         if self.writeback:
@@ -53,7 +56,7 @@ class FileOps(EntryOps):
         return handle.fd
 
     async def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int,
-                     gid: int) -> tuple[int, Node, pyfuse3.EntryAttributes]:
+                     gid: int, pid: int = 0) -> tuple[int, Node, pyfuse3.EntryAttributes]:
         """Create and open a regular file; returns its handle, node and attributes."""
         parent, real, removed, owner_uid, owner_gid, _ = await self._new_entry(
             parent_ino, name, uid, gid)
@@ -70,9 +73,14 @@ class FileOps(EntryOps):
             os.close(fd)
             raise
         attributes = entry_attributes(node.ino, new, self.policy, merged_dir=False)
-        return self._register_fd(fd, node, writable=True), node, attributes
+        fh = self._register_fd(fd, node, writable=True)
+        # A setgid bit without group-execute, in a group from a setgid directory:
+        # the first write by a caller outside that group takes it, as in the kernel.
+        if new.mode & (statmod.S_ISUID | statmod.S_ISGID):
+            self.handles.file(fh).drops = self.dropped_privileges(node, Caller(uid, gid, pid))
+        return fh, node, attributes
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, caller: Caller | None = None) -> int:
         node = self.node(ino)
         if node.is_dir:
             raise OverlayError(errno.EISDIR)
@@ -84,14 +92,42 @@ class FileOps(EntryOps):
             fd = self.upper.open(node.path(), self._open_flags(flags)
                                  | (flags & os.O_TRUNC if writing else 0))
         else:
-            fd = self.layers[node.layer].open(node.path(), os.O_RDONLY | (flags & os.O_NOATIME))
-        return self._register_fd(fd, node, writing)
+            # A plugin's open may wait (a network): in the pool, unless it is inline.
+            fd = await run_deferred(self._open_lower, node, flags)
+        fh = self._register_fd(fd, node, writing)
+        if writing and caller is not None:
+            handle = self.handles.file(fh)
+            handle.drops = self.dropped_privileges(node, caller)
+            if handle.drops and flags & os.O_TRUNC:
+                self._drop_privileges(handle)  # the truncation was a change
+        return fh
+
+    def _open_lower(self, node: Node, flags: int) -> int:
+        if node.layer == self.upper_index:  # copied up while the open waited
+            assert self.upper is not None
+            return self.upper.open(node.path(), os.O_RDONLY)
+        return self.layers[node.layer].open(node.path(), os.O_RDONLY | (flags & os.O_NOATIME))
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._current_fd(fh), size, offset)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        return os.pwrite(self.handles.file(fh).fd, data, offset)
+        handle = self.handles.file(fh)
+        if handle.drops:
+            self._drop_privileges(handle)
+        return os.pwrite(handle.fd, data, offset)
+
+    def _drop_privileges(self, handle: FileHandle) -> None:
+        """A change through `handle` takes the setuid/setgid bits its opener may not keep."""
+        node = handle.node
+        mode = statmod.S_IMODE(self.attributes(node).st_mode)
+        if mode & handle.drops and not node.unlinked:
+            record = self._upper_override(node) if self.copy_policy.override_xattr else None
+            record = self._change_mode(handle.fd, record, mode & ~handle.drops)
+            if record is not None:
+                assert self.upper is not None and self.copy_policy.override_xattr is not None
+                os.setxattr(self.upper.real(node.path()), self.copy_policy.override_xattr,
+                            record.format(), follow_symlinks=False)
 
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)

@@ -1,0 +1,393 @@
+"""The mount server: each mount starts from a process that has pyfuse3 and trio loaded.
+
+Why: a container start waits for the mount program to return and then for the
+daemon's first answers (runc looks up the rootfs at once).  A fresh daemon
+answers only after importing pyfuse3, trio and the overlay (~65 ms warm, far
+more cold), which is most of what `podman run` loses against fuse-overlayfs.
+So the first `cshare-overlay` in a namespace also starts a server that
+imports all of that once and then waits; every later `cshare-overlay` there
+hands its command line to the server, which forks a daemon that checks,
+mounts and serves exactly as a directly started one would, minus the imports.
+
+The rules, and how they are kept:
+
+- *The caller's user and mount namespace, the caller's user.*  The server is
+  started by a `cshare-overlay` of that user in those namespaces, and its
+  socket's name carries the euid, both namespaces and the installation
+  (interpreter, package directory, newest module mtime), so a new version of
+  the code is never served by an old server.  Names in the abstract socket
+  namespace are visible to every process of the network namespace, so neither
+  side trusts the name: both read the other's pid, uid and gid with
+  SO_PEERCRED and compare its credentials (`fingerprint`: ids, groups,
+  capabilities, no_new_privs, seccomp, LSM label, namespaces) with their own.  A client
+  that finds a stranger on the name mounts directly; a server refuses a
+  stranger's request.  The request also names the installation, checked again.
+- *On demand, exits when idle.*  A client that finds no server starts one
+  (fork, exec of the same program with `--mount-server`) and mounts directly
+  itself; the server exits after `CSHARE_OVERLAY_SERVER_IDLE` seconds (default
+  60) without a request.  Mounts are not its children in any sense that
+  matters: each runs in its own session and outlives it.
+- *Fork before trio runs.*  The server imports trio but never runs it and
+  starts no thread (it checks: a second thread means it stops serving); each
+  request is a fork, and only the child calls pyfuse3.init and trio.run.
+- *A crash of one mount takes nothing else down.*  One process per mount, as
+  before; the server itself never touches a mount.
+- *umount and fusermount3 -u behave as now*, and so does every check and
+  message: the forked daemon runs the same code as a directly started one,
+  with the client's working directory, environment and command line.  Its
+  command line (what ps and `cshare rm`'s in-use check read) is rewritten to
+  the client's: the server was exec'd with a reserved argument area for that.
+
+The protocol, one connection per mount: the client sends the request
+(`encode_request`) and shuts down its sending side; the server answers `+`
+once it has forked (anything else before that, or nothing, means no mount was
+attempted and the client mounts directly); then the daemon writes what it
+writes to a direct parent: `\\0ready`, or the one-line reason it refused.
+Nothing here imports more than the standard library's C modules on the
+client's path: every mount waits for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+#: The hidden first argument that makes cshare-overlay the server (cshare-overlay(1), NOTES).
+SERVER_FLAG = "--mount-server"
+#: Bytes reserved for the forked daemons' command lines; a longer one mounts directly.
+ARGV_AREA = 65536
+#: Seconds without a request before the server exits.
+DEFAULT_IDLE = 60.0
+#: A client that sends nothing for this long is dropped (it cannot stall the server).
+REQUEST_TIMEOUT = 2.0
+MAX_REQUEST = 4 * ARGV_AREA
+_MAGIC = b"cshare-overlay-server 1"
+_ACCEPTED = b"+"
+_SOL_SOCKET = 1
+_SO_PEERCRED = 17
+
+
+class Refused(Exception):
+    """The server will not take this request; the reason is sent back."""
+
+
+# ------------------------------------------------------------------ who is who
+def _status_lines(proc: str) -> list[bytes]:
+    with open(f"{proc}/status", "rb") as f:
+        text = f.read()
+    keep = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:", b"CapBnd:",
+            b"CapAmb:", b"NoNewPrivs:", b"Seccomp:")
+    return [line for line in text.split(b"\n") if line.startswith(keep)]
+
+
+def _namespace(proc: str, kind: str) -> bytes:
+    st = os.stat(f"{proc}/ns/{kind}")
+    return b"%d:%d" % (st.st_dev, st.st_ino)
+
+
+def fingerprint(pid: int | str = "self") -> bytes:
+    """What must be equal for two processes to serve each other's mounts.
+
+    Raises OSError when the process is gone or not ours to inspect (another
+    user's /proc/PID/ns is not readable).
+    """
+    proc = f"/proc/{pid}"
+    parts = _status_lines(proc)
+    parts += [_namespace(proc, "user"), _namespace(proc, "mnt"), _security_label(proc)]
+    return b"\n".join(parts)
+
+
+def _security_label(proc: str) -> bytes:
+    """The LSM label (SELinux, AppArmor), when the kernel has one to show."""
+    try:
+        with open(f"{proc}/attr/current", "rb") as f:
+            return f.read().rstrip(b"\0\n")
+    except OSError:
+        return b""
+
+
+def installation() -> bytes:
+    """The code a server runs: interpreter, package directory, newest module."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    newest = 0
+    folders = [package]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.name.endswith(".py"):
+                    newest = max(newest, entry.stat().st_mtime_ns)
+                elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+    return b"\0".join([os.fsencode(sys.executable), os.fsencode(package), b"%d" % newest])
+
+
+def socket_name(install: bytes) -> bytes:
+    """The abstract socket name of this user's server in these namespaces for this code."""
+    import zlib
+
+    return b"\0cshare-overlay/%d/%s/%s/%08x" % (
+        os.geteuid(), _namespace("/proc/self", "user").split(b":")[1],
+        _namespace("/proc/self", "mnt").split(b":")[1], zlib.crc32(install))
+
+
+def peer_is_us(sock: object, own: bytes) -> bool:
+    """Whether the process at the other end of `sock` has our credentials and namespaces."""
+    import _struct
+
+    raw = sock.getsockopt(_SOL_SOCKET, _SO_PEERCRED, 12)  # type: ignore[attr-defined]
+    pid, uid, gid = _struct.unpack("3i", raw)
+    if uid != os.geteuid() or gid != os.getegid() or pid <= 0:
+        return False
+    try:
+        return fingerprint(pid) == own
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ the request
+def encode_request(install: bytes, cwd: bytes, cmdline: bytes, args: list[str],
+                   environ: dict[bytes, bytes]) -> bytes:
+    """The request: the installation, where the client runs, its raw command line
+    (/proc/self/cmdline, shown by the daemon), the arguments to parse, its environment."""
+    env = b"".join(k + b"=" + v + b"\0" for k, v in environ.items())
+    fields = [_MAGIC, install, cwd, cmdline, b"\0".join(os.fsencode(a) for a in args), env]
+    return b"".join(b"%d\n" % len(f) + f for f in fields)
+
+
+def decode_request(data: bytes) -> tuple[bytes, bytes, bytes, list[str], dict[bytes, bytes]]:
+    """(installation, cwd, raw command line, arguments, environment); Refused when malformed."""
+    fields: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        newline = data.find(b"\n", pos)
+        if newline < 0 or not data[pos:newline].isdigit():
+            raise Refused("malformed request")
+        size = int(data[pos:newline])
+        fields.append(data[newline + 1:newline + 1 + size])
+        pos = newline + 1 + size
+    if len(fields) != 6 or fields[0] != _MAGIC or pos != len(data):
+        raise Refused("malformed request")
+    env: dict[bytes, bytes] = {}
+    for item in fields[5].split(b"\0"):
+        if item:
+            key, _, value = item.partition(b"=")
+            env[key] = value
+    args = [os.fsdecode(a) for a in fields[4].split(b"\0")] if fields[4] else []
+    return fields[1], fields[2], fields[3], args, env
+
+
+# ------------------------------------------------------------------ the client
+def usable() -> bool:
+    """Whether this mount may go through a server (the caller checks the options)."""
+    return os.environ.get("CSHARE_OVERLAY_SERVER", "1") != "0" and os.geteuid() == 0
+
+
+def mount_through_server(args: list[str]) -> tuple[int, bytes] | None:
+    """Hand this process's command line to the server: (0 or 1, its answer), or
+    None when there is no server to use (one is started for the next mount) and
+    the caller mounts directly."""
+    import _socket
+
+    with open("/proc/self/cmdline", "rb") as f:
+        cmdline = f.read()
+    if len(cmdline) >= ARGV_AREA:
+        return None
+    try:
+        install = installation()
+        own = fingerprint()
+        name = socket_name(install)
+    except OSError:
+        return None
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.connect(name)
+        except OSError:
+            start_server()
+            return None
+        if not peer_is_us(sock, own):
+            return None  # a stranger holds the name: never tell it anything
+        sock.sendall(encode_request(install, os.getcwdb(), cmdline, args, dict(os.environb)))
+        sock.shutdown(_socket.SHUT_WR)
+        return _answer(sock)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def _answer(sock: object) -> tuple[int, bytes] | None:
+    chunks: list[bytes] = []
+    while True:
+        chunk = sock.recv(4096)  # type: ignore[attr-defined]
+        if not chunk:
+            break
+        chunks.append(chunk)
+    answer = b"".join(chunks)
+    if not answer.startswith(_ACCEPTED):
+        return None  # refused before forking, or the server was leaving: nothing was tried
+    answer = answer[1:]
+    return (0, answer) if answer == b"\0ready" else (1, answer)
+
+
+def start_server() -> None:
+    """Start a server in the background, in this process's namespaces and session-less."""
+    pid = os.fork()
+    if pid:
+        return  # the child is reparented when we exit; its stdio is not ours
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, 65536)
+        os.execv(*_server_command())
+    finally:
+        os._exit(127)
+
+
+def _server_command() -> tuple[str, list[str]]:
+    # The reserved area is the argument after the flag: spaces, as NUL cannot be passed.
+    area = " " * ARGV_AREA
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if script and os.access(script, os.X_OK) and not script.endswith(".py"):
+        return script, [script, SERVER_FLAG, area]
+    return sys.executable, [sys.executable, "-m", "cshare_fuse.main", SERVER_FLAG, area]
+
+
+# ------------------------------------------------------------------ the server
+def set_cmdline(cmdline: bytes) -> bool:
+    """Show `cmdline` (NUL-separated) as this process's command line, in the reserved area."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # Fields 48 and 49 of stat (1-based, counted from the pid), i.e. after "pid (comm)".
+    arg_start, arg_end = int(fields[45]), int(fields[46])
+    size = arg_end - arg_start
+    if len(cmdline) >= size:
+        return False
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(arg_start)
+        mem.write(cmdline + b"\0" * (size - len(cmdline)))
+    return True
+
+
+def serve(mount: Callable[[list[str], int], int]) -> int:
+    """Run the server until it has been idle long enough.  `mount(argv, ready_fd)`
+    is what a forked daemon runs (main's mount path), returning its exit code."""
+    import gc
+    import signal
+    import socket
+    import threading
+
+    preload()
+    install = installation()
+    own = fingerprint()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(socket_name(install))
+    except OSError:
+        return 0  # another server was started at the same moment: it serves
+    listener.listen(64)
+    set_cmdline(b"cshare-overlay: mount server\0")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the forked daemons
+    # What the daemons share with us stays shared: the collector would touch
+    # (and so copy) every page of these objects in each child.
+    gc.freeze()
+    idle = _idle_seconds()
+    while True:
+        if threading.active_count() != 1:
+            return 1  # a thread would not survive fork: stop serving, clients mount directly
+        listener.settimeout(idle)
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            return 0
+        with conn:
+            _handle(conn, listener, install, own, mount)
+
+
+def _idle_seconds() -> float:
+    try:
+        return max(0.1, float(os.environ.get("CSHARE_OVERLAY_SERVER_IDLE", DEFAULT_IDLE)))
+    except ValueError:
+        return DEFAULT_IDLE
+
+
+def preload() -> None:
+    """Import what every daemon imports, so that a forked one does not."""
+    import logging.handlers  # noqa: F401
+
+    import pyfuse3  # noqa: F401
+    import trio  # noqa: F401
+
+    from . import datasource, operations, overlay, session  # noqa: F401
+
+
+def _handle(conn: object, listener: object, install: bytes, own: bytes,
+            mount: Callable[[list[str], int], int]) -> None:
+    try:
+        if not peer_is_us(conn, own):
+            raise Refused("this mount server belongs to another user or namespace")
+        request = _read_request(conn)
+        their_install, cwd, cmdline, args, env = decode_request(request)
+        if their_install != install:
+            raise Refused("this mount server runs another installation of cshare-overlay")
+    except Refused as exc:
+        _send(conn, str(exc).encode())
+        return
+    except OSError:
+        return
+    if os.fork() == 0:
+        code = 1
+        try:
+            listener.close()  # type: ignore[attr-defined]
+            code = _daemon(conn, cwd, cmdline, args, env, mount)
+        finally:
+            os._exit(code)
+
+
+def _read_request(conn: object) -> bytes:
+    conn.settimeout(REQUEST_TIMEOUT)  # type: ignore[attr-defined]
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = conn.recv(65536)  # type: ignore[attr-defined]
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_REQUEST:
+            raise Refused("request too large")
+        chunks.append(chunk)
+
+
+def _send(conn: object, data: bytes) -> None:
+    try:
+        conn.sendall(data)  # type: ignore[attr-defined]
+    except OSError:
+        pass
+
+
+def _daemon(conn: object, cwd: bytes, cmdline: bytes, args: list[str],
+            env: dict[bytes, bytes], mount: Callable[[list[str], int], int]) -> int:
+    """In the forked child: become the client's daemon, then run main's mount path."""
+    import signal
+
+    from . import errors
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    conn.setblocking(True)  # type: ignore[attr-defined]
+    set_cmdline(cmdline)
+    sys.argv = [sys.argv[0], *args]
+    os.chdir(cwd)
+    os.environb.clear()
+    os.environb.update(env)
+    errors.read_injected_faults()
+    fd = os.dup(conn.fileno())  # type: ignore[attr-defined]
+    conn.close()  # type: ignore[attr-defined]
+    os.write(fd, _ACCEPTED)
+    return mount(args, fd)

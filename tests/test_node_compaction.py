@@ -37,7 +37,9 @@ def make_overlay(tmp_path: Path) -> Overlay:
 def walk(ov: Overlay, ino: int = 1) -> list[Node]:
     seen = []
     handle = ov.opendir(ino)
-    for _name, node in ov.dir_entries(handle, 0):
+    for name, node in ov.dir_entries(handle, 0):
+        if name in (b".", b".."):  # readdir gives them first, as the kernel does
+            continue
         ov.attributes(node)
         seen.append(node)
         if node.is_dir:

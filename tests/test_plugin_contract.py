@@ -269,7 +269,8 @@ def test_the_contract_is_typed_for_plugin_authors(tmp_path: Path) -> None:
 
     package = Path(cshare_fuse.__file__).parent
     assert (package / "py.typed").is_file()
-    project = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    # The project's own pyproject (cshare_fuse may be imported from an installation).
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["cshare_fuse"]
     env = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True,

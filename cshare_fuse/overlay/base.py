@@ -291,10 +291,7 @@ class OverlayBase:
         if statmod.S_ISREG(real.mode) and real.size > _THREAD_COPY_BYTES:
             # Large: copied in a thread so that other requests go on meanwhile;
             # the lock makes requests for this same node wait for the copy.
-            if node.lock is None:
-                node.lock = trio.Lock()
-            assert isinstance(node.lock, trio.Lock)
-            async with node.lock:
+            async with _node_lock(node):
                 if node.layer == self.upper_index:
                     return
                 identity = await trio.to_thread.run_sync(copy_up, *args)
@@ -304,10 +301,7 @@ class OverlayBase:
             # done and no lock (a trio checkpoint per copy-up) is needed.
             identity = copy_up(*args)
             self._now_in_upper(node)
-        if identity is None:
-            copied = upper.stat(path)
-            identity = (copied.dev, copied.ino) if copied is not None else None
-        node.backing_key = identity
+        node.backing_key = identity or _upper_identity(upper, path)
 
     async def _copy_up_in_pool(self, node: Node, source: LowerLayer, path: bytes,
                                upper: UpperLayer) -> None:
@@ -316,22 +310,18 @@ class OverlayBase:
         assert self.workdir is not None
         workdir, policy, want = self.workdir, self.copy_policy, node.lower_stat
 
-        def copy() -> None:
+        def copy() -> tuple[int, int] | None:
             real = source.raw_stat(path)
             wanted = want or source.stat(path)
             assert wanted is not None
-            copy_up(source, path, real, wanted, upper, workdir, policy)
+            return copy_up(source, path, real, wanted, upper, workdir, policy)
 
-        if node.lock is None:
-            node.lock = trio.Lock()
-        assert isinstance(node.lock, trio.Lock)
-        async with node.lock:
+        async with _node_lock(node):
             if node.layer == self.upper_index:
                 return
-            await run_in_pool(copy)
+            identity = await run_in_pool(copy)
             self._now_in_upper(node)
-        copied = upper.stat(path)
-        node.backing_key = (copied.dev, copied.ino) if copied is not None else None
+        node.backing_key = identity or _upper_identity(upper, path)
 
     def _now_in_upper(self, node: Node) -> None:
         # A copied-up name of a lower hardlink is a file of its own (link count
@@ -341,6 +331,20 @@ class OverlayBase:
             invalidate_entry(parent.ino, name)
         if was_linked:
             invalidate_attributes(node.ino)
+
+
+def _node_lock(node: Node) -> trio.Lock:
+    """The node's lock, made on first use (requests for a node wait for its copy-up)."""
+    if node.lock is None:
+        node.lock = trio.Lock()
+    assert isinstance(node.lock, trio.Lock)
+    return node.lock
+
+
+def _upper_identity(upper: UpperLayer, path: bytes) -> tuple[int, int] | None:
+    """The (dev, ino) of the upper copy at `path`, when copy-up did not report it."""
+    copied = upper.stat(path)
+    return (copied.dev, copied.ino) if copied is not None else None
 
 
 def invalidate_attributes(ino: int) -> None:

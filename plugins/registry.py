@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 from cshare_fuse import plugin_api
 from cshare_fuse.plugin_api import API_VERSION, DataSource, Stat
+from plugins.index_tree import IndexedSource
 from plugins.registry_cache import FileCache, default_cache
 from plugins.registry_fetch import Fetcher
 from plugins.registry_http import RegistryClient, check_address, check_repository
@@ -61,7 +62,6 @@ from plugins.registry_toc import (
 
 IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
                    "application/vnd.docker.distribution.manifest.v2+json")
-_ENODATA = getattr(errno, "ENODATA", 61)
 _OPEN_MODIFIERS = os.O_NOATIME | os.O_NONBLOCK
 
 
@@ -158,7 +158,7 @@ class _Manifests:
 _manifests = _Manifests()
 
 
-class RegistrySource(DataSource):
+class RegistrySource(IndexedSource[Entry]):
     """A layer tree from a TOC; file contents from the registry through the cache."""
 
     #: Everything but open answers from memory: only open may wait on the network.
@@ -187,12 +187,12 @@ class RegistrySource(DataSource):
         raw = self.client.blob_range(spec.repository, self.layer_digest, where.offset,
                                      where.offset + where.length)
         try:
-            self.tree = build_tree(decode_toc(raw, where))
+            self.index = build_tree(decode_toc(raw, where))
         except TocError as exc:
             raise TocError(f"layer {index} ({self.layer_digest}): {exc}") from None
         self.dev = (1 << 61) | int(self.layer_digest[7:19], 16)  # one per layer: see raw_stat
         self.fetcher = Fetcher(self.client, self.cache, spec.repository, self.layer_digest,
-                               data_entries(self.tree), self._layer_name(), _logger(),
+                               data_entries(self.index), self._layer_name(), _logger(),
                                wait_limit=spec.timeout * (spec.attempts + 1))
 
     def describe(self) -> str:
@@ -201,17 +201,9 @@ class RegistrySource(DataSource):
     def _layer_name(self) -> str:
         return f"layer {self.layer_digest} of {self.spec.registry}/{self.spec.repository}"
 
-    # -- the tree ----------------------------------------------------------------
-    def _entry(self, path: bytes) -> Entry:
-        entry = self.tree.get(path)
-        if entry is None:
-            parent = self.tree.get(path.rpartition(b"/")[0]) if path else None
-            err = errno.ENOTDIR if parent is not None and not parent.is_dir else errno.ENOENT
-            raise OSError(err, os.strerror(err), os.fsdecode(path))
-        return entry
-
+    # -- the tree: names, listings, symlinks, xattrs (IndexedSource) -------------
     def raw_stat(self, path: bytes) -> Stat:
-        e = self._entry(path)
+        e = self.entry(path)
         size = len(e.symlink) if stat.S_ISLNK(e.mode) else 4096 if e.is_dir else e.size
         # Entries have no inode on disk: numbers are the TOC's, on a device number
         # of this layer's own, so that no two layers' hardlinks are taken as one.
@@ -219,33 +211,9 @@ class RegistrySource(DataSource):
                     rdev=e.rdev, size=size, blocks=(size + 511) // 512, blksize=4096,
                     atime_ns=e.atime_ns, mtime_ns=e.mtime_ns, ctime_ns=e.ctime_ns)
 
-    def exists(self, path: bytes) -> bool:
-        return path in self.tree
-
-    def readdir(self, path: bytes) -> list[bytes]:
-        entry = self._entry(path)
-        if not entry.is_dir:
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fsdecode(path))
-        return list(entry.children)
-
-    def readlink(self, path: bytes) -> bytes:
-        entry = self._entry(path)
-        if not stat.S_ISLNK(entry.mode):
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), os.fsdecode(path))
-        return entry.symlink
-
-    def getxattr(self, path: bytes, name: str) -> bytes:
-        try:
-            return self._entry(path).xattrs[name]
-        except KeyError:
-            raise OSError(_ENODATA, os.strerror(_ENODATA), os.fsdecode(path)) from None
-
-    def listxattr(self, path: bytes) -> list[str]:
-        return list(self._entry(path).xattrs)
-
     # -- file data ---------------------------------------------------------------
     def open(self, path: bytes, flags: int) -> int:
-        entry = self._entry(path)
+        entry = self.entry(path)
         if not stat.S_ISREG(entry.mode):
             raise OSError(errno.EINVAL, "not a regular file", os.fsdecode(path))
         if not entry.has_data:

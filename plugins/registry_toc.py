@@ -37,7 +37,9 @@ import json
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from plugins.index_tree import IndexBuilder, Node, layer_path
 
 POSITION_KEYS = (
     "io.containers.zstd-chunked.manifest-position",
@@ -132,31 +134,16 @@ def decode_toc(raw: bytes, where: TocLocation) -> list[dict[str, object]]:
     return doc["entries"]
 
 
-@dataclass
-class Entry:
+@dataclass(kw_only=True)
+class Entry(Node):
     """One name of the layer, as the plugin reports it."""
 
-    mode: int  # type bits | permission bits
-    ino: int
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    mtime_ns: int = 0
+    ino: int  # the TOC's entries have no inode on disk: numbered in TOC order
     atime_ns: int = 0
     ctime_ns: int = 0
-    rdev: int = 0
-    symlink: bytes = b""
-    link_to: bytes | None = None  # a hardlink: the first name of its file
     digest: str = ""  # a regular file with data: sha256 of its contents
     offset: int = 0  # ... and the compressed range of its frames in the blob
     end_offset: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-    children: dict[bytes, None] = field(default_factory=dict)  # ordered set of names
-    nlink: int = 1
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
 
     @property
     def has_data(self) -> bool:
@@ -191,20 +178,10 @@ def parse_time_ns(value: object) -> int:
 
 
 def normalize(name: object, what: str) -> bytes:
-    """A TOC name as a layer-relative path; b"" is the root.  Refuses escapes."""
+    """A TOC name (UTF-8, as JSON has it) as a layer-relative path; b"" is the root."""
     if not isinstance(name, str):
         raise TocError(f"{what} has no name")
-    raw = name.encode("utf-8", "surrogateescape")
-    if raw.startswith(b"/"):
-        raise TocError(f"{what} {name!r} is an absolute path")
-    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
-    if b".." in parts:
-        raise TocError(f"{what} {name!r} contains '..'")
-    return b"/".join(parts)
-
-
-def _parent(path: bytes) -> bytes:
-    return path.rpartition(b"/")[0]
+    return layer_path(name.encode("utf-8", "surrogateescape"), name, what, TocError)
 
 
 def _int(raw: Mapping[str, object], key: str) -> int:
@@ -257,22 +234,11 @@ def entry_of(raw: Mapping[str, object], ino: int) -> Entry:
 
 def build_tree(records: list[dict[str, object]], layer_time_ns: int = 0) -> dict[bytes, Entry]:
     """Every name of the layer (and the directories its names imply), by layer path."""
-    tree: dict[bytes, Entry] = {b"": Entry(mode=stat.S_IFDIR | 0o755, ino=1,
-                                           mtime_ns=layer_time_ns)}
-    inos = iter(range(2, 1 << 62))
-
-    def directory(path: bytes, name: object) -> Entry:
-        found = tree.get(path)
-        if found is None:
-            parent = directory(_parent(path), name)
-            found = Entry(mode=stat.S_IFDIR | 0o755, ino=next(inos), mtime_ns=layer_time_ns)
-            tree[path] = found
-            parent.children[path.rpartition(b"/")[2]] = None
-        elif not found.is_dir:
-            raise TocError(f"entry {name!r} is below {path.decode(errors='replace')!r}, "
-                           "which is not a directory")
-        return found
-
+    inos = iter(range(2, 1 << 62))  # 1 is the root's
+    builder = IndexBuilder(
+        Entry(mode=stat.S_IFDIR | 0o755, ino=1, mtime_ns=layer_time_ns),
+        lambda: Entry(mode=stat.S_IFDIR | 0o755, ino=next(inos), mtime_ns=layer_time_ns),
+        TocError, "entry")
     for raw in records:
         if not isinstance(raw, dict):
             raise TocError("a TOC entry is not an object")
@@ -281,53 +247,16 @@ def build_tree(records: list[dict[str, object]], layer_time_ns: int = 0) -> dict
         path = normalize(raw.get("name"), "entry")
         if raw.get("type") == "hardlink":
             target = normalize(raw.get("linkName"), f"hardlink {raw.get('name')!r} ->")
-            first = tree.get(target)
-            if first is None or first.is_dir:
-                raise TocError(f"hardlink {raw.get('name')!r} points to "
-                               f"{raw.get('linkName')!r}, not an earlier non-directory")
-            canonical = first.link_to if first.link_to is not None else target
-            if canonical == path:
-                continue
-            origin = tree[canonical]
-            entry = Entry(mode=origin.mode, ino=origin.ino, uid=origin.uid, gid=origin.gid,
-                          size=origin.size, mtime_ns=origin.mtime_ns, atime_ns=origin.atime_ns,
-                          ctime_ns=origin.ctime_ns, rdev=origin.rdev, symlink=origin.symlink,
-                          link_to=canonical, digest=origin.digest, offset=origin.offset,
-                          end_offset=origin.end_offset, xattrs=origin.xattrs)
+            linked = builder.hardlink(path, target, raw.get("name"), raw.get("linkName"))
+            if linked is None:
+                continue  # a link to itself changes nothing
+            entry = linked  # the same inode number: the overlay sees one file
         else:
             entry = entry_of(raw, next(inos))
-        if path == b"":
-            if not entry.is_dir:
-                raise TocError("the TOC's root entry is not a directory")
-            entry.ino, entry.children = 1, tree[b""].children
-            tree[b""] = entry
-            continue
-        parent = directory(_parent(path), raw.get("name"))
-        old = tree.get(path)
-        if old is not None and old.is_dir:
-            if not entry.is_dir and old.children:
-                raise TocError(f"entry {raw.get('name')!r} replaces a directory with entries")
-            if entry.is_dir:
-                entry.children = old.children
-        tree[path] = entry
-        parent.children[path.rpartition(b"/")[2]] = None
-    _count_links(tree)
-    return tree
-
-
-def _count_links(tree: dict[bytes, Entry]) -> None:
-    """nlink: a directory has "." and each subdirectory's ".."; a file one per name."""
-    for entry in tree.values():
-        if entry.is_dir:
-            entry.nlink = 2
-    for path, entry in tree.items():
-        if entry.is_dir and path:
-            tree[_parent(path)].nlink += 1
-        elif entry.link_to is not None:
-            tree[entry.link_to].nlink += 1
-    for entry in tree.values():
-        if entry.link_to is not None:
-            entry.nlink = tree[entry.link_to].nlink
+            if path == b"":
+                entry.ino = 1  # the root keeps its number whatever the TOC calls it
+        builder.add(path, entry, raw.get("name"))
+    return builder.finish()
 
 
 def data_entries(tree: dict[bytes, Entry]) -> list[tuple[bytes, Entry]]:

@@ -45,7 +45,8 @@ If the archive's root entry carries an override xattr (a converted tree packed
 with `tar --xattrs`), the layer honours overrides like a converted directory.
 DATA must not contain ',' or ':' (the option syntax uses them).
 
-Written only against cshare_fuse.plugin_api, exactly as a third party would.
+Written only against cshare_fuse.plugin_api, exactly as a third party would;
+the index tree it shares with the registry plugin (plugins/index_tree) is too.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import shutil
 import stat
 import tarfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cshare_fuse.plugin_api import (
     ALL_METHODS,
@@ -67,10 +68,10 @@ from cshare_fuse.plugin_api import (
     DataSource,
     Stat,
 )
+from plugins.index_tree import IndexBuilder, IndexedSource, Node, basename, layer_path, parent
 
 DEFAULT_ARCHIVE = "layer.tar"
 _XATTR_PREFIX = "SCHILY.xattr."
-_ENODATA = getattr(errno, "ENODATA", 61)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -79,44 +80,10 @@ class ArchiveError(ValueError):
 
 
 @dataclass
-class Entry:
+class Entry(Node):
     """One name of the archive, as the layer reports it."""
 
-    mode: int  # type bits | permission bits
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    mtime_ns: int = 0
-    rdev: int = 0
-    symlink: bytes = b""  # target, for a symlink
-    link_to: bytes | None = None  # for a hardlink: the first name of the inode
     member: tarfile.TarInfo | None = None  # None for a directory the archive only implies
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-    children: dict[bytes, None] = field(default_factory=dict)  # ordered set of names
-    nlink: int = 1
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-
-def _normalize(name: str, what: str) -> bytes:
-    """A member name as a layer-relative path; b"" is the root.  Refuses escapes."""
-    raw = os.fsencode(name)
-    if raw.startswith(b"/"):
-        raise ArchiveError(f"{what} {name!r} is an absolute path")
-    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
-    if b".." in parts:
-        raise ArchiveError(f"{what} {name!r} contains '..'")
-    return b"/".join(parts)
-
-
-def _parent(path: bytes) -> bytes:
-    return path.rpartition(b"/")[0]
-
-
-def _basename(path: bytes) -> bytes:
-    return path.rpartition(b"/")[2]
 
 
 def _type_bits(member: tarfile.TarInfo) -> int:
@@ -156,87 +123,37 @@ def _entry_of(member: tarfile.TarInfo) -> Entry:
     )
 
 
+def _normalize(name: str, what: str) -> bytes:
+    """A member name as a layer path; tarfile decoded it with the file system encoding."""
+    return layer_path(os.fsencode(name), name, what, ArchiveError)
+
+
 def build_index(members: list[tarfile.TarInfo], default_mtime_ns: int) -> dict[bytes, Entry]:
     """Every name of the archive (and the directories it implies), by layer path."""
-    index: dict[bytes, Entry] = {b"": Entry(mode=stat.S_IFDIR | 0o755, mtime_ns=default_mtime_ns)}
-
-    def directory(path: bytes, member_name: str) -> Entry:
-        """The directory `path`, created (implied) if the archive has not named it yet."""
-        found = index.get(path)
-        if found is None:
-            parent = directory(_parent(path), member_name)
-            found = Entry(mode=stat.S_IFDIR | 0o755, mtime_ns=default_mtime_ns)
-            index[path] = found
-            parent.children[_basename(path)] = None
-        elif not found.is_dir:
-            raise ArchiveError(f"member {member_name!r} is below {os.fsdecode(path)!r}, "
-                               "which is not a directory")
-        return found
-
+    builder = IndexBuilder(
+        Entry(mode=stat.S_IFDIR | 0o755, mtime_ns=default_mtime_ns),
+        lambda: Entry(mode=stat.S_IFDIR | 0o755, mtime_ns=default_mtime_ns),
+        ArchiveError, "member")
     for member in members:
         path = _normalize(member.name, "member")
         if member.islnk():
-            linked = _hardlink_entry(index, member, path)
+            target = _normalize(member.linkname, f"hardlink {member.name!r} ->")
+            linked = builder.hardlink(path, target, member.name, member.linkname)
             if linked is None:
                 continue  # a link to itself changes nothing
+            linked.member = member  # its own header; the data is the first name's
             entry = linked
         else:
             entry = _entry_of(member)
-        if path == b"":
-            if not entry.is_dir:
-                raise ArchiveError(f"member {member.name!r} names the root but is not a directory")
-            entry.children = index[b""].children
-            index[b""] = entry
-            continue
-        parent = directory(_parent(path), member.name)
-        old = index.get(path)
-        if old is not None and old.is_dir:
-            if not entry.is_dir:
-                if old.children:
-                    raise ArchiveError(f"member {member.name!r} replaces a directory that "
-                                       "has members below it")
-            else:
-                entry.children = old.children  # a directory named twice keeps its members
-        index[path] = entry
-        parent.children[_basename(path)] = None
-
-    _count_links(index)
-    return index
+        builder.add(path, entry, member.name)
+    return builder.finish()
 
 
-def _hardlink_entry(index: dict[bytes, Entry], member: tarfile.TarInfo, path: bytes) -> Entry | None:
-    """The entry of hardlink `member` at `path` (None: a link to itself)."""
-    target = _normalize(member.linkname, f"hardlink {member.name!r} ->")
-    first = index.get(target)
-    if first is None or first.is_dir or first.member is None:
-        raise ArchiveError(f"hardlink {member.name!r} points to {member.linkname!r}, "
-                           "which is not an earlier non-directory member")
-    canonical = first.link_to if first.link_to is not None else target
-    if canonical == path:
-        return None
-    origin = index[canonical]
-    return Entry(mode=origin.mode, uid=origin.uid, gid=origin.gid, size=origin.size,
-                 mtime_ns=origin.mtime_ns, rdev=origin.rdev, symlink=origin.symlink,
-                 link_to=canonical, member=member, xattrs=origin.xattrs)
+class TarSource(IndexedSource[Entry]):
+    """A layer whose tree is the index of a tar archive, extracted into `cache/root`.
 
-
-def _count_links(index: dict[bytes, Entry]) -> None:
-    """nlink: a directory has its "." and each subdirectory's ".."; a file its names."""
-    for entry in index.values():
-        if entry.is_dir:
-            entry.nlink = 2
-    for path, entry in index.items():
-        if entry.is_dir and path:
-            index[_parent(path)].nlink += 1
-        elif entry.link_to is not None:
-            index[entry.link_to].nlink += 1
-    for entry in index.values():
-        if entry.link_to is not None:
-            entry.nlink = index[entry.link_to].nlink
-
-
-class TarSource(DataSource):
-    """A layer whose tree is the index of a tar archive, extracted into `cache/root`."""
+    Names, listings, symlinks and xattrs are answered from the index (IndexedSource).
+    """
 
     #: Answers come from the index in memory and from creating empty entries;
     #: only `open` may take long (it extracts the file's data, decompressing a
@@ -304,17 +221,6 @@ class TarSource(DataSource):
         """Files whose data this data source extracted or found complete (for tests)."""
         return set(self._filled)
 
-    # -- lookup of the index -----------------------------------------------------------
-    def _entry(self, path: bytes) -> Entry:
-        entry = self.index.get(path)
-        if entry is None:
-            parent = self.index.get(_parent(path)) if path else None
-            if parent is not None and not parent.is_dir:
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
-                                         os.fsdecode(path))
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(path))
-        return entry
-
     # -- materialization -----------------------------------------------------------------
     def _open_dir(self, path: bytes) -> int:
         """An fd on the extracted directory `path`, walked without following symlinks."""
@@ -336,19 +242,19 @@ class TarSource(DataSource):
         """Extract `path` (and its parents) unless already done."""
         if path in self._done:
             return
-        entry = self._entry(path)
+        entry = self.entry(path)
         with self._lock:
             if path in self._done:
                 return
-            self._ensure(_parent(path))
+            self._ensure(parent(path))
             if entry.link_to is not None:
                 self._ensure(entry.link_to)
             self._extract(path, entry)
             self._done.add(path)
 
     def _extract(self, path: bytes, entry: Entry) -> None:
-        name = _basename(path)
-        dir_fd = self._open_dir(_parent(path))
+        name = basename(path)
+        dir_fd = self._open_dir(parent(path))
         try:
             try:
                 os.lstat(name, dir_fd=dir_fd)
@@ -362,9 +268,9 @@ class TarSource(DataSource):
                     pass
                 return
             if entry.link_to is not None:
-                source_fd = self._open_dir(_parent(entry.link_to))
+                source_fd = self._open_dir(parent(entry.link_to))
                 try:
-                    os.link(_basename(entry.link_to), name, src_dir_fd=source_fd,
+                    os.link(basename(entry.link_to), name, src_dir_fd=source_fd,
                             dst_dir_fd=dir_fd, follow_symlinks=False)
                 except FileExistsError:
                     pass
@@ -407,9 +313,9 @@ class TarSource(DataSource):
             self._ensure(first)
             member = self.index[first].member
             assert member is not None  # a regular file always comes from a member
-            dir_fd = self._open_dir(_parent(first))
+            dir_fd = self._open_dir(parent(first))
             try:
-                fd = os.open(_basename(first), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                fd = os.open(basename(first), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=dir_fd)
             finally:
                 os.close(dir_fd)
@@ -455,21 +361,6 @@ class TarSource(DataSource):
                     blocks=blocks, blksize=disk.st_blksize, atime_ns=entry.mtime_ns,
                     mtime_ns=entry.mtime_ns, ctime_ns=entry.mtime_ns)
 
-    def exists(self, path: bytes) -> bool:
-        return path in self.index
-
-    def readdir(self, path: bytes) -> list[bytes]:
-        entry = self._entry(path)
-        if not entry.is_dir:
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.fsdecode(path))
-        return list(entry.children)
-
-    def readlink(self, path: bytes) -> bytes:
-        entry = self._entry(path)
-        if not stat.S_ISLNK(entry.mode):
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), os.fsdecode(path))
-        return entry.symlink
-
     def may_block(self, method: str, path: bytes) -> bool:
         """Only an open whose data is not extracted yet (a stat of the copy, at most)."""
         entry = self.index.get(path)
@@ -488,16 +379,6 @@ class TarSource(DataSource):
         self._ensure(path)
         self._fill(path)
         return super().open(path, flags)
-
-    def getxattr(self, path: bytes, name: str) -> bytes:
-        entry = self._entry(path)
-        try:
-            return entry.xattrs[name]
-        except KeyError:
-            raise OSError(_ENODATA, os.strerror(_ENODATA), os.fsdecode(path)) from None
-
-    def listxattr(self, path: bytes) -> list[str]:
-        return list(self._entry(path).xattrs)
 
 
 class TarPlugin:

@@ -133,8 +133,8 @@ class IndexBuilder(Generic[N]):
         if old is not None and old.is_dir:
             if not node.is_dir:
                 if old.children:
-                    raise self._error(f"{self._noun} {name!r} replaces a directory that has "
-                                      f"{self._noun}s below it")
+                    raise self._error(f"{self._noun} {name!r} replaces a directory that "
+                                      "is not empty")
             else:
                 node.children = old.children  # a directory named twice keeps its children
         self.index[path] = node

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
-from typing import Generic, TypeVar
 
-from .walk import Dir, WalkReport
+from .walk import Dir
 
 CONVERT_TMP_PREFIX = ".cshare-convert-tmp."
 RESTORE_TMP_PREFIX = ".cshare-restore-tmp."
@@ -97,6 +95,11 @@ def put_back_times(d: Dir) -> None:
 def remove_leftover(d: Dir, name: str) -> None:
     """Delete a temporary entry an interrupted run left behind."""
     before_namespace_change(d)
+    clear_temporary(d, name)
+
+
+def clear_temporary(d: Dir, name: str) -> None:
+    """Unlink the temporary entry `name` of `d` if there is one (a killed run's), to make it afresh."""
     try:
         os.unlink(name, dir_fd=d.fd)
     except FileNotFoundError:
@@ -108,50 +111,3 @@ def link_fd(fd: int, d: Dir, name: str) -> None:
     # linkat(AT_SYMLINK_FOLLOW) through /proc/self/fd links the inode itself;
     # it needs no path of the first name, which may have been renamed since.
     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=d.fd, follow_symlinks=True)
-
-
-_Report = TypeVar("_Report", bound=WalkReport)
-
-
-class MarkingVisitor(Generic[_Report]):
-    """What the walk visitors of convert and restore share.
-
-    Their report, the dry-run flag, the progress callback, the list of
-    deferred paths a tree.parallel worker fills, and the handling of the
-    directory-times marks above on entering (`resume`) and leaving.
-    """
-
-    def __init__(self, report: _Report, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
-        self.report = report
-        self.dry_run = dry_run
-        self.on_entry = on_entry
-        self.defer: list[str] | None = None  # set in a worker process (tree.parallel)
-
-    def resume(self, d: Dir, names: frozenset[str]) -> bool:
-        """Pick up the times an interrupted run recorded for `d`; False skips it (bad mark)."""
-        if self.dry_run:
-            return True
-        try:
-            load_times(d, names)
-        except ValueError as exc:
-            self.report.errors.append((d.path, str(exc)))
-            return False
-        return True
-
-    def leave(self, d: Dir) -> None:
-        if not self.dry_run:
-            put_back_times(d)
-
-    def error(self, path: str, message: str) -> None:
-        self.report.errors.append((path, message))
-
-    def other_filesystem(self, path: str) -> None:
-        self.report.skipped_mounts.append(path)
-
-    def absorb(self, report: _Report) -> None:
-        self.report.add(report)
-
-    def _count(self) -> None:
-        self.report.entries += 1
-        if self.on_entry is not None:
-            self.on_entry()

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from cshare_fuse.formats import markers
 from cshare_fuse.formats.overrides import ALL_OVERRIDE_XATTRS, Override, OverrideError, parse_named
 
-from . import marks
-from .parallel import default_processes, walk_parallel
-from .walk import Dir, WalkReport, display, walk
+from . import inplace, marks
+from .walk import Dir, WalkReport, display
 
 _OVERRIDE_NAMES = frozenset(ALL_OVERRIDE_XATTRS)
-_TMP_START = marks.TEMPORARY_START
 _SPECIAL_TYPES = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
@@ -39,65 +36,40 @@ class RestoreReport(WalkReport):
     opaque_removed: int
 
 
-class _Shared:
+class _Shared(inplace.SharedState):
     """What the walk's threads share: hardlinks seen, recreated nodes, parsed values."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()  # guards seen and nodes
-        self.seen: set[int] = set()
-        self.nodes: dict[int, int] = {}  # placeholder ino -> O_PATH fd of the recreated node
+        super().__init__()
         self.parsed: dict[tuple[str, bytes], Override] = {}  # values repeat: parse each once
 
-    def close(self) -> None:
-        for fd in self.nodes.values():
-            os.close(fd)
-        self.nodes.clear()
 
-
-class _Restorer(marks.MarkingVisitor[RestoreReport]):
+class _Restorer(inplace.InPlaceVisitor[RestoreReport, _Shared]):
     """The walk visitor; one per thread, each with its own report."""
 
     def __init__(self, shared: _Shared, dry_run: bool, on_entry: Callable[[], None] | None) -> None:
-        super().__init__(RestoreReport(), dry_run, on_entry)
-        self.shared = shared
-        self.parsed = shared.parsed
+        super().__init__(RestoreReport(), shared, dry_run, on_entry)
+        self.parsed = shared.parsed  # one attribute lookup less per record
 
     # ------------------------------------------------------------------ visitor
-    def enter(self, d: Dir, names: frozenset[str]) -> bool:
-        self._count()
-        if not self.resume(d, names):
-            return False
+    def directory(self, d: Dir, names: frozenset[str]) -> None:
         if marks.OPAQUE_ADDED in names:
             self._opaque(d, names)
         self._restore_inode(d, names)
-        return True
 
-    def file(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
-        if st.st_nlink > 1 and self.defer is not None:
-            self.defer.append(d.join(name))  # other names may be in other workers' directories
-            return
-        self.report.entries += 1
-        if self.on_entry is not None:
-            self.on_entry()
-        if name.startswith(_TMP_START) and marks.is_temporary(name):
-            if self.dry_run:
-                self.report.changes.append(f"remove leftover temporary file: {display(d.join(name))}")
-            else:
-                marks.remove_leftover(d, name)
-            return
+    def regular(self, d: Dir, name: str, fd: int, st: os.stat_result, names: frozenset[str]) -> None:
         shared = self.shared
-        if st.st_nlink > 1 or st.st_ino in shared.nodes:
+        if st.st_nlink > 1 or st.st_ino in shared.replaced:
             # A hardlinked inode: decide and act under the lock, so that two names
             # of one placeholder seen by two threads end up as one node.
             with shared.lock:
-                if st.st_ino in shared.nodes:
+                if st.st_ino in shared.replaced:
                     # Another name of a placeholder already recreated (its link count
                     # has dropped by now, so the inode number is what tells).
                     self._relink(d, name, st)
                     return
-                if st.st_ino in shared.seen:
+                if not shared.first_time_locked(st.st_ino):
                     return  # restored through its first name
-                shared.seen.add(st.st_ino)
                 self._restore_file(d, name, fd, st, names)
             return
         self._restore_file(d, name, fd, st, names)
@@ -117,16 +89,9 @@ class _Restorer(marks.MarkingVisitor[RestoreReport]):
                 (d.join(name), f"records type {override.type_name()} but is a regular file; left untouched")
             )
 
-    def special(self, d: Dir, name: str, st: os.stat_result) -> None:
-        if st.st_nlink > 1 and self.defer is not None:
-            self.defer.append(d.join(name))
-            return
-        self._count()
+    def other(self, d: Dir, name: str, st: os.stat_result) -> None:
         if marks.is_temporary(name) and not stat.S_ISLNK(st.st_mode):
-            if self.dry_run:
-                self.report.changes.append(f"remove leftover temporary node: {display(d.join(name))}")
-            else:
-                marks.remove_leftover(d, name)
+            self.leftover(d, name, "node")
 
     # ------------------------------------------------------------------ work
     def _parse(self, fd: int, names: frozenset[str], d: Dir, name: str | None) -> Override | None:
@@ -207,7 +172,7 @@ class _Restorer(marks.MarkingVisitor[RestoreReport]):
             return
         marks.before_namespace_change(d)
         tmp = marks.temporary_name(marks.RESTORE_TMP_PREFIX, st.st_ino)
-        _unlink_quietly(d, tmp)
+        marks.clear_temporary(d, tmp)
         assert override.file_type is not None
         os.mknod(tmp, override.file_type | override.mode, override.rdev, dir_fd=d.fd)
         os.chown(tmp, override.uid, override.gid, dir_fd=d.fd, follow_symlinks=False)
@@ -215,17 +180,17 @@ class _Restorer(marks.MarkingVisitor[RestoreReport]):
         os.chmod(tmp, override.mode, dir_fd=d.fd)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=d.fd, follow_symlinks=False)
         if st.st_nlink > 1:
-            self.shared.nodes[st.st_ino] = os.open(
+            self.shared.replaced[st.st_ino] = os.open(
                 tmp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d.fd
             )
         os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
 
     def _relink(self, d: Dir, name: str, st: os.stat_result) -> None:
         """Another name of a placeholder already recreated: link it to the new node."""
-        node = self.shared.nodes[st.st_ino]
+        node = self.shared.replaced[st.st_ino]
         marks.before_namespace_change(d)
         tmp = marks.temporary_name(marks.RESTORE_TMP_PREFIX, st.st_ino)
-        _unlink_quietly(d, tmp)
+        marks.clear_temporary(d, tmp)
         marks.link_fd(node, d, tmp)
         os.rename(tmp, name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
 
@@ -233,13 +198,6 @@ class _Restorer(marks.MarkingVisitor[RestoreReport]):
 def _where(d: Dir, name: str | None) -> str:
     """The path of entry `name` of `d`, or of `d` itself when `name` is None."""
     return d.path if name is None else d.join(name)
-
-
-def _unlink_quietly(d: Dir, name: str) -> None:
-    try:
-        os.unlink(name, dir_fd=d.fd)
-    except FileNotFoundError:
-        pass
 
 
 def restore_tree(
@@ -258,16 +216,8 @@ def restore_tree(
     """
     shared = _Shared()
     try:
-        if workers is not None and workers > 1 and not dry_run:
-            restorers = [_Restorer(shared, dry_run, on_entry) for _ in range(workers)]
-            walk(Path(root), list(restorers))
-        else:
-            restorers = [_Restorer(shared, dry_run, on_entry)]
-            count = processes if processes is not None else default_processes()
-            if count > 1 and not dry_run:
-                walk_parallel(Path(root), restorers[0], count)
-            else:
-                walk(Path(root), restorers[0])
+        restorers = inplace.walk_in_place(Path(root), lambda: _Restorer(shared, dry_run, on_entry),
+                                          dry_run=dry_run, workers=workers, processes=processes)
     finally:
         shared.close()
     return RestoreReport.total(x.report for x in restorers)

@@ -24,9 +24,11 @@ Values are seconds unless the metric's `unit` says otherwise ("MB").  Values
 recorded in the same order for both systems are paired run by run: the
 `spread` of a ratio is the lowest and highest of those per-run ratios.  For
 `make bench` (python -m bench) a module also offers `collect(argv) ->
-Report`, which runs it (printing its own table and JSON, as `main` does) and
-returns the report; bench/__main__.py lists the modules and prints every row
-of every report in one table.
+Report`, which runs it (printing its own table and JSON, as running the module
+does: `run_collect`) and returns the report; bench/__main__.py lists the
+modules and prints every row of every report in one table.  A `collect` is
+`begin` (options, root, bytecode), the module's own data and run, and
+`timed_report`.
 
 Everything here except the functions that touch the machine (drop_caches,
 run_timed, prepared_data, require_root) is pure and unit-tested in
@@ -36,6 +38,7 @@ tests/test_bench_common.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -45,11 +48,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -495,6 +498,14 @@ def argument_parser(prog: str, description: str, systems: Sequence[str], json_na
     return p
 
 
+def cshare_options_argument(p: argparse.ArgumentParser) -> None:
+    """--cshare-options, for the modules that mount cshare-overlay beside other overlays."""
+    p.add_argument(
+        "--cshare-options", default="", metavar="OPTS",
+        help="extra -o options for cshare-overlay only (to compare a tuning), e.g. 'timeout=0'",
+    )
+
+
 def finish_args(p: argparse.ArgumentParser, args: argparse.Namespace, systems: Sequence[str]) -> None:
     """Apply --quick defaults and check values, exiting with argparse's usage error if bad."""
     if args.repeat is None:
@@ -531,6 +542,55 @@ def precompile_cshare() -> None:
             compileall.compile_dir(location, quiet=2)
 
 
+def begin(
+    prog: str,
+    description: str,
+    systems: Sequence[str],
+    json_name: str,
+    argv: list[str] | None,
+    *,
+    root_because: str,
+    more_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """What a module's `collect` does first: its command line, parsed and checked, then root and bytecode.
+
+    `more_arguments` adds the module's own options to the common ones;
+    `root_because` says, for the refusal, why the module must run as root.
+    """
+    parser = argument_parser(prog, description, systems, json_name)
+    if more_arguments is not None:
+        more_arguments(parser)
+    args = parser.parse_args(argv)
+    finish_args(parser, args, systems)
+    require_root(prog, root_because)
+    precompile_cshare()
+    return args
+
+
+def timed_report(run: Callable[[], Report], title: str, json_path: Path) -> Report:
+    """What a module's `collect` does last: `run` the benchmark, note how long the whole run took
+    (params.duration_s), print the table, write the JSON, and return the report."""
+    start = time.perf_counter()
+    report = run()
+    report.params["duration_s"] = round(time.perf_counter() - start, 1)
+    show(report, title, json_path)
+    return report
+
+
+def run_collect(prog: str, collect: Callable[[list[str] | None], Report]) -> None:
+    """A module run as a program (`python -m bench.NAME`): `collect` on sys.argv, then exit 0.
+
+    The report is printed and written by `collect` itself; only failures to
+    start (argparse, root) exit otherwise.
+    """
+
+    def body() -> int:
+        collect(None)
+        return 0
+
+    run_main(prog, body)
+
+
 def run_main(prog: str, body: Callable[[], int]) -> None:
     """Run `body` so that Ctrl-C and SIGTERM unwind through every finally (cleanup), then exit."""
 
@@ -544,6 +604,56 @@ def run_main(prog: str, body: Callable[[], int]) -> None:
         print(f"{prog}: interrupted; mounts and temporary data were cleaned up", file=sys.stderr)
         code = 130
     raise SystemExit(code)
+
+
+# ------------------------------------------------------------------ measuring
+class DataShape:
+    """Mixed into a benchmark's frozen dataclass of data sizes: its fields are the data's stamp and params."""
+
+    def as_params(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def rotated(systems: Sequence[str], run: int) -> list[str]:
+    """The systems of run number `run`, starting one further each run: no system always goes first
+    (into the coldest or the warmest machine)."""
+    k = run % len(systems)
+    return [*systems[k:], *systems[:k]]
+
+
+class Described(Protocol):
+    """A system under test that can say how it is started and which version it is."""
+
+    def command(self) -> list[str]: ...
+
+    def version(self) -> str: ...
+
+
+def describe_systems(report: Report, systems: Mapping[str, Described]) -> None:
+    """Each system's command line and version into the report's system_info (its JSON)."""
+    for name, system in systems.items():
+        try:
+            cmd = " ".join(system.command())
+        except BenchFailure as exc:
+            cmd = f"unavailable: {exc}"
+        report.system_info[name] = {"command": cmd, "version": system.version()}
+
+
+def measure(report: Report, metric: str, system: str, action: Callable[[], float]) -> bool:
+    """Record one value of `action` or the reason it failed; False when the mount is suspect (a hang).
+
+    A cell that failed in an earlier run is not measured again (it has no median anyway).
+    """
+    if report.failed(metric, system):
+        return True
+    try:
+        seconds = action()
+    except BenchFailure as exc:
+        report.fail(metric, system, str(exc))
+        console.print(f"[red]{system} {metric}: {exc}[/red]")
+        return "timed out" not in str(exc)
+    report.record(metric, system, seconds)
+    return True
 
 
 # ------------------------------------------------------------------ the machine

@@ -30,21 +30,19 @@ from .common import (
     DATA_ROOT,
     BenchFailure,
     Comparison,
+    DataShape,
     Report,
-    argument_parser,
+    begin,
     console,
     drop_caches,
-    finish_args,
     format_seconds,
     last_line,
     median,
-    precompile_cshare,
     prepared_data,
     remove_tree,
-    require_root,
-    run_main,
+    run_collect,
     run_timed,
-    show,
+    timed_report,
 )
 
 PROG = "convert_bench"
@@ -55,16 +53,13 @@ PER_LEAF = 19  # entries in every leaf directory
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(DataShape):
     top: int  # d00 .. under the root
     leaves: int  # e000 .. under each top directory
 
     @property
     def entries(self) -> int:
         return 1 + self.top + self.top * self.leaves * (1 + PER_LEAF)
-
-    def as_params(self) -> dict[str, int]:
-        return {"top": self.top, "leaves": self.leaves}
 
 
 FULL = (Shape(25, 100), Shape(50, 100))  # 50,026 and 100,051 entries
@@ -320,30 +315,20 @@ class ConvertBench:
 
 def collect(argv: list[str] | None = None) -> Report:
     """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
-    parser = argument_parser(PROG, "Time cshare convert and restore against chmod -R 0755.", SYSTEMS, "convert.json")
-    parser.add_argument("--cold", action="store_true", help="drop caches before each timed command")
-    args = parser.parse_args(argv)
-    finish_args(parser, args, SYSTEMS)
-    require_root(PROG, "cshare convert changes owners and modes; trees hold devices")
-    precompile_cshare()
+    args = begin(PROG, "Time cshare convert and restore against chmod -R 0755.", SYSTEMS, "convert.json",
+                 argv, root_because="cshare convert changes owners and modes; trees hold devices",
+                 more_arguments=lambda p: p.add_argument(
+                     "--cold", action="store_true", help="drop caches before each timed command"))
     trees = []
     for shape in QUICK if args.quick else FULL:
         name = f"convert-{size_key(shape)}"
         golden = prepared_data(name, {"version": 2, **shape.as_params()},
                                lambda root, shape=shape: build_tree(root, shape))
         trees.append((shape, golden))
-    start = time.perf_counter()
-    report = ConvertBench(trees, args.systems, args.repeat, args.timeout, args.cold).run()
-    report.params["duration_s"] = round(time.perf_counter() - start, 1)
     sizes = " and ".join(f"{shape.entries:,}" for shape, _ in trees)
-    show(report, f"convert benchmark: medians of {args.repeat} run(s), {sizes} entries", args.json)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    collect(argv)
-    return 0
+    return timed_report(lambda: ConvertBench(trees, args.systems, args.repeat, args.timeout, args.cold).run(),
+                        f"convert benchmark: medians of {args.repeat} run(s), {sizes} entries", args.json)
 
 
 if __name__ == "__main__":
-    run_main(PROG, main)
+    run_collect(PROG, collect)

@@ -35,16 +35,14 @@ from .common import (
     BenchFailure,
     Comparison,
     Report,
-    argument_parser,
+    begin,
     console,
-    finish_args,
-    precompile_cshare,
     prepared_data,
     remove_tree,
-    require_root,
-    run_main,
+    rotated,
+    run_collect,
     run_timed,
-    show,
+    timed_report,
 )
 from .overlay_bench import Overlay, abort_fuse_connection, daemon_pids
 
@@ -118,8 +116,7 @@ class MemoryBench:
 
     def run(self) -> Report:
         for r in range(self.repeat):
-            order = self.systems[r % len(self.systems):] + self.systems[: r % len(self.systems)]
-            for s in order:
+            for s in rotated(self.systems, r):
                 console.print(f"[dim]run {r + 1}/{self.repeat} {s}: {self.mounts} mounts[/dim]")
                 try:
                     self.one(s)
@@ -197,29 +194,18 @@ class MemoryBench:
 
 def collect(argv: list[str] | None = None) -> Report:
     """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
-    parser = argument_parser(PROG, "The PSS each mount costs with 20 mounts, idle and after a walk: "
-                             "cshare-overlay (with and without its mount server) and fuse-overlayfs.",
-                             SYSTEMS, "memory.json")
-    args = parser.parse_args(argv)
-    finish_args(parser, args, SYSTEMS)
+    args = begin(PROG, "The PSS each mount costs with 20 mounts, idle and after a walk: cshare-overlay "
+                 "(with and without its mount server) and fuse-overlayfs.", SYSTEMS, "memory.json", argv,
+                 root_because="it mounts overlays")
     args.repeat = min(args.repeat, 2)
-    require_root(PROG, "it mounts overlays")
-    precompile_cshare()
     dirs, per_dir, mounts = (40, 50, 6) if args.quick else (400, 50, 20)
     data = prepared_data("memory-quick" if args.quick else "memory",
                          {"version": 1, "dirs": dirs, "per_dir": per_dir},
                          lambda root: build_lower(root, dirs, per_dir))
-    start = time.perf_counter()
-    report = MemoryBench(args.systems, args.repeat, args.timeout, data / "lower", mounts, dirs * per_dir).run()
-    report.params["duration_s"] = round(time.perf_counter() - start, 1)
-    show(report, f"memory per mount: {mounts} mounts, medians of {args.repeat} run(s)", args.json)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    collect(argv)
-    return 0
+    return timed_report(
+        lambda: MemoryBench(args.systems, args.repeat, args.timeout, data / "lower", mounts, dirs * per_dir).run(),
+        f"memory per mount: {mounts} mounts, medians of {args.repeat} run(s)", args.json)
 
 
 if __name__ == "__main__":
-    run_main(PROG, main)
+    run_collect(PROG, collect)

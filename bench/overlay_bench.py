@@ -30,7 +30,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,19 +40,21 @@ from .common import (
     DATA_ROOT,
     BenchFailure,
     Comparison,
+    DataShape,
     Report,
-    argument_parser,
+    begin,
     console,
+    cshare_options_argument,
+    describe_systems,
     drop_caches,
-    finish_args,
+    measure,
     one_line,
-    precompile_cshare,
     prepared_data,
     remove_tree,
-    require_root,
-    run_main,
+    rotated,
+    run_collect,
     run_timed,
-    show,
+    timed_report,
 )
 
 PROG = "overlay_bench"
@@ -66,7 +68,7 @@ KERNEL_EXTRA = "index=off,redirect_dir=off,metacopy=off"
 
 
 @dataclass(frozen=True)
-class Sizes:
+class Sizes(DataShape):
     """Everything that shapes the generated layers and the write workloads."""
 
     tree_top: int  # tree/aNN
@@ -92,9 +94,6 @@ class Sizes:
         copyup = 1 + self.copyup_dirs * (1 + self.copyup_per_dir)
         rm = 1 + self.rm_dirs * (1 + self.rm_per_dir)
         return 1 + tree + 1 + copyup + rm  # the root and big.bin too
-
-    def as_params(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 FULL = Sizes(20, 10, 100, 512, 20, 100, 10, 500, 10, 100)
@@ -435,16 +434,10 @@ class OverlayBench:
 
     def run(self) -> Report:
         systems = list(self.overlays)
-        for s, ov in self.overlays.items():
-            try:
-                cmd = " ".join(ov.command())
-            except BenchFailure as exc:
-                cmd = f"unavailable: {exc}"
-            self.report.system_info[s] = {"command": cmd, "version": ov.version()}
+        describe_systems(self.report, self.overlays)
         try:
             for r in range(self.repeat):
-                order = systems[r % len(systems):] + systems[: r % len(systems)]
-                for s in order:
+                for s in rotated(systems, r):
                     self.one_system(r, s)
         finally:
             for ov in self.overlays.values():
@@ -487,19 +480,6 @@ class OverlayBench:
             if group == WRITE_GROUP and not self.report.failed("copyup", s):
                 self.check_copyup(s, ov)  # after unmount: every write has reached upper
 
-    def measure(self, metric: str, s: str, action: Callable[[], float]) -> bool:
-        """Record one timing; on failure record the reason. False when the mount is suspect."""
-        if self.report.failed(metric, s):
-            return True
-        try:
-            seconds = action()
-        except BenchFailure as exc:
-            self.report.fail(metric, s, str(exc))
-            console.print(f"[red]{s} {metric}: {exc}[/red]")
-            return "timed out" not in str(exc)
-        self.report.record(metric, s, seconds)
-        return True
-
     def cold(self, s: str, ov: Overlay) -> None:
         def walk_once() -> float:
             seconds, n = walk(ov.mnt, self.timeout)
@@ -507,14 +487,14 @@ class OverlayBench:
                 raise BenchFailure(f"find listed {n} entries, expected {self.sizes.merged_entries}")
             return seconds
 
-        if self.measure("walk_cold", s, walk_once):
-            self.measure("walk_warm", s, walk_once)
+        if measure(self.report, "walk_cold", s, walk_once):
+            measure(self.report, "walk_warm", s, walk_once)
         else:
             self.report.fail("walk_warm", s, "not measured: the cold walk hung first")
 
     def read(self, s: str, ov: Overlay) -> None:
-        if self.measure("read_cold", s, lambda: read_big(ov.mnt, self.sizes, self.timeout)):
-            self.measure("read_warm", s, lambda: read_big(ov.mnt, self.sizes, self.timeout))
+        if measure(self.report, "read_cold", s, lambda: read_big(ov.mnt, self.sizes, self.timeout)):
+            measure(self.report, "read_warm", s, lambda: read_big(ov.mnt, self.sizes, self.timeout))
         else:
             self.report.fail("read_warm", s, "not measured: the cold read hung first")
 
@@ -544,7 +524,7 @@ class OverlayBench:
         steps = (("copyup", copyup), ("create", create), ("rm", rm))
         for n, (metric, action) in enumerate(steps):
             os.sync()  # the previous step's dirty data must not be written back during this one
-            if not self.measure(metric, s, action):
+            if not measure(self.report, metric, s, action):
                 for rest, _ in steps[n + 1 :]:
                     self.report.fail(rest, s, f"not measured: {metric} hung first")
                 return
@@ -567,36 +547,20 @@ class OverlayBench:
 
 def collect(argv: list[str] | None = None) -> Report:
     """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
-    parser = argument_parser(
-        PROG, "Compare cshare-overlay with fuse-overlayfs and the kernel overlay.", SYSTEMS, "overlay.json"
-    )
-    parser.add_argument(
-        "--cshare-options", default="", metavar="OPTS",
-        help="extra -o options for cshare-overlay only (to compare a tuning), e.g. 'timeout=0'",
-    )
-    args = parser.parse_args(argv)
-    finish_args(parser, args, SYSTEMS)
-    require_root(PROG, "it mounts overlays and drops the page cache")
-    precompile_cshare()
+    args = begin(PROG, "Compare cshare-overlay with fuse-overlayfs and the kernel overlay.", SYSTEMS,
+                 "overlay.json", argv, root_because="it mounts overlays and drops the page cache",
+                 more_arguments=cshare_options_argument)
     sizes = QUICK if args.quick else FULL
     if "fuse-overlayfs" in args.systems and shutil.which("fuse-overlayfs") is None:
         console.print("[yellow]fuse-overlayfs is not installed (Debian package fuse-overlayfs)[/yellow]")
     name = "overlay-quick" if args.quick else "overlay"
     data = prepared_data(name, {"version": 1, **sizes.as_params()}, lambda root: build_layers(root, sizes))
     lowers = [data / "lower1", data / "lower0"]  # leftmost is the top layer
-    start = time.perf_counter()
-    bench = OverlayBench(sizes, args.systems, args.repeat, args.timeout, lowers, args.cshare_options)
-    report = bench.run()
-    report.params["duration_s"] = round(time.perf_counter() - start, 1)
-    show(report, f"overlay benchmark: medians of {args.repeat} run(s), {'quick' if args.quick else 'full'} data",
-         args.json)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    collect(argv)
-    return 0
+    return timed_report(
+        lambda: OverlayBench(sizes, args.systems, args.repeat, args.timeout, lowers, args.cshare_options).run(),
+        f"overlay benchmark: medians of {args.repeat} run(s), {'quick' if args.quick else 'full'} data",
+        args.json)
 
 
 if __name__ == "__main__":
-    run_main(PROG, main)
+    run_collect(PROG, collect)

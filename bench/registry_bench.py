@@ -26,6 +26,7 @@ takes under 10% of pull + run; a full read within 2x of the pulled image's.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -47,15 +48,12 @@ from .common import (
     BenchFailure,
     Comparison,
     Report,
-    argument_parser,
+    begin,
     console,
     drop_caches,
-    finish_args,
     format_ratio,
-    precompile_cshare,
     remove_tree,
-    require_root,
-    run_main,
+    run_collect,
     run_timed,
     show,
 )
@@ -408,24 +406,18 @@ class RegistryBench:
 
 def collect(argv: list[str] | None = None) -> Report:
     """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
-    parser = argument_parser(PROG, "Run an image lazily from a registry vs podman pull + run.",
-                             SYSTEMS, "registry.json")
-    parser.add_argument("--files", type=int, default=60_000, help="data files (default 60000)")
-    parser.add_argument("--bytes", type=int, default=1 << 30, help="their total size (1 GiB)")
-    args = parser.parse_args(argv)
-    finish_args(parser, args, SYSTEMS)
-    require_root(PROG, "podman's root store, drop_caches, FUSE mounts")
-    precompile_cshare()
+    def more_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--files", type=int, default=60_000, help="data files (default 60000)")
+        p.add_argument("--bytes", type=int, default=1 << 30, help="their total size (1 GiB)")
+
+    args = begin(PROG, "Run an image lazily from a registry vs podman pull + run.", SYSTEMS, "registry.json",
+                 argv, root_because="podman's root store, drop_caches, FUSE mounts",
+                 more_arguments=more_arguments)
     report = RegistryBench(args).run()
     show(report, f"registry: {report.params['files']} files, "
                  f"{report.params['bytes'] >> 20} MiB, {args.repeat} run(s)", args.json)
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    collect(argv)
-    return 0
-
-
 if __name__ == "__main__":
-    run_main(PROG, main)
+    run_collect(PROG, collect)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,18 +43,20 @@ from .common import (
     DATA_ROOT,
     BenchFailure,
     Comparison,
+    DataShape,
     Report,
-    argument_parser,
+    begin,
     console,
+    cshare_options_argument,
+    describe_systems,
     drop_caches,
-    finish_args,
-    precompile_cshare,
+    measure,
     prepared_data,
     remove_tree,
-    require_root,
-    run_main,
+    rotated,
+    run_collect,
     run_timed,
-    show,
+    timed_report,
 )
 from .overlay_bench import Overlay, abort_fuse_connection
 
@@ -66,7 +67,7 @@ MiB = 1 << 20
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(DataShape):
     """The generated lower layer and the copy-up workload's share of it."""
 
     dirs: int
@@ -85,9 +86,6 @@ class Shape:
     @property
     def copyup_files(self) -> int:
         return self.copyup_dirs * self.per_dir
-
-    def as_params(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 FULL = Shape(400, 50, 512, 40)
@@ -184,16 +182,10 @@ class SessionBench:
 
     def run(self) -> Report:
         systems = list(self.overlays)
-        for s, ov in self.overlays.items():
-            try:
-                cmd = " ".join(ov.command())
-            except BenchFailure as exc:
-                cmd = f"unavailable: {exc}"
-            self.report.system_info[s] = {"command": cmd, "version": ov.version()}
+        describe_systems(self.report, self.overlays)
         try:
             for r in range(self.repeat):
-                order = systems[r % len(systems):] + systems[: r % len(systems)]
-                for s in order:
+                for s in rotated(systems, r):
                     if s not in self.broken:
                         console.print(f"[dim]run {r + 1}/{self.repeat} {s}[/dim]")
                         self.start_sequence(s, self.overlays[s])
@@ -229,7 +221,7 @@ class SessionBench:
         if not self.mounted(s, ov, cold=True):
             return
         try:
-            self.measure("cat_start", s, lambda: cat(ov.mnt / "big.bin", self.shape.big_mib * MiB,
+            measure(self.report, "cat_start", s, lambda: cat(ov.mnt / "big.bin", self.shape.big_mib * MiB,
                                                      self.timeout, ov.mnt))
         finally:
             ov.unmount()
@@ -251,7 +243,7 @@ class SessionBench:
             for n, (metric, action) in enumerate(steps):
                 if metric == "copyup":
                     os.sync()  # nothing left to write back from before
-                if not self.measure(metric, s, action):
+                if not measure(self.report, metric, s, action):
                     for rest, _ in steps[n + 1:]:
                         self.report.fail(rest, s, f"not measured: {metric} hung first")
                     return
@@ -259,19 +251,6 @@ class SessionBench:
             ov.unmount()
         if not self.report.failed("copyup", s):
             self.check_copyup(s, ov)
-
-    def measure(self, metric: str, s: str, action: Callable[[], float]) -> bool:
-        """Record one value or the reason it failed; False when the mount is suspect (a hang)."""
-        if self.report.failed(metric, s):
-            return True
-        try:
-            seconds = action()
-        except BenchFailure as exc:
-            self.report.fail(metric, s, str(exc))
-            console.print(f"[red]{s} {metric}: {exc}[/red]")
-            return "timed out" not in str(exc)
-        self.report.record(metric, s, seconds)
-        return True
 
     def copyup(self, ov: Overlay) -> float:
         z = self.shape
@@ -303,30 +282,18 @@ class SessionBench:
 
 def collect(argv: list[str] | None = None) -> Report:
     """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
-    parser = argument_parser(PROG, "Issue 14's workloads on cshare-overlay, fuse-overlayfs and the kernel "
-                             "overlay.", SYSTEMS, "session.json")
-    parser.add_argument("--cshare-options", default="", metavar="OPTS",
-                        help="extra -o options for cshare-overlay only (to compare a tuning)")
-    args = parser.parse_args(argv)
-    finish_args(parser, args, SYSTEMS)
-    require_root(PROG, "it mounts overlays and drops the page cache")
-    precompile_cshare()
+    args = begin(PROG, "Issue 14's workloads on cshare-overlay, fuse-overlayfs and the kernel overlay.",
+                 SYSTEMS, "session.json", argv, root_because="it mounts overlays and drops the page cache",
+                 more_arguments=cshare_options_argument)
     shape = QUICK if args.quick else FULL
     name = "session-quick" if args.quick else "session"
     data = prepared_data(name, {"version": 1, **shape.as_params()}, lambda root: build_lower(root, shape))
-    start = time.perf_counter()
-    bench = SessionBench(shape, args.systems, args.repeat, args.timeout, data / "lower", args.cshare_options)
-    report = bench.run()
-    report.params["duration_s"] = round(time.perf_counter() - start, 1)
-    show(report, f"user-session benchmark: medians of {args.repeat} run(s), "
-         f"{'quick' if args.quick else 'full'} data", args.json)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    collect(argv)
-    return 0
+    return timed_report(
+        lambda: SessionBench(shape, args.systems, args.repeat, args.timeout, data / "lower",
+                             args.cshare_options).run(),
+        f"user-session benchmark: medians of {args.repeat} run(s), {'quick' if args.quick else 'full'} data",
+        args.json)
 
 
 if __name__ == "__main__":
-    run_main(PROG, main)
+    run_collect(PROG, collect)

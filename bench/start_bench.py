@@ -42,14 +42,11 @@ from .common import (
     BenchFailure,
     Comparison,
     Report,
-    argument_parser,
+    begin,
     console,
-    finish_args,
-    precompile_cshare,
     remove_tree,
-    require_root,
-    run_main,
-    show,
+    run_collect,
+    timed_report,
 )
 from .overlay_bench import cshare_overlay_command
 
@@ -283,16 +280,13 @@ class StartBench:
 
 def collect(argv: list[str] | None = None) -> Report:
     """Run the benchmark, print its table and JSON, and return the report (for `make bench`)."""
-    parser = argument_parser(PROG, "podman run and mount start as an ordinary user: cshare-overlay "
-                             "(with and without its mount server) and fuse-overlayfs.", SYSTEMS, "start.json")
-    args = parser.parse_args(argv)
-    finish_args(parser, args, SYSTEMS)
+    args = begin(PROG, "podman run and mount start as an ordinary user: cshare-overlay (with and without "
+                 "its mount server) and fuse-overlayfs.", SYSTEMS, "start.json", argv,
+                 root_because=f"it runs podman as {USER} in a home of its own")
     if args.quick:
         args.repeat = max(args.repeat, 3)
     else:
         args.repeat = max(args.repeat, 10)  # the issue asks for medians of at least 10
-    require_root(PROG, f"it runs podman as {USER} in a home of its own")
-    precompile_cshare()
     try:
         pwd.getpwnam(USER)
     except KeyError:
@@ -301,17 +295,9 @@ def collect(argv: list[str] | None = None) -> Report:
         os.chmod("/dev/fuse", 0o666)  # as tests/conftest.py: distributions ship it 0666
     # alice runs the checkout's code (an editable install points into it).
     subprocess.run(["chmod", "-R", "a+rX", str(Path(__file__).resolve().parent.parent)], capture_output=True)
-    start = time.perf_counter()
-    report = StartBench(args.systems, args.repeat, args.timeout).run()
-    report.params["duration_s"] = round(time.perf_counter() - start, 1)
-    show(report, f"container start as {USER}: medians of {args.repeat} interleaved runs", args.json)
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    collect(argv)
-    return 0
+    return timed_report(lambda: StartBench(args.systems, args.repeat, args.timeout).run(),
+                        f"container start as {USER}: medians of {args.repeat} interleaved runs", args.json)
 
 
 if __name__ == "__main__":
-    run_main(PROG, main)
+    run_collect(PROG, collect)

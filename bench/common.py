@@ -621,15 +621,17 @@ def rotated(systems: Sequence[str], run: int) -> list[str]:
     return [*systems[k:], *systems[:k]]
 
 
-class Described(Protocol):
-    """A system under test that can say how it is started and which version it is."""
+class Mounted(Protocol):
+    """A system under test that mounts (an overlay): how it starts, its version, its clean-up."""
 
     def command(self) -> list[str]: ...
 
     def version(self) -> str: ...
 
+    def cleanup(self) -> None: ...
 
-def describe_systems(report: Report, systems: Mapping[str, Described]) -> None:
+
+def describe_systems(report: Report, systems: Mapping[str, Mounted]) -> None:
     """Each system's command line and version into the report's system_info (its JSON)."""
     for name, system in systems.items():
         try:
@@ -637,6 +639,23 @@ def describe_systems(report: Report, systems: Mapping[str, Described]) -> None:
         except BenchFailure as exc:
             cmd = f"unavailable: {exc}"
         report.system_info[name] = {"command": cmd, "version": system.version()}
+
+
+def run_rounds(report: Report, systems: Mapping[str, Mounted], repeat: int,
+               one_run: Callable[[int, str], None], work_root: Path) -> Report:
+    """`one_run(run, system)` for every run and system (rotated), after describing the systems;
+    whatever happens, every system is cleaned up and `work_root` removed."""
+    describe_systems(report, systems)
+    names = list(systems)
+    try:
+        for r in range(repeat):
+            for s in rotated(names, r):
+                one_run(r, s)
+    finally:
+        for system in systems.values():
+            system.cleanup()
+        remove_tree(work_root)
+    return report
 
 
 def measure(report: Report, metric: str, system: str, action: Callable[[], float]) -> bool:

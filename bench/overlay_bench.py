@@ -45,14 +45,13 @@ from .common import (
     begin,
     console,
     cshare_options_argument,
-    describe_systems,
     drop_caches,
     measure,
     one_line,
     prepared_data,
     remove_tree,
-    rotated,
     run_collect,
+    run_rounds,
     run_timed,
     timed_report,
 )
@@ -433,17 +432,7 @@ class OverlayBench:
         )
 
     def run(self) -> Report:
-        systems = list(self.overlays)
-        describe_systems(self.report, self.overlays)
-        try:
-            for r in range(self.repeat):
-                for s in rotated(systems, r):
-                    self.one_system(r, s)
-        finally:
-            for ov in self.overlays.values():
-                ov.cleanup()
-            remove_tree(WORK_ROOT)
-        return self.report
+        return run_rounds(self.report, self.overlays, self.repeat, self.one_system, WORK_ROOT)
 
     def one_system(self, run: int, s: str) -> None:
         if s in self.broken:

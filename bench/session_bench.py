@@ -48,13 +48,11 @@ from .common import (
     begin,
     console,
     cshare_options_argument,
-    describe_systems,
     drop_caches,
     measure,
     prepared_data,
-    remove_tree,
-    rotated,
     run_collect,
+    run_rounds,
     run_timed,
     timed_report,
 )
@@ -181,21 +179,14 @@ class SessionBench:
                 target=target)
 
     def run(self) -> Report:
-        systems = list(self.overlays)
-        describe_systems(self.report, self.overlays)
-        try:
-            for r in range(self.repeat):
-                for s in rotated(systems, r):
-                    if s not in self.broken:
-                        console.print(f"[dim]run {r + 1}/{self.repeat} {s}[/dim]")
-                        self.start_sequence(s, self.overlays[s])
-                    if s not in self.broken:
-                        self.session_sequence(s, self.overlays[s])
-        finally:
-            for ov in self.overlays.values():
-                ov.cleanup()
-            remove_tree(WORK_ROOT)
-        return self.report
+        return run_rounds(self.report, self.overlays, self.repeat, self.one_system, WORK_ROOT)
+
+    def one_system(self, run: int, s: str) -> None:
+        if s not in self.broken:
+            console.print(f"[dim]run {run + 1}/{self.repeat} {s}[/dim]")
+            self.start_sequence(s, self.overlays[s])
+        if s not in self.broken:
+            self.session_sequence(s, self.overlays[s])
 
     def mounted(self, s: str, ov: Overlay, cold: bool) -> bool:
         """A fresh mount (after dropping caches when `cold`); False, and the column failed, if not."""

@@ -305,6 +305,12 @@ class LowerLayer(Layer):
         self._stats[path] = result
         return result
 
+    @property
+    def reports_raw(self) -> bool:
+        """`stat` is `raw_stat`: the overlay's own reading of a directory that
+        records no overrides."""
+        return self.direct and not self.source.honour_overrides
+
     def forget_stat(self, path: bytes) -> None:
         """Drop the cached attributes of `path` (its node keeps what it needs);
         a later `stat` reads them again, unchanged: the layer is immutable.

@@ -83,11 +83,14 @@ class AttributeOps(OverlayBase):
         """
         if node.file_type != statmod.S_IFREG:
             return 0
-        attributes = self.attributes(node)
-        mode = attributes.st_mode
+        # The mode alone first: most files have neither bit, and an upper node's
+        # attributes would be built only to be thrown away (every open for writing).
+        mode = node.entry.st_mode if node.entry is not None else self.stat_of(node).mode
+        if not mode & (statmod.S_ISUID | statmod.S_ISGID):
+            return 0
         bits = statmod.S_ISUID if mode & statmod.S_ISUID else 0
         if mode & statmod.S_ISGID and (mode & statmod.S_IXGRP or not in_group_or_capable(
-                caller, attributes.st_gid)):
+                caller, self.attributes(node).st_gid)):
             bits |= statmod.S_ISGID
         if bits and has_fsetid(caller):
             return 0

@@ -84,17 +84,26 @@ class OverlayBase:
             raise OverlayError(errno.ESTALE, f"unknown node {ino}")
         return node
 
-    def child(self, parent: Node, name: bytes) -> Node | None:
-        """The node for `name` in the merged directory `parent`, or None."""
+    def child(self, parent: Node, name: bytes, parent_path: bytes | None = None) -> Node | None:
+        """The node for `name` in the merged directory `parent`, or None.
+
+        `parent_path`, `parent.path()` when the caller has it already (a listing
+        resolves every name of one directory: the walk up to the root is taken once).
+        """
         node = parent.children.get(name)
         if node is not None:
             return node
         if markers.is_reserved_name(name):
             return None
-        resolved = merge.resolve(self.layers, parent.dir_layers, parent.path(), name)
+        if parent_path is None:
+            parent_path = parent.path()
+        resolved = merge.resolve(self.layers, parent.dir_layers, parent_path, name)
         if resolved is None:
             return None
         node = self._make_node(parent, name, resolved)
+        if node.lower_stat is not None:
+            # Every new node is answered right away (a lookup or readdirplus reply).
+            self._settle_lower(node, merge.child_path(parent_path, name))
         parent.cache_child(name, node)
         return node
 
@@ -175,17 +184,25 @@ class OverlayBase:
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         if node.entry is not None:
             return node.entry
-        st = self.stat_of(node)
-        merged = node.is_dir and len(node.dir_layers) > 1
-        entry = entry_attributes(node.ino, st, self.policy, merged_dir=merged)
         if node.lower_stat is not None and node.layer != self.upper_index:
-            node.entry = entry
-            # From now on the entry answers getattr and lookup: the Stat goes,
-            # from the node and from the layer's cache (~330 bytes a node).
-            node.lower_stat = None
-            layer = self.layers[node.layer]
-            if isinstance(layer, LowerLayer):
-                layer.forget_stat(node.path())
+            return self._settle_lower(node, node.path())
+        return entry_attributes(node.ino, self.stat_of(node), self.policy,
+                                merged_dir=node.is_dir and len(node.dir_layers) > 1)
+
+    def _settle_lower(self, node: Node, path: bytes) -> pyfuse3.EntryAttributes:
+        """Build a lower node's kernel-facing attributes once (they cannot change).
+
+        From then on the entry answers getattr and lookup: the Stat goes, from
+        the node and from the layer's cache (~330 bytes a node).
+        """
+        assert node.lower_stat is not None
+        entry = node.entry = entry_attributes(
+            node.ino, node.lower_stat, self.policy,
+            merged_dir=node.is_dir and len(node.dir_layers) > 1)
+        node.lower_stat = None
+        layer = self.layers[node.layer]
+        if isinstance(layer, LowerLayer):
+            layer.forget_stat(path)
         return entry
 
     def listing(self, node: Node) -> list[tuple[bytes, Node | None]]:
@@ -208,9 +225,10 @@ class OverlayBase:
         entries: list[tuple[bytes, Node | None]] = []
         complete: list[tuple[bytes, Node]] = []
         waiting: list[NeedsFetch] = []
-        for name in merge.merged_names(self.layers, node.dir_layers, node.path()):
+        path = node.path()
+        for name in merge.merged_names(self.layers, node.dir_layers, path):
             try:
-                child = self.child(node, name)
+                child = self.child(node, name, path)
             except NeedsFetch as need:
                 waiting.append(need)  # the other entries are asked meanwhile
                 continue
@@ -285,8 +303,11 @@ class OverlayBase:
             await self._copy_up_in_pool(node, source, path, upper)
             return
         real = source.raw_stat(path)
-        want = node.lower_stat or source.stat(path)
+        # A plain directory that records no overrides reports what lstat says:
+        # one lstat less a copy-up (its node's Stat went once its entry was built).
+        want = node.lower_stat or (real if source.reports_raw else source.stat(path))
         assert want is not None
+        linked = real.nlink > 1
         args = (source, path, real, want, upper, self.workdir, self.copy_policy)
         if statmod.S_ISREG(real.mode) and real.size > _THREAD_COPY_BYTES:
             # Large: copied in a thread so that other requests go on meanwhile;
@@ -295,12 +316,12 @@ class OverlayBase:
                 if node.layer == self.upper_index:
                     return
                 identity = await trio.to_thread.run_sync(copy_up, *args)
-                self._now_in_upper(node)
+                self._now_in_upper(node, linked)
         else:
             # Small: copied synchronously, so no other task runs until it is
             # done and no lock (a trio checkpoint per copy-up) is needed.
             identity = copy_up(*args)
-            self._now_in_upper(node)
+            self._now_in_upper(node, linked)
         node.backing_key = identity or _upper_identity(upper, path)
 
     async def _copy_up_in_pool(self, node: Node, source: LowerLayer, path: bytes,
@@ -323,10 +344,13 @@ class OverlayBase:
             self._now_in_upper(node)
         node.backing_key = identity or _upper_identity(upper, path)
 
-    def _now_in_upper(self, node: Node) -> None:
+    def _now_in_upper(self, node: Node, was_linked: bool | None = None) -> None:
+        """`node` was copied up; `was_linked`: its lower entry had other names
+        (None: read from the layer)."""
         # A copied-up name of a lower hardlink is a file of its own (link count
         # 1): the attributes the kernel cached from the lower file are wrong now.
-        was_linked = node.layer != self.upper_index and self.stat_of(node).nlink > 1
+        if was_linked is None:
+            was_linked = node.layer != self.upper_index and self.stat_of(node).nlink > 1
         for parent, name in self.table.copied_up(node, self.upper_index):
             invalidate_entry(parent.ino, name)
         if was_linked:

@@ -29,6 +29,8 @@ import pytest
 from conftest import VENV_BIN, ensure_user, make_fuse_usable_for_users, require
 from podman_support import DEMO, PodmanImages
 
+from cshare.system.procfs import runs_overlay_program
+
 USER_CONTAINERS_CONF = """[engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
@@ -189,8 +191,8 @@ def overlay_pids_below(scratch: Path) -> list[int]:
             argv = Path(entry.path, "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
         except OSError:
             continue
-        if len(argv) >= 2 and argv[-1].decode(errors="replace").startswith(prefix) and any(
-            b"overlay" in a for a in argv[:2]
+        if len(argv) >= 2 and argv[-1].decode(errors="replace").startswith(prefix) and (
+            runs_overlay_program(int(entry.name), argv)
         ):
             pids.append(int(entry.name))
     return pids

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from cshare.system.mountinfo import parse, parse_line, read
 from cshare.system.procfs import (
@@ -13,6 +14,7 @@ from cshare.system.procfs import (
     process_dirs,
     process_name,
     process_state,
+    runs_overlay_program,
 )
 
 
@@ -51,3 +53,28 @@ def test_process_scan_sees_a_child_and_its_argv() -> None:
     assert process_argv(child.pid) == []
     assert process_state(child.pid) is None
     assert os.getpid() in {int(e.name) for e in process_dirs()}
+
+
+def test_an_overlay_script_is_known_by_its_name_behind_interpreter_flags(tmp_path: Path) -> None:
+    """cshare-overlay runs as `python3 -S .../cshare-overlay ... MNT`: the interpreter
+    and its flags come first (a check of argv[:2] alone missed it)."""
+    script = tmp_path / "cshare-overlay"
+    script.write_text(f"#!{sys.executable} -S\nimport time\nprint('ready', flush=True)\n"
+                      "time.sleep(30)\n")
+    script.chmod(0o755)
+    daemon = subprocess.Popen([str(script), "-o", "lowerdir=/l", "/some/mnt"],
+                              stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen([sys.executable, "-S", "-c",
+                              "import time; print('ready', flush=True); time.sleep(30)", "/some/mnt"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        for child in (daemon, other):
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        argv = process_argv(daemon.pid)
+        assert argv[1] == b"-S" and argv[-1] == b"/some/mnt", argv
+        assert runs_overlay_program(daemon.pid, argv)
+        assert not runs_overlay_program(other.pid, process_argv(other.pid))
+    finally:
+        for child in (daemon, other):
+            child.kill()
+            child.wait()

@@ -18,7 +18,7 @@ from pathlib import Path
 from cshare_fuse.formats.optsyntax import escape
 
 from ..errors import CshareError
-from ..system.procfs import process_argv, process_dirs, process_state
+from ..system.procfs import process_argv, process_dirs, process_state, runs_overlay_program
 
 #: Environment variable naming another overlay program (e.g. `fuse-overlayfs`) to run.
 OVERLAY_ENV = "CSHARE_OVERLAY_CMD"
@@ -79,7 +79,7 @@ def serving(pid: int | None, mountpoint: str | Path) -> bool:
     return (
         len(argv) >= 2
         and argv[-1] == os.fsencode(str(mountpoint))
-        and any(b"overlay" in a for a in argv[:2])
+        and runs_overlay_program(pid, argv)
     )
 
 

@@ -50,6 +50,21 @@ def process_name(proc_dir: str) -> str | None:
         return None
 
 
+def runs_overlay_program(pid: int, argv: list[bytes]) -> bool:
+    """Whether `pid`, whose command line is `argv`, runs an overlay program
+    (cshare-overlay, fuse-overlayfs).
+
+    cshare-overlay is a script: its command line starts with the interpreter
+    and the interpreter's flags (`python3 -S /usr/local/bin/cshare-overlay
+    -o ...`), and `comm` names the script, also in a daemon the mount server
+    forked.
+    """
+    if any(b"overlay" in os.path.basename(arg) for arg in argv[:3]):
+        return True
+    name = process_name(f"/proc/{pid}")
+    return name is not None and "overlay" in name
+
+
 def holds_fuse_device(proc_dir: str) -> bool:
     """Whether the process at `proc_dir` (e.g. /proc/123) has /dev/fuse open: a FUSE daemon."""
     try:

@@ -11,10 +11,11 @@ image (written by `cshare mount docker://...`, or by hand):
 `attempts` are optional.)  LAYER picks the layer of that manifest: its index
 (0 is the base layer) or the 64 hex digits of its digest.
 
-At load the manifest is fetched by digest and checked against it; the layer
-must carry a zstd:chunked table of contents (TOC, see registry_toc), which is
-fetched with one range request and checked against the manifest's checksum
-annotation.  Listings, attributes (original owners, modes, types, times,
+At load the manifest is fetched by digest and checked against it (once for all
+layers of the mount); the layer must carry a zstd:chunked table of contents
+(TOC, see registry_toc), which is fetched with one range request and checked
+against the manifest's checksum annotation, by the image's TOC threads while
+the other layers load (registry_image).  Listings, attributes (original owners, modes, types, times,
 devices), symlinks, hardlinks and xattrs come from the TOC: no file data is
 fetched for `ls -l` or `find`.  A regular file's data is fetched on its first
 open, by a range request over its frames, decompressed, and checked against its

@@ -78,6 +78,7 @@ class ImageTocs:
         # The overlay loads the topmost layer first, and `cshare mount` lists them
         # top first: fetch the one asked for, then the others from the top down.
         self._queue = sorted(self._where, key=lambda i: (i != first, -i))
+        self._taken: set[int] = set()
         for n in range(min(TOC_THREADS, len(self._queue))):
             threading.Thread(target=self._work, name=f"registry-toc-{n}", daemon=True).start()
 
@@ -106,7 +107,8 @@ class ImageTocs:
         """Layer `index`'s checked, decompressed TOC: from the threads, else `fetch()`ed raw now."""
         with self._lock:
             known = self._where.get(index)
-            if known == (digest, where):
+            if known == (digest, where) and index not in self._taken:
+                self._taken.add(index)  # a layer named twice fetches it again at once
                 if index in self._queue:
                     self._queue.remove(index)  # not started yet: quicker to fetch it here
                 else:

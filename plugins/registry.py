@@ -11,10 +11,11 @@ image (written by `cshare mount docker://...`, or by hand):
 `attempts` are optional.)  LAYER picks the layer of that manifest: its index
 (0 is the base layer) or the 64 hex digits of its digest.
 
-At load the manifest is fetched by digest and checked against it; the layer
-must carry a zstd:chunked table of contents (TOC, see registry_toc), which is
-fetched with one range request and checked against the manifest's checksum
-annotation.  Listings, attributes (original owners, modes, types, times,
+At load the manifest is fetched by digest and checked against it (once for all
+layers of the mount); the layer must carry a zstd:chunked table of contents
+(TOC, see registry_toc), which is fetched with one range request and checked
+against the manifest's checksum annotation, by the image's TOC threads while
+the other layers load (registry_image).  Listings, attributes (original owners, modes, types, times,
 devices), symlinks, hardlinks and xattrs come from the TOC: no file data is
 fetched for `ls -l` or `find`.  A regular file's data is fetched on its first
 open, by a range request over its frames, decompressed, and checked against its
@@ -40,7 +41,6 @@ import json
 import logging
 import os
 import stat
-import threading
 from dataclasses import dataclass
 
 from cshare_fuse import plugin_api
@@ -49,19 +49,17 @@ from plugins.index_tree import IndexedSource
 from plugins.registry_cache import FileCache, default_cache
 from plugins.registry_fetch import Fetcher
 from plugins.registry_http import RegistryClient, check_address, check_repository
+from plugins.registry_image import Images, layer_list
 from plugins.registry_toc import (
     Entry,
     TocError,
     build_tree,
     data_entries,
-    decode_toc,
     is_sha256_digest,
-    sha256_digest,
+    parse_toc,
     toc_location,
 )
 
-IMAGE_MANIFESTS = ("application/vnd.oci.image.manifest.v1+json",
-                   "application/vnd.docker.distribution.manifest.v2+json")
 _OPEN_MODIFIERS = os.O_NOATIME | os.O_NONBLOCK
 
 
@@ -123,39 +121,25 @@ def select_layer(layers: list[dict[str, object]], which: str) -> tuple[int, dict
     raise ValueError(f"layer {which!r} is not in the image (give its index or digest hex)")
 
 
-def fetch_manifest(client: RegistryClient, spec: ImageSpec) -> dict[str, object]:
-    """The image manifest, checked against its digest."""
-    body, media, _ = client.manifest(spec.repository, spec.manifest)
-    if sha256_digest(body) != spec.manifest:
-        raise ValueError(f"manifest of {spec.repository} does not match its digest "
-                         f"{spec.manifest}")
-    doc = json.loads(body)
-    media = doc.get("mediaType") or media
-    if media not in IMAGE_MANIFESTS or not isinstance(doc.get("layers"), list):
-        raise ValueError(f"{spec.manifest} is a {media or 'manifest of unknown type'}, not an "
-                         "image manifest")
-    return doc
+def _layer_index(layers: list[dict[str, object]], which: str) -> int:
+    """The index `which` names, or -1 (then select_layer says why)."""
+    try:
+        return select_layer(layers, which)[0]
+    except ValueError:
+        return -1
 
 
-class _Manifests:
-    """Verified manifests by (registry, repository, digest): one fetch for all layers of a mount."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._known: dict[tuple[str, str, str], dict[str, object]] = {}
-
-    def get(self, spec: ImageSpec, client: RegistryClient) -> dict[str, object]:
-        key = (spec.registry, spec.repository, spec.manifest)
-        with self._lock:
-            found = self._known.get(key)
-        if found is None:
-            found = fetch_manifest(client, spec)  # checked against its digest: safe to share
-            with self._lock:
-                self._known[key] = found
-        return found
+_images = Images()
+#: One FileCache per cache directory for all layers of a mount (it checks and fills
+#: its directories when made).
+_caches: dict[str, FileCache] = {}
 
 
-_manifests = _Manifests()
+def _cache_at(root: str) -> FileCache:
+    found = _caches.get(os.path.abspath(root))
+    if found is None:
+        found = _caches[os.path.abspath(root)] = FileCache(root)
+    return found
 
 
 class RegistrySource(IndexedSource[Entry]):
@@ -166,14 +150,13 @@ class RegistrySource(IndexedSource[Entry]):
 
     def __init__(self, spec: ImageSpec, spec_path: str, which: str) -> None:
         self.spec, self.spec_path, self.which = spec, spec_path, which
-        self.cache = FileCache(spec.cache)
+        self.cache = _cache_at(spec.cache)
         super().__init__(self.cache.root)
         self.client = RegistryClient(spec.registry, tls_verify=spec.tls_verify,
                                      timeout=spec.timeout, attempts=spec.attempts)
-        manifest = _manifests.get(spec, self.client)
-        listed = manifest["layers"]
-        layers = [x for x in listed if isinstance(x, dict)] if isinstance(listed, list) else []
-        index, layer = select_layer(layers, which)
+        manifest, tocs = _images.get((spec.registry, spec.repository, spec.manifest),
+                                     self.client, lambda layers: _layer_index(layers, which))
+        index, layer = select_layer(layer_list(manifest), which)
         self.layer_digest = str(layer.get("digest"))
         if not is_sha256_digest(self.layer_digest):
             raise ValueError(f"layer {index} of {spec.repository} has digest "
@@ -184,10 +167,13 @@ class RegistrySource(IndexedSource[Entry]):
             raise ValueError(f"layer {index} ({self.layer_digest}) of {spec.repository} has no "
                              "zstd:chunked table of contents (pushed as plain gzip or zstd): "
                              "push the image with --compression-format zstd:chunked")
-        raw = self.client.blob_range(spec.repository, self.layer_digest, where.offset,
-                                     where.offset + where.length)
         try:
-            self.index = build_tree(decode_toc(raw, where))
+            text = tocs.take(index, self.layer_digest, where,
+                             lambda: self.client.blob_range(spec.repository, self.layer_digest,
+                                                            where.offset,
+                                                            where.offset + where.length),
+                             wait_limit=spec.timeout * (spec.attempts + 1))
+            self.index = build_tree(parse_toc(text))
         except TocError as exc:
             raise TocError(f"layer {index} ({self.layer_digest}): {exc}") from None
         self.dev = (1 << 61) | int(self.layer_digest[7:19], 16)  # one per layer: see raw_stat
@@ -204,6 +190,7 @@ class RegistrySource(IndexedSource[Entry]):
     # -- the tree: names, listings, symlinks, xattrs (IndexedSource) -------------
     def raw_stat(self, path: bytes) -> Stat:
         e = self.entry(path)
+        e.resolve_times()
         size = len(e.symlink) if stat.S_ISLNK(e.mode) else 4096 if e.is_dir else e.size
         # Entries have no inode on disk: numbers are the TOC's, on a device number
         # of this layer's own, so that no two layers' hardlinks are taken as one.
@@ -212,6 +199,17 @@ class RegistrySource(IndexedSource[Entry]):
                     atime_ns=e.atime_ns, mtime_ns=e.mtime_ns, ctime_ns=e.ctime_ns)
 
     # -- file data ---------------------------------------------------------------
+    def may_block(self, method: str, path: bytes) -> bool:
+        """Only an open of a file this mount has not verified yet waits (a fetch, or
+        hashing what the cache holds); any other open is an open(2) of a cache file,
+        made on the request loop without a hop to a worker thread."""
+        if method != "open":
+            return True
+        entry = self.index.get(path)
+        if entry is None or not entry.has_data:
+            return False  # an error or an empty file: answered at once
+        return not self.fetcher.knows(entry.digest)
+
     def open(self, path: bytes, flags: int) -> int:
         entry = self.entry(path)
         if not stat.S_ISREG(entry.mode):
@@ -222,7 +220,8 @@ class RegistrySource(IndexedSource[Entry]):
         return self.fetcher.fd_for(first, entry, flags & _OPEN_MODIFIERS)
 
     def fetched_bytes(self) -> int:
-        """Bytes received from the registry by this layer so far (TOC included)."""
+        """Bytes of file data received from the registry by this layer so far (and its
+        TOC when its own load fetched it, not the image's TOC threads)."""
         return self.client.bytes_received
 
 

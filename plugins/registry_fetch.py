@@ -58,6 +58,10 @@ class Fetcher:
         self.prefetching = False
 
     # -- opens ---------------------------------------------------------------------
+    def knows(self, digest: str) -> bool:
+        """Whether this mount verified `digest` already (its open needs no fetch and no hashing)."""
+        return digest in self.verified
+
     def fd_for(self, path: bytes, entry: Entry, flags: int) -> int:
         """An fd on the verified contents of `path` (its first name); OSError(EIO) if none."""
         digest = entry.digest
@@ -160,27 +164,29 @@ class Fetcher:
     def _get(self, plan: Plan) -> set[bytes]:
         """One range request for `plan`; logs and returns the paths that failed to verify."""
         start, end = plan[0][1].offset, plan[-1][1].end_offset
+        published: dict[str, tuple[int, int, int]] = {}
         failures = self.client.stream_range(self.repository, self.blob, start, end,
-                                            lambda blocks: self._store(plan, start, blocks))
+                                            lambda blocks: self._store(plan, start, blocks,
+                                                                       published))
         for failed_path, reason in failures:
             self.log.error("%s: %s: %s; not served", self.layer_name, os.fsdecode(failed_path),
                            reason)
         failed = {p for p, _ in failures}
         with self.lock:
             for other_path, other in plan[1:]:
-                if other_path in failed:
+                identity = published.get(other.digest)
+                if other_path in failed or identity is None:
                     continue
-                try:
-                    st = os.stat(self.cache.path(other.digest))
-                except FileNotFoundError:
-                    continue
-                self.verified[other.digest] = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                self.verified[other.digest] = identity  # recorded by its writer: no stat
                 self.ahead.add(other.digest)
             self.frontier = max(self.frontier, self.position[plan[-1][0]] + 1)
         return failed
 
-    def _store(self, plan: Plan, start: int, blocks: Iterator[bytes]) -> list[tuple[bytes, str]]:
-        """Route the bytes of one range to each planned file's writer; (path, reason) failures."""
+    def _store(self, plan: Plan, start: int, blocks: Iterator[bytes],
+               published: dict[str, tuple[int, int, int]]) -> list[tuple[bytes, str]]:
+        """Route the bytes of one range to each planned file's writer; (path, reason) failures.
+
+        `published` gets the cache file identity of each file published."""
         writers = [self.cache.writer(e.digest, e.size) for _, e in plan]
         broken: dict[int, str] = {}
         try:
@@ -205,6 +211,9 @@ class Fetcher:
                         writer.finish()
                     except DigestMismatch as exc:
                         broken[n] = str(exc)
+                    else:
+                        assert writer.identity is not None
+                        published[writer.digest] = writer.identity
         finally:
             for writer in writers:
                 writer.abort()  # a no-op for the published ones

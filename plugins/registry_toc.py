@@ -35,6 +35,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -98,17 +99,19 @@ def toc_location(annotations: Mapping[str, str] | None) -> TocLocation | None:
     return TocLocation(offset, length, uncompressed, checksum)
 
 
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}\Z")
+
+
 def is_sha256_digest(value: str) -> bool:
-    algo, _, hexpart = value.partition(":")
-    return algo == "sha256" and len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
+    return _SHA256.match(value) is not None
 
 
 def sha256_digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def decode_toc(raw: bytes, where: TocLocation) -> list[dict[str, object]]:
-    """The TOC's entries, after checking `raw` against the manifest's checksum."""
+def decode_toc_text(raw: bytes, where: TocLocation) -> bytes:
+    """The TOC's JSON text, after checking `raw` against the manifest's checksum."""
     import zstandard
 
     if len(raw) != where.length:
@@ -124,6 +127,11 @@ def decode_toc(raw: bytes, where: TocLocation) -> list[dict[str, object]]:
     if len(text) != where.uncompressed:
         raise TocError(f"TOC decompresses to {len(text)} bytes, the manifest says "
                        f"{where.uncompressed}")
+    return text
+
+
+def parse_toc(text: bytes) -> list[dict[str, object]]:
+    """The entries of a checked TOC text."""
     try:
         doc = json.loads(text)
     except ValueError as exc:
@@ -132,6 +140,11 @@ def decode_toc(raw: bytes, where: TocLocation) -> list[dict[str, object]]:
             doc.get("entries"), list):
         raise TocError("TOC is not a version 1 table of contents")
     return doc["entries"]
+
+
+def decode_toc(raw: bytes, where: TocLocation) -> list[dict[str, object]]:
+    """The TOC's entries, after checking `raw` against the manifest's checksum."""
+    return parse_toc(decode_toc_text(raw, where))
 
 
 @dataclass(kw_only=True)
@@ -144,43 +157,78 @@ class Entry(Node):
     digest: str = ""  # a regular file with data: sha256 of its contents
     offset: int = 0  # ... and the compressed range of its frames in the blob
     end_offset: int = 0
+    #: The TOC's modtime, accesstime and changetime, checked but not yet converted:
+    #: most entries of a big layer are never stat'ed, and converting every time at
+    #: load was a fifth of it (resolve_times, on the first stat).
+    times: tuple[object, object, object] | None = None
 
     @property
     def has_data(self) -> bool:
         return stat.S_ISREG(self.mode) and self.size > 0
 
+    def resolve_times(self) -> None:
+        """Fill mtime_ns, atime_ns and ctime_ns from `times` (once)."""
+        times = self.times
+        if times is not None:
+            self.mtime_ns = mtime = parse_time_ns(times[0])
+            self.atime_ns = parse_time_ns(times[1]) or mtime
+            self.ctime_ns = parse_time_ns(times[2]) or mtime
+            self.times = None
+
+
+#: RFC 3339 as Go writes it: date, time, an optional fraction, then Z or an offset.
+_TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d).(\d\d):(\d\d):(\d\d)(?:\.(\d*))?"
+                   r"(Z|[+-]\d\d:\d\d)?\Z", re.ASCII)
+#: Go's zero time, which the TOC writes for every time it has no record of.
+_ZERO_TIME = "0001-01-01T00:00:00Z"
+#: Seconds since the epoch of each "YYYY-MM-DDTHH:MM" seen: the files of one layer
+#: are written within a few minutes, so this saves the calendar arithmetic.
+_minutes: dict[str, int] = {}
+
 
 def parse_time_ns(value: object) -> int:
     """Nanoseconds since the epoch of an RFC 3339 time as Go writes it (0 if absent)."""
-    import calendar
-
-    if not isinstance(value, str) or len(value) < 20:
+    if not isinstance(value, str) or len(value) < 20 or value == _ZERO_TIME:
         return 0
-    try:
-        date, clock = value[:10], value[11:]
-        offset_s = 0
-        if clock.endswith("Z"):
-            clock = clock[:-1]
-        elif len(clock) > 6 and clock[-6] in "+-" and clock[-3] == ":":
-            sign = 1 if clock[-6] == "+" else -1
-            offset_s = sign * (int(clock[-5:-3]) * 3600 + int(clock[-2:]) * 60)
-            clock = clock[:-6]
-        whole, _, fraction = clock.partition(".")
-        year, month, day = (int(x) for x in date.split("-"))
-        hour, minute, second = (int(x) for x in whole.split(":"))
-        nanos = int((fraction + "000000000")[:9]) if fraction else 0
-    except ValueError:
-        raise TocError(f"time {value!r} is not RFC 3339") from None
-    if year < 1970:
-        return 0  # Go's zero time: nothing was recorded
-    seconds = calendar.timegm((year, month, day, hour, minute, second)) - offset_s
+    found = _TIME.match(value)
+    if found is None:
+        raise TocError(f"time {value!r} is not RFC 3339")
+    if value[:4] < "1970":
+        return 0  # Go's zero time (or another one before the epoch): nothing was recorded
+    base = _minutes.get(value[:16])
+    if base is None:
+        import calendar
+
+        year, month, day, hour, minute = (int(x) for x in found.groups()[:5])
+        base = calendar.timegm((year, month, day, hour, minute, 0))
+        if len(_minutes) < 4096:
+            _minutes[value[:16]] = base
+    seconds = base + int(found[6])
+    zone = found[8]
+    if zone and zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        seconds -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    fraction = found[7]
+    nanos = int((fraction + "000000000")[:9]) if fraction else 0
     return seconds * 1_000_000_000 + nanos
+
+
+def check_time(value: object) -> None:
+    """Refuse a time parse_time_ns would refuse, without converting it."""
+    if (isinstance(value, str) and len(value) >= 20 and value != _ZERO_TIME
+            and _TIME.match(value) is None):
+        raise TocError(f"time {value!r} is not RFC 3339")
 
 
 def normalize(name: object, what: str) -> bytes:
     """A TOC name (UTF-8, as JSON has it) as a layer-relative path; b"" is the root."""
     if not isinstance(name, str):
         raise TocError(f"{what} has no name")
+    # The common spelling ("./a/b", "a/b/"), with no empty, "." or ".." part and
+    # no part starting with ".": already what layer_path would make of it.
+    rest = (name[2:] if name.startswith("./") else name).rstrip("/")
+    if rest and rest[0] not in "./" and "//" not in rest and "/." not in rest:
+        return rest.encode("utf-8", "surrogateescape")
     return layer_path(name.encode("utf-8", "surrogateescape"), name, what, TocError)
 
 
@@ -203,32 +251,42 @@ def _xattrs(raw: Mapping[str, object]) -> dict[str, bytes]:
 
 def entry_of(raw: Mapping[str, object], ino: int) -> Entry:
     """The Entry for one non-hardlink TOC record."""
-    kind = raw.get("type")
+    get = raw.get
+    kind = get("type")
     bits = _TYPE_BITS.get(kind) if isinstance(kind, str) else None
     if bits is None:
-        raise TocError(f"entry {raw.get('name')!r} has unsupported type {kind!r}")
-    entry = Entry(mode=bits | (_int(raw, "mode") & 0o7777), ino=ino, uid=_int(raw, "uid"),
-                  gid=_int(raw, "gid"), mtime_ns=parse_time_ns(raw.get("modtime")),
-                  xattrs=_xattrs(raw))
-    entry.atime_ns = parse_time_ns(raw.get("accesstime")) or entry.mtime_ns
-    entry.ctime_ns = parse_time_ns(raw.get("changetime")) or entry.mtime_ns
-    if bits in (stat.S_IFCHR, stat.S_IFBLK):
-        entry.rdev = os.makedev(_int(raw, "devMajor"), _int(raw, "devMinor"))
-    elif bits == stat.S_IFLNK:
-        target = raw.get("linkName")
-        if not isinstance(target, str) or not target:
-            raise TocError(f"symlink {raw.get('name')!r} has no target")
-        entry.symlink = target.encode("utf-8", "surrogateescape")
-    elif bits == stat.S_IFREG:
-        entry.size = _int(raw, "size")
-        if entry.size:
-            digest = raw.get("digest")
+        raise TocError(f"entry {get('name')!r} has unsupported type {kind!r}")
+    # Checked in one go on the common path (type is int, not bool); _int says what is wrong.
+    mode, uid, gid = get("mode", 0), get("uid", 0), get("gid", 0)
+    if not (type(mode) is int and type(uid) is int and type(gid) is int
+            and mode >= 0 and uid >= 0 and gid >= 0):
+        mode, uid, gid = _int(raw, "mode"), _int(raw, "uid"), _int(raw, "gid")
+    times = get("modtime"), get("accesstime"), get("changetime")
+    for value in times:
+        if value is not None and value != _ZERO_TIME:
+            check_time(value)
+    entry = Entry(mode=bits | (mode & 0o7777), ino=ino, uid=uid, gid=gid, times=times,
+                  xattrs=_xattrs(raw) if get("xattrs") else {})
+    if bits == stat.S_IFREG:
+        size, offset, end = get("size", 0), get("offset", 0), get("endOffset", 0)
+        if not (type(size) is int and type(offset) is int and type(end) is int
+                and size >= 0 and offset >= 0):
+            size, offset, end = _int(raw, "size"), _int(raw, "offset"), _int(raw, "endOffset")
+        entry.size = size
+        if size:
+            digest = get("digest")
             if not isinstance(digest, str) or not is_sha256_digest(digest):
-                raise TocError(f"file {raw.get('name')!r} has no sha256 digest")
-            entry.digest = digest
-            entry.offset, entry.end_offset = _int(raw, "offset"), _int(raw, "endOffset")
-            if entry.end_offset <= entry.offset:
-                raise TocError(f"file {raw.get('name')!r} has an empty data range")
+                raise TocError(f"file {get('name')!r} has no sha256 digest")
+            entry.digest, entry.offset, entry.end_offset = digest, offset, end
+            if end <= offset:
+                raise TocError(f"file {get('name')!r} has an empty data range")
+    elif bits == stat.S_IFLNK:
+        target = get("linkName")
+        if not isinstance(target, str) or not target:
+            raise TocError(f"symlink {get('name')!r} has no target")
+        entry.symlink = target.encode("utf-8", "surrogateescape")
+    elif bits in (stat.S_IFCHR, stat.S_IFBLK):
+        entry.rdev = os.makedev(_int(raw, "devMajor"), _int(raw, "devMinor"))
     return entry
 
 

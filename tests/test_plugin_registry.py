@@ -445,3 +445,42 @@ def test_cache_publishes_only_verified_contents(tmp_path: Path) -> None:
     os.chmod(tmp_path / "open", 0o777)
     with pytest.raises(PermissionError, match="writable by others"):
         FileCache(str(tmp_path / "open"))
+
+
+def test_image_tocs_are_checked_and_fall_back_to_the_layer_fetch() -> None:
+    """TOCs fetched by the image's threads are checked like a layer's own; a failed one is fetched again."""
+    import zstandard
+
+    from plugins.registry_image import ImageTocs
+
+    texts = [b'{"version": 1, "entries": [%d]}' % n for n in range(3)]
+    blobs = [zstandard.ZstdCompressor().compress(t) for t in texts]
+    where = [registry_toc.TocLocation(0, len(b), len(t), registry_toc.sha256_digest(b))
+             for b, t in zip(blobs, texts, strict=True)]
+    layers = [{"digest": f"sha256:{n:064x}",
+               "annotations": {registry_toc.POSITION_KEYS[0]: f"0:{w.length}:{w.uncompressed}:1",
+                               registry_toc.CHECKSUM_KEYS[0]: w.checksum}}
+              for n, w in enumerate(where)]
+
+    class Client:
+        def blob_range(self, repository: str, digest: str, start: int, end: int) -> bytes:
+            n = int(digest[7:], 16)
+            if n == 1:
+                raise RegistryError("gone")  # layer 1's TOC fails in the threads
+            return blobs[n] if n == 0 else blobs[n][:-1] + b"\0"  # layer 2's is damaged
+
+    tocs = ImageTocs(Client(), "r", layers, 0)  # type: ignore[arg-type]
+    own: list[int] = []
+
+    def fetch(n: int) -> bytes:
+        own.append(n)
+        return blobs[n]
+
+    assert tocs.take(0, str(layers[0]["digest"]), where[0], lambda: fetch(0), 5) == texts[0]
+    assert tocs.take(1, str(layers[1]["digest"]), where[1], lambda: fetch(1), 5) == texts[1]
+    assert tocs.take(2, str(layers[2]["digest"]), where[2], lambda: fetch(2), 5) == texts[2]
+    assert own[0] == 1 and 0 not in own  # the damaged one was refused, then fetched by its load
+    start = time.monotonic()  # taken again (a layer named twice): fetched at once, checked
+    with pytest.raises(registry_toc.TocError, match="does not match"):
+        tocs.take(0, str(layers[0]["digest"]), where[0], lambda: blobs[0][:-1] + b"\0", 5)
+    assert time.monotonic() - start < 1

@@ -15,8 +15,8 @@ At load the manifest is fetched by digest and checked against it (once for all
 layers of the mount); the layer must carry a zstd:chunked table of contents
 (TOC, see registry_toc), which is fetched with one range request and checked
 against the manifest's checksum annotation, by the image's TOC threads while
-the other layers load (registry_image).  Listings, attributes (original owners, modes, types, times,
-devices), symlinks, hardlinks and xattrs come from the TOC: no file data is
+the other layers load (registry_image).  Listings, attributes (original
+owners, modes, types, times, devices), symlinks, hardlinks and xattrs come from the TOC: no file data is
 fetched for `ls -l` or `find`.  A regular file's data is fetched on its first
 open, by a range request over its frames, decompressed, and checked against its
 digest in the TOC before any byte of it is served; with it come the small
@@ -136,9 +136,10 @@ _caches: dict[str, FileCache] = {}
 
 
 def _cache_at(root: str) -> FileCache:
-    found = _caches.get(os.path.abspath(root))
+    key = os.path.abspath(root)
+    found = _caches.get(key)
     if found is None:
-        found = _caches[os.path.abspath(root)] = FileCache(root)
+        found = _caches[key] = FileCache(root)
     return found
 
 

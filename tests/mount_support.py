@@ -30,6 +30,7 @@ from conftest import VENV_BIN, ensure_user, make_fuse_usable_for_users, require
 from podman_support import DEMO, PodmanImages
 
 from cshare.system.procfs import runs_overlay_program
+from cshare.system.runtime_dir import prepare_runtime_dir
 
 USER_CONTAINERS_CONF = """[engine]
 runtime = "runc"
@@ -127,10 +128,7 @@ def rootless_user(name: str, scratch: Path, data_home: bool = True) -> RootlessU
     entry = ensure_user(name)
     require(shutil.which("newuidmap") is not None, "newuidmap (Debian package uidmap)")
     make_fuse_usable_for_users()
-    runtime = Path(f"/run/user/{entry.pw_uid}")
-    if not runtime.is_dir():
-        runtime.mkdir(parents=True, mode=0o700)
-        os.chown(runtime, entry.pw_uid, entry.pw_gid)
+    prepare_runtime_dir(entry.pw_uid, entry.pw_gid)  # without a stale pause.pid podman would trust
     conf = scratch / f"containers-{name}.conf"
     conf.write_text(USER_CONTAINERS_CONF)
     conf.chmod(0o644)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..cli.console import CshareError, print_json, stderr, stdout
 from ..system.mountinfo import points_below
+from ..system.runtime_dir import prepare_runtime_dir, runtime_dir_path
 
 #: containers.conf for the demo user's rootless podman.  runc: crun refuses some
 #: cgroup setups ("hybrid mode"); cgroupfs and a file event log: the user has no
@@ -117,7 +118,7 @@ class DemoUser:
 
     @property
     def runtime_dir(self) -> Path:
-        return Path(f"/run/user/{self.uid}")
+        return runtime_dir_path(self.uid)
 
     def env(self) -> dict[str, str]:
         bindir = str(Path(sys.executable).parent)
@@ -193,11 +194,8 @@ def prepare_user(name: str, workdir: Path) -> DemoUser:
             f"{name} has no subordinate ids in /etc/subuid and /etc/subgid: "
             f"usermod --add-subuids 200000-265535 --add-subgids 200000-265535 {name}"
         )
-    runtime = Path(f"/run/user/{entry.pw_uid}")
-    if not runtime.is_dir():
-        # What logind would make at login; the demo user has no session.
-        runtime.mkdir(parents=True, mode=0o700)
-        os.chown(runtime, entry.pw_uid, entry.pw_gid)
+    # What logind would make at login; the demo user has no session.
+    prepare_runtime_dir(entry.pw_uid, entry.pw_gid)
     conf = workdir / "user-containers.conf"
     conf.write_text(USER_CONTAINERS_CONF)
     conf.chmod(0o644)

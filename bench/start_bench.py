@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cshare.system.runtime_dir import prepare_runtime_dir
+
 from .common import (
     DATA_ROOT,
     BenchFailure,
@@ -169,7 +171,8 @@ class StartBench:
                 f'[storage.options.overlay]\nmount_program = "{self.program[system]}"\n')
         os.chmod(HOME, 0o700)
         subprocess.run(["chown", "-R", f"{self.user.pw_uid}:{self.user.pw_gid}", str(HOME)], check=True)
-        os.chmod(HOME / "run", 0o700)
+        # HOME lives on across reboots (the image is kept), and so would its pause.pid.
+        prepare_runtime_dir(self.user.pw_uid, self.user.pw_gid, HOME / "run")
         probe = self.as_user(["podman", "image", "exists", IMAGE], 120)
         if probe.returncode != 0:
             self.import_image()

@@ -91,13 +91,14 @@ def is_pause_process(pid: int, uid: int) -> bool:
         return False
 
 
-def prepare_runtime_dir(uid: int, gid: int) -> Path:
-    """/run/user/UID for `uid`: made if missing, without state left from an earlier boot.
+def prepare_runtime_dir(uid: int, gid: int, path: Path | None = None) -> Path:
+    """/run/user/UID (or `path`, an XDG_RUNTIME_DIR of root's choosing) for `uid`: made
+    if missing, without state left from an earlier boot.
 
     A directory that is a mount point is logind's, and only a stale
     pause.pid is removed from it.
     """
-    path = runtime_dir_path(uid)
+    path = path if path is not None else runtime_dir_path(uid)
     if path.is_dir() and not path.is_symlink() and not os.path.ismount(path) and not has_processes(uid):
         shutil.rmtree(path)
     if not path.is_dir():

@@ -194,3 +194,26 @@ def test_request_encoding_round_trips_and_rejects_garbage() -> None:
     for bad in (b"", b"garbage", data[:-1], data + b"1\nx", b"5\nabc"):
         with pytest.raises(server.Refused):
             server.decode_request(bad)
+
+
+def test_the_warm_up_leaves_no_thread_descriptor_or_signal_handler_behind() -> None:
+    """The server runs trio once before forking (server.warm_up_trio); the fork rules
+    hold only if that run leaves the process as it found it."""
+    probe = """
+import json, os, signal, threading
+from cshare_fuse import server
+
+def state():
+    handlers = {s: repr(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
+    return {"threads": threading.active_count(), "fds": sorted(os.listdir("/proc/self/fd")),
+            "handlers": handlers, "wakeup": signal.set_wakeup_fd(-1)}
+
+before = state()
+server.warm_up_trio()
+print(json.dumps({"before": before, "after": state()}))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["after"] == result["before"]
+    assert result["after"]["threads"] == 1

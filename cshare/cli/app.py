@@ -506,7 +506,12 @@ def demo(
     podman run IMAGE as container root and as uid 33.  The tables show, for each
     path, its owner and mode in root's image, what the user gets without
     cshare, and what the user's container sees with cshare, followed by a
-    summary line.  Everything is made below /var/tmp/cshare-demo-* and
+    summary line.  The user's runtime directory, /run/user/UID, is prepared
+    as a login would leave it: emptied when the user has no process left,
+    and a podman pause.pid naming no process of the user inside a user
+    namespace removed (where /run is on disk such a file outlives a reboot,
+    and podman would try to join what it names and fail with "cannot set
+    user namespace").  Everything is made below /var/tmp/cshare-demo-* and
     removed afterwards; /dev/fuse is opened to users (0666) for the run when
     it is not already.  The exit status is 1 if any check failed.
     """

@@ -100,7 +100,10 @@ def prepare_runtime_dir(uid: int, gid: int, path: Path | None = None) -> Path:
     """
     path = path if path is not None else runtime_dir_path(uid)
     if path.is_dir() and not path.is_symlink() and not os.path.ismount(path) and not has_processes(uid):
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)  # fd-based: a symlink the user planted inside is not followed
+        except OSError:
+            pass  # something in it is busy (a dead mount): at least the pause.pid goes, below
     if not path.is_dir():
         path.mkdir(parents=True, mode=0o700)
         os.chown(path, uid, gid)

@@ -81,6 +81,7 @@ def carol(world_tmp: Path) -> Iterator[Carol]:
     user.end_every_process()
 
 
+@pytest.mark.podman
 def test_a_pause_pid_naming_a_process_in_the_host_namespace_is_removed(carol: Carol) -> None:
     """The CI failure: without the removal podman exits with "cannot set user namespace"."""
     require_podman()
@@ -98,6 +99,7 @@ def test_a_pause_pid_naming_a_process_in_the_host_namespace_is_removed(carol: Ca
         host_process.wait()
 
 
+@pytest.mark.podman
 def test_a_live_pause_process_is_kept(carol: Carol) -> None:
     require_podman()
     done = carol.run(["podman", "unshare", "true"])

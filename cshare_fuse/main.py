@@ -429,9 +429,60 @@ def _serve_request(argv: list[str], ready_fd: int) -> int:
     return _mount_and_serve(config, ready_fd)
 
 
+#: What the mount server's warm-up made, kept for the server's lifetime (see _warm_up).
+_warmed_up: list[object] = []
+
+
+def _warm_up() -> None:
+    """In the mount server, before any fork: a daemon's first steps, on a scratch tree.
+
+    Parse a command line, check the layout, build the overlay and answer
+    what the kernel first asks of a mount (the root's attributes, lookups),
+    without FUSE.  The first run of that code specialises its bytecode and
+    fills the caches it uses; done here, a forked daemon finds both made
+    instead of writing them into pages it shares with the server (one more
+    idle mount 4.70-4.72 MiB with this, 4.88-4.95 without; memory_bench).
+    What it built is kept, not freed: freed objects leave holes among the
+    shared ones, which each daemon's allocations would fill, copying those
+    pages (an earlier try that freed them and collected made it worse, 5.00
+    MiB).  It keeps no descriptor, no thread and no file: the scratch tree
+    is removed at once.
+    """
+    import shutil
+    import tempfile
+
+    import pyfuse3
+    import trio
+
+    base = tempfile.mkdtemp(prefix="cshare-overlay-warm-up-")
+    try:
+        for d in ("lower/dir", "upper", "work", "mnt"):
+            os.makedirs(os.path.join(base, d))
+        with open(os.path.join(base, "lower", "dir", "file"), "wb"):
+            pass
+        config = parse_command_line([
+            "-o", f"lowerdir={base}/lower,upperdir={base}/upper,workdir={base}/work",
+            f"{base}/mnt",
+        ])
+        ops = operations(config, check_layout(config))
+        answers: list[object] = []
+
+        async def first_requests() -> None:
+            # The handlers ignore the request context on these paths.
+            root = await ops.getattr(pyfuse3.ROOT_INODE, None)  # type: ignore[arg-type]
+            entry = await ops.lookup(root.st_ino, b"dir", None)  # type: ignore[arg-type]
+            answers.extend([root, entry, await ops.getattr(entry.st_ino, None),  # type: ignore[arg-type]
+                            await ops.lookup(entry.st_ino, b"file", None)])  # type: ignore[arg-type]
+
+        trio.run(first_requests)
+        _warmed_up.extend([config, ops, answers])
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def run(argv: list[str]) -> int:
     if argv[:1] == [server.SERVER_FLAG]:
-        return server.serve(_serve_request)
+        return server.serve(_serve_request, _warm_up)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         print("See cshare-overlay(1) for every option.")

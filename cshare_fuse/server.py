@@ -27,8 +27,9 @@ The rules, and how they are kept:
   itself; the server exits after `CSHARE_OVERLAY_SERVER_IDLE` seconds (default
   60) without a request.  Mounts are not its children in any sense that
   matters: each runs in its own session and outlives it.
-- *Fork with no loop running.*  The server runs trio once at start, to warm
-  it up (`warm_up_trio`), and never again; it starts no thread (it checks: a
+- *Fork with no loop running.*  The server runs trio once at start, and a
+  daemon's first steps on a scratch tree, to warm them up (`warm_up_trio`,
+  main's `_warm_up`), and never again; it starts no thread (it checks: a
   second thread means it stops serving); each request is a fork, and only
   the child calls pyfuse3.init and runs the request loop.
 - *A crash of one mount takes nothing else down.*  One process per mount, as
@@ -276,9 +277,11 @@ def set_cmdline(cmdline: bytes) -> bool:
     return True
 
 
-def serve(mount: Callable[[list[str], int], int]) -> int:
+def serve(mount: Callable[[list[str], int], int], warm_up: Callable[[], None] | None = None) -> int:
     """Run the server until it has been idle long enough.  `mount(argv, ready_fd)`
-    is what a forked daemon runs (main's mount path), returning its exit code."""
+    is what a forked daemon runs (main's mount path), returning its exit code;
+    `warm_up()` runs a daemon's first steps here once, before any fork (main's
+    `_warm_up`; `warm_up_trio` says why)."""
     import gc
     import signal
     import socket
@@ -287,6 +290,8 @@ def serve(mount: Callable[[list[str], int], int]) -> int:
     preload()
     try:
         warm_up_trio()
+        if warm_up is not None:
+            warm_up()
     except Exception:  # noqa: S110 (only an economy: the daemons work the same without it)
         pass
     install = installation()
@@ -340,12 +345,8 @@ def warm_up_trio() -> None:
     to pages it shares with the server, and each daemon gets its own copies.
     A bare trio.run costs a child 0.5 MB less when its parent has run one
     before.  The run starts no thread, and what it changes while it runs
-    (signal handlers, the wakeup descriptor) it puts back.
-
-    Doing the same for the overlay's first steps (a scratch tree, the root's
-    attributes, a lookup) made each mount cost more, not less (5.00 against
-    4.84 MiB): the objects it frees leave holes in the server's pages, and
-    each daemon's own allocations then fill them, copying those pages.
+    (signal handlers, the wakeup descriptor) it puts back.  main's warm-up
+    does the same for the overlay's own first steps.
     """
     import signal
 

@@ -196,12 +196,13 @@ def test_request_encoding_round_trips_and_rejects_garbage() -> None:
             server.decode_request(bad)
 
 
-def test_the_warm_up_leaves_no_thread_descriptor_or_signal_handler_behind() -> None:
-    """The server runs trio once before forking (server.warm_up_trio); the fork rules
-    hold only if that run leaves the process as it found it."""
+def test_the_warm_up_leaves_no_thread_descriptor_or_signal_handler_behind(tmp_path: Path) -> None:
+    """The server runs trio and a daemon's first steps once before forking
+    (server.warm_up_trio, main._warm_up); the fork rules hold only if that
+    leaves the process as it found it, and the scratch tree goes."""
     probe = """
 import json, os, signal, threading
-from cshare_fuse import server
+from cshare_fuse import main, server
 
 def state():
     handlers = {s: repr(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
@@ -210,10 +211,16 @@ def state():
 
 before = state()
 server.warm_up_trio()
-print(json.dumps({"before": before, "after": state()}))
+main._warm_up()
+# What the overlay answered: the scratch tree's directory and file.
+kinds = sorted(oct(a.st_mode >> 12) for a in main._warmed_up[2])
+print(json.dumps({"before": before, "after": state(), "kinds": kinds}))
 """
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["after"] == result["before"]
     assert result["after"]["threads"] == 1
+    assert result["kinds"] == ["0o10", "0o4", "0o4", "0o4"]  # the file; the root, and dir twice
+    assert list(tmp_path.iterdir()) == []

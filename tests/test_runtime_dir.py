@@ -18,37 +18,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ensure_user, is_root, require
+from conftest import is_root, require
+from mount_support import rootless_user
 from podman_support import require_podman
 
-from cshare.system.runtime_dir import PAUSE_PID_FILE, has_processes, prepare_runtime_dir
+from cshare.system.runtime_dir import (
+    PAUSE_PID_FILE,
+    has_processes,
+    prepare_runtime_dir,
+    runtime_dir_path,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.rootless]
 
 USER = "carol"
-CONTAINERS_CONF = '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
 
 
 class Carol:
+    """carol as the other tests' users are made (mount_support), and her runtime dir."""
+
     def __init__(self, scratch: Path) -> None:
-        entry = ensure_user(USER)
-        self.uid, self.gid, self.home = entry.pw_uid, entry.pw_gid, Path(entry.pw_dir)
-        self.runtime = Path(f"/run/user/{self.uid}")
-        self.conf = scratch / "containers.conf"
-        self.conf.write_text(CONTAINERS_CONF)
-        self.conf.chmod(0o644)
-
-    def popen(self, argv: list[str]) -> subprocess.Popen[str]:
-        env = {"HOME": str(self.home), "USER": USER, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin",
-               "XDG_RUNTIME_DIR": str(self.runtime), "CONTAINERS_CONF": str(self.conf)}
-        return subprocess.Popen(argv, user=self.uid, group=self.gid, extra_groups=[], env=env,
-                                cwd=str(self.home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-
-    def run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
-        proc = self.popen(argv)
-        out, err = proc.communicate(timeout=60)
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        self.user = rootless_user(USER, scratch, data_home=False)
+        self.uid, self.gid = self.user.uid, self.user.gid
+        self.runtime = runtime_dir_path(self.uid)
+        self.popen, self.run = self.user.popen, self.user.run
 
     def end_every_process(self) -> None:
         """As at the end of a boot: no process of carol's is left."""

@@ -42,6 +42,7 @@ import dataclasses
 import json
 import os
 import platform
+import select
 import signal
 import statistics
 import subprocess
@@ -700,6 +701,11 @@ def run_timed(
     On a timeout the command is killed; a process stuck in a FUSE request
     survives SIGKILL, so `on_hang` (e.g. abort the FUSE connection) is called
     when it has not exited 2 s later.
+
+    The clock stops when the command exits, not when we next look:
+    `Popen.wait(timeout=...)` polls with sleeps that grow to 50 ms, which
+    rounded every time measured through it up to the next step of 13.5,
+    63.5, 113.5, 163.5 ... ms.  A pidfd becomes readable at the exit itself.
     """
     name = what or Path(cmd[0]).name
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -714,20 +720,38 @@ def run_timed(
         except FileNotFoundError:
             raise BenchFailure(f"{name}: command not found") from None
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop(proc, on_hang)
-            raise BenchFailure(f"{name}: timed out after {timeout:.0f} s") from None
+            exited = wait_for_exit(proc, timeout)
+            elapsed = time.perf_counter() - start
+            if not exited:
+                stop(proc, on_hang)
+                raise BenchFailure(f"{name}: timed out after {timeout:.0f} s")
         except BaseException:  # Ctrl-C: never leave the command running behind us
             stop(proc, on_hang)
             raise
-        elapsed = time.perf_counter() - start
+        proc.wait()  # it has exited: this only reaps it
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise BenchFailure(f"{name} exited {proc.returncode}: {last_line(stderr)}")
     return elapsed, stdout, stderr
+
+
+def wait_for_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Block until `proc` exits (True) or `timeout` seconds pass (False), without reaping it."""
+    pidfd = os.pidfd_open(proc.pid)  # a zombie not yet reaped still has its pid: no race
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if poller.poll(left * 1000):  # an interrupting signal retries with what is left
+                return True
+    finally:
+        os.close(pidfd)
 
 
 def stop(proc: subprocess.Popen[bytes], on_hang: Callable[[], None] | None) -> None:

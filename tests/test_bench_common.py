@@ -1,13 +1,15 @@
 """The pure helpers of the benchmarks (bench/common.py): medians, ratios, formatting, report shape.
 
 The benchmarks themselves are never run as tests (timings are not assertions);
-this checks only the arithmetic and the JSON they write.
+this checks the arithmetic and the JSON they write, and that the clock that
+times a command stops when the command exits.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    BenchFailure,
     Comparison,
     Report,
     busy_note,
@@ -30,6 +33,7 @@ from bench.common import (  # noqa: E402
     paired_ratios,
     parse_systems,
     ratio,
+    run_timed,
     stamp_matches,
     write_json,
 )
@@ -240,3 +244,24 @@ def test_markdown_rows_match_the_combined_table() -> None:
         "| walk | 2.00 s | 600.0 ms (fuse-overlayfs) | 3.33x | 1.25-6.00x | ≤ 2.00x | 300.0 ms |",
         "| read | failed | 1.00 s (fuse-overlayfs) | — | — | ≤ 2.00x | 500.0 ms |",
     ]
+
+
+def test_run_timed_stops_the_clock_at_the_commands_exit() -> None:
+    """The command prints the wall clock as its last act; run_timed must return right after.
+
+    Popen.wait(timeout=...) sleeps up to 50 ms between looks: a command ending
+    70 ms in was seen at 113.5 ms, ~43 ms late, and every row of the benchmark
+    was rounded up to those steps."""
+    lags = []
+    for _ in range(3):
+        elapsed, out, _ = run_timed(["sh", "-c", "sleep 0.07; date +%s.%N"], 10, capture_stdout=True)
+        lags.append(time.time() - float(out.decode()))
+        assert elapsed >= 0.07
+    assert min(lags) < 0.015, f"run_timed returned {min(lags) * 1000:.1f} ms after the command printed"
+
+
+def test_run_timed_times_out_and_names_the_command() -> None:
+    start = time.monotonic()
+    with pytest.raises(BenchFailure, match=r"^sleeper: timed out after 0 s$"):
+        run_timed(["sleep", "30"], 0.3, what="sleeper")
+    assert time.monotonic() - start < 5  # killed, not waited for

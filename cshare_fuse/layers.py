@@ -288,7 +288,8 @@ class LowerLayer(Layer):
         return path in self._stats
 
     def _stat_miss(self, path: bytes) -> Stat | None:
-        self._notify(path)
+        if self._has_on_lookup:  # tested here too: this runs for every entry a walk meets
+            self._notify(path)
         try:
             result: Stat | None = self.source.stat(path)
         except OSError as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import stat as statmod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .datasource import Stat
 from .formats.markers import OPAQUE_MARKER, WHITEOUT_PREFIX, is_whiteout_stat
@@ -24,9 +24,11 @@ def child_path(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
 
 
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """Where a name lives: the winning layer, its attributes, what merges below."""
+class Resolved(NamedTuple):
+    """Where a name lives: the winning layer, its attributes, what merges below.
+
+    A named tuple, as Stat: one is made for every name a walk resolves.
+    """
 
     layer: int
     stat: Stat
@@ -34,19 +36,18 @@ class Resolved:
     has_lower: bool  # a lower layer shows this name: deleting it needs a whiteout
 
 
-def _entry_in(layer: Layer, parent_path: bytes, name: bytes) -> Stat | None | bool:
-    """The entry `name` in one layer: its Stat, None if absent, False if whited out."""
-    path = child_path(parent_path, name)
-    marker = WHITEOUT_PREFIX + name
-    # A name too long to carry the prefix cannot have an AUFS-style whiteout.
-    can_have_marker = len(marker) <= NAME_MAX
+def _entry_in(layer: Layer, parent_path: bytes, name: bytes, path: bytes) -> Stat | None | bool:
+    """The entry `name` (at `path`) in one layer: its Stat, None if absent, False if whited out."""
     if isinstance(layer, LowerLayer) and not layer.has(parent_path, name):
         # Listing the (immutable) directory once answers every miss.
-        return False if can_have_marker and layer.has(parent_path, marker) else None
+        marker = WHITEOUT_PREFIX + name
+        # A name too long to carry the prefix cannot have an AUFS-style whiteout.
+        return False if len(marker) <= NAME_MAX and layer.has(parent_path, marker) else None
     st = layer.stat(path)
     if st is None:
         # An AUFS-style whiteout only matters where the name itself is absent.
-        if can_have_marker and layer.stat(child_path(parent_path, marker)) is not None:
+        marker = WHITEOUT_PREFIX + name
+        if len(marker) <= NAME_MAX and layer.stat(child_path(parent_path, marker)) is not None:
             return False
         return None
     if is_whiteout_stat(st.mode, st.rdev):
@@ -58,13 +59,25 @@ def resolve(layers: Sequence[Layer], parent_layers: Sequence[int], parent_path: 
             name: bytes) -> Resolved | None:
     """Resolve `name` in the merged directory made of `parent_layers`."""
     path = child_path(parent_path, name)
+    if len(parent_layers) == 1:
+        # The parent lives in one layer (most directories of a walk): nothing
+        # merges and nothing lies below to hide, so an opaque marker changes
+        # nothing and the loop below reduces to this.
+        index = parent_layers[0]
+        layer = layers[index]
+        entry = _entry_in(layer, parent_path, name, path)
+        if entry is None or entry is False:
+            return None
+        assert isinstance(entry, Stat)
+        return Resolved(index, entry, (index,) if statmod.S_ISDIR(entry.mode) else (),
+                        not layer.is_upper)
     found: tuple[int, Stat] | None = None
     dir_layers: list[int] = []
     has_lower = False
     merging = True
     for index in parent_layers:
         layer = layers[index]
-        entry = _entry_in(layer, parent_path, name)
+        entry = _entry_in(layer, parent_path, name, path)
         if entry is None:
             continue
         if entry is False:

@@ -109,23 +109,22 @@ class OverlayBase:
 
     def _make_node(self, parent: Node, name: bytes, res: merge.Resolved) -> Node:
         st = res.stat
-        key = (st.dev, st.ino)
         # Names of one upper file share a node: they are one file.  Names of a lower
         # hardlink do not: a write copies up only the name it came through (as the
         # kernel's overlay does with index=off), and the kernel tells us only the
         # node, never the name, on open.  pyfuse3 reports the node number as
         # st_ino, so such names show distinct inode numbers (with the lower nlink).
-        hardlinked = (not statmod.S_ISDIR(st.mode) and st.nlink > 1
-                      and self.layers[res.layer].is_upper)
+        in_upper = self.layers[res.layer].is_upper
+        hardlinked = in_upper and st.nlink > 1 and not statmod.S_ISDIR(st.mode)
         if hardlinked:
-            existing = self.table.by_backing.get(key)
+            existing = self.table.by_backing.get((st.dev, st.ino))
             if existing is not None and not existing.unlinked and existing.layer == res.layer:
                 existing.add_alias(parent, name)
                 return existing
         node = Node(self.table.number_for(st), parent, name, res.layer, statmod.S_IFMT(st.mode))
         node.dir_layers = res.dir_layers
-        if self.layers[res.layer].is_upper:
-            node.backing_key = key
+        if in_upper:
+            node.backing_key = (st.dev, st.ino)
         else:
             # A lower node needs no backing key (56 bytes a node): only upper
             # names share a node, and a link copies the file up first, which

@@ -19,6 +19,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -429,3 +430,28 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_after_a_burst_of_requests_an_idle_daemon_sleeps(dirs: LayerDirs, world_tmp: Path) -> None:
+    """The request loop busy-polls /dev/fuse while a client is in a burst
+    (cshare_fuse/session.py); once requests stop it must go back to sleep, so
+    an idle mount costs no CPU.  A spin that never ended would burn ~1 s here."""
+    log = world_tmp / "out.log"
+    assert run([*overlay_command(), "-o", fuse_options(dirs), str(dirs.mnt)], log) == 0, log.read_text()
+    pids = serving_processes(dirs.mnt)
+    assert pids, "no daemon serving the mount"
+    for _ in range(2000):  # a burst: ping-pong requests with no pause between them
+        os.stat(dirs.mnt / "hello")
+        with open(dirs.mnt / "hello", "rb") as f:
+            f.read()
+    idle_from = sum(_cpu_seconds(p) for p in pids)
+    time.sleep(1.0)
+    idle_cpu = sum(_cpu_seconds(p) for p in pids) - idle_from
+    assert idle_cpu < 0.1, f"the idle daemon used {idle_cpu:.2f} s of CPU in 1 s"
+    check_serves(dirs.mnt)

@@ -721,13 +721,13 @@ def run_timed(
             raise BenchFailure(f"{name}: command not found") from None
         try:
             exited = wait_for_exit(proc, timeout)
-            elapsed = time.perf_counter() - start
-            if not exited:
-                stop(proc, on_hang)
-                raise BenchFailure(f"{name}: timed out after {timeout:.0f} s")
         except BaseException:  # Ctrl-C: never leave the command running behind us
             stop(proc, on_hang)
             raise
+        elapsed = time.perf_counter() - start
+        if not exited:
+            stop(proc, on_hang)
+            raise BenchFailure(f"{name}: timed out after {timeout:.0f} s")
         proc.wait()  # it has exited: this only reaps it
         out.seek(0)
         err.seek(0)

@@ -690,8 +690,10 @@ def run_timed(
     what: str | None = None,
     capture_stdout: bool = False,
     on_hang: Callable[[], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[float, bytes, bytes]:
-    """Run `cmd`, return (seconds from start to exit, stdout if captured, stderr).
+    """Run `cmd` (in environment `env`, else ours), return (seconds from start to
+    exit, stdout if captured, stderr).
 
     A non-zero exit, a missing program or a timeout raises BenchFailure with
     one line naming the command and the last line of its error output.
@@ -716,6 +718,7 @@ def run_timed(
                 stdin=subprocess.DEVNULL,
                 stdout=out if capture_stdout else subprocess.DEVNULL,
                 stderr=err,
+                env=env,
             )
         except FileNotFoundError:
             raise BenchFailure(f"{name}: command not found") from None

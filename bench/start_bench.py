@@ -72,36 +72,17 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 """
 
-#: Both drivers time a command to its exit through a pidfd: subprocess.run's
-#: timeout makes it poll with sleeps (0.5 ms, doubling), which would add up to
-#: a millisecond to a mount that takes two.
-TIMED_RUN = r"""
-import os, select, subprocess, tempfile, time
-def timed_run(cmd, env, timeout):
-    # (start on the perf_counter clock, seconds to exit, exit status or "timed out",
-    #  last line of stderr)
-    with tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        fd = os.pidfd_open(p.pid)
-        try:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            exited = poller.poll(timeout * 1000)
-            took = time.perf_counter() - start
-        finally:
-            os.close(fd)
-        if not exited:
-            p.kill()
-        p.wait()
-        err.seek(0)
-        lines = err.read().decode(errors="replace").strip().splitlines()
-        return start, took, (p.returncode if exited else "timed out"), (lines or ["?"])[-1]
+#: Both drivers time each command with bench.common.run_timed (to its exit,
+#: through a pidfd), imported from this checkout, which is readable to the user.
+TIMED_RUN = f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from bench.common import BenchFailure, run_timed
 """
 
 #: Runs as the user: every podman run, timed without runuser's own start.
 PODMAN_DRIVER = TIMED_RUN + r"""
-import json, sys
+import json
 spec = json.loads(sys.argv[1])
 times = {s: [] for s in spec["systems"]}
 for r in range(spec["runs"]):
@@ -109,9 +90,10 @@ for r in range(spec["runs"]):
     for s in order:
         env = dict(os.environ, CONTAINERS_STORAGE_CONF=spec["conf"][s],
                    CSHARE_OVERLAY_SERVER="0" if s == "cshare-direct" else "1")
-        _, took, status, last = timed_run(["podman", "run", "--rm", spec["image"], "true"], env, spec["timeout"])
-        if status:
-            print(json.dumps({"error": f"{s}: {last}"}))
+        try:
+            took, _, _ = run_timed(["podman", "run", "--rm", spec["image"], "true"], spec["timeout"], env=env)
+        except BenchFailure as exc:
+            print(json.dumps({"error": f"{s}: {exc}"}))
             sys.exit(0)
         times[s].append(took)
 print(json.dumps(times))
@@ -119,7 +101,7 @@ print(json.dumps(times))
 
 #: Runs as the user inside `unshare --map-root-user --mount`: mount, stat, unmount.
 MOUNT_DRIVER = TIMED_RUN + r"""
-import json, sys
+import json, subprocess
 spec = json.loads(sys.argv[1])
 base = spec["base"]
 out = {s: {"ready": [], "first": []} for s in spec["systems"]}
@@ -132,9 +114,11 @@ for r in range(spec["runs"]):
         env = dict(os.environ, CSHARE_OVERLAY_SERVER="0" if s == "cshare-direct" else "1")
         cmd = [spec["program"][s], "-o", f"lowerdir={spec['lower']},upperdir={d}/upper,workdir={d}/work",
                f"{d}/mnt"]
-        start, ready, status, last = timed_run(cmd, env, spec["timeout"])
-        if status:
-            print(json.dumps({"error": f"{s}: {last}"}))
+        start = time.perf_counter()
+        try:
+            ready, _, _ = run_timed(cmd, spec["timeout"], env=env)
+        except BenchFailure as exc:
+            print(json.dumps({"error": f"{s}: {exc}"}))
             sys.exit(0)
         os.stat(f"{d}/mnt/bin")
         first = time.perf_counter() - start

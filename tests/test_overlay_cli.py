@@ -431,7 +431,6 @@ def _umask() -> int:
     return mask
 
 
-
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()

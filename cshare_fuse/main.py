@@ -336,7 +336,7 @@ def _mount_and_serve(config: MountConfig, ready_fd: int | None) -> int:
 
 def _report_ready(ready_fd: int | None) -> None:
     if ready_fd is not None:
-        os.write(ready_fd, b"\0ready")
+        os.write(ready_fd, server.READY)
         os.close(ready_fd)
         _detach_stdio()
 
@@ -400,22 +400,21 @@ def _detach_stdio() -> None:
     os.close(null)
 
 
-def _through_server(config: MountConfig, argv: list[str]) -> int | None:
-    """Mount through the mount server (cshare_fuse.server): the exit code, or
-    None when there is none to use and this process mounts directly."""
-    if not server.usable() or fusemount.needs_libfuse(config.fuse_options):
-        return None
-    result = server.mount_through_server(argv)
-    if result is None:
-        return None
-    code, answer = result
-    if code == 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # as the direct path: nothing to tear down
-    reason = answer.decode(errors="replace") or "the mount process ended without an answer"
-    print(f"{PROG}: error: {reason}", file=sys.stderr)
-    return 1
+def _servable(argv: list[str]) -> str | None:
+    """Why the mount server leaves this command line to a directly started
+    process (None: it serves it).  The direct path then prints what it would
+    have printed anyway: an error, warnings, the foreground run."""
+    try:
+        config = parse_command_line(argv)
+    except ConfigError as exc:
+        return str(exc)
+    if config.warnings:
+        return "the command line has warnings, which only a direct start shows"
+    if config.foreground:
+        return "-f runs in the foreground"
+    if fusemount.needs_libfuse(config.fuse_options):
+        return "these options mount through libfuse's fusermount3"
+    return None
 
 
 def _serve_request(argv: list[str], ready_fd: int) -> int:
@@ -433,7 +432,7 @@ def _serve_request(argv: list[str], ready_fd: int) -> int:
 _warmed_up: list[object] = []
 
 
-def _warm_up() -> None:
+def _warm_up(keep: bool = True) -> None:
     """In the mount server, before any fork: a daemon's first steps, on a scratch tree.
 
     Parse a command line, check the layout, build the overlay and answer
@@ -475,14 +474,30 @@ def _warm_up() -> None:
                             await ops.lookup(entry.st_ino, b"file", None)])  # type: ignore[arg-type]
 
         trio.run(first_requests)
-        _warmed_up.extend([config, ops, answers])
+        if keep:
+            _warmed_up.extend([config, ops, answers])
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run(argv: list[str]) -> int:
+def _rehearse() -> None:
+    """In the server's spare, waiting for its request: the warm-up once more,
+    its objects dropped.  The pages a daemon's first steps write are copied
+    here, before the request, instead of on the way to its mount; what the
+    rehearsal frees stays in pages that are already the spare's own, for
+    the daemon's allocations to reuse."""
+    _warm_up(keep=False)
+
+
+def run(argv: list[str], server_asked: bool = False) -> int:
+    """cshare-overlay with these arguments; `server_asked`: the script has
+    already offered the mount to the server (server.mount_as_client)."""
     if argv[:1] == [server.SERVER_FLAG]:
-        return server.serve(_serve_request, _warm_up)
+        return server.serve(server.Requests(_serve_request, _servable, _rehearse), _warm_up)
+    if not server_asked:
+        code = server.mount_as_client(argv)
+        if code is not None:
+            _leave(code)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         print("See cshare-overlay(1) for every option.")
@@ -499,9 +514,6 @@ def run(argv: list[str]) -> int:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     if config.foreground:
         return _mount_and_serve(config, None)
-    through_server = _through_server(config, argv)
-    if through_server is not None:
-        return through_server
 
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -522,19 +534,23 @@ def run(argv: list[str]) -> int:
         chunks.append(chunk)
     os.close(read_end)
     answer = b"".join(chunks)
-    if answer == b"\0ready":
-        # Leave at once: nothing is left to tear down that the daemon needs.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if answer == server.READY:
+        _leave(0)
     _, status = os.waitpid(pid, 0)
     reason = answer.decode(errors="replace") or f"the mount process exited with status {status >> 8}"
     print(f"{PROG}: error: {reason}", file=sys.stderr)
     return 1
 
 
-def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+def _leave(code: int) -> None:
+    """Exit at once: nothing is left to tear down that the daemon needs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(server_asked: bool = False) -> None:
+    sys.exit(run(sys.argv[1:], server_asked))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,13 @@ The rules, and how they are kept:
 - *Fork with no loop running.*  The server runs trio once at start, and a
   daemon's first steps on a scratch tree, to warm them up (`warm_up_trio`,
   main's `_warm_up`), and never again; it starts no thread (it checks: a
-  second thread means it stops serving); each request is a fork, and only
-  the child calls pyfuse3.init and runs the request loop.
+  second thread means it stops serving); only its children call
+  pyfuse3.init and run the request loop.
+- *Forked ahead.*  Each request is served by the spare, a child forked after
+  the previous one (`_Server`: the fork and a daemon's first page copies
+  cost ~2 ms of a container start when paid on its way), which has
+  rehearsed a daemon's first steps meanwhile (main's `_rehearse`); with no
+  spare the server forks for the request.
 - *A crash of one mount takes nothing else down.*  One process per mount, as
   before; the server itself never touches a mount.
 - *umount and fusermount3 -u behave as now*, and so does every check and
@@ -41,12 +46,15 @@ The rules, and how they are kept:
   the client's: the server was exec'd with a reserved argument area for that.
 
 The protocol, one connection per mount: the client sends the request
-(`encode_request`) and shuts down its sending side; the server answers `+`
-once it has forked (anything else before that, or nothing, means no mount was
-attempted and the client mounts directly); then the daemon writes what it
-writes to a direct parent: `\\0ready`, or the one-line reason it refused.
-Nothing here imports more than the standard library's C modules on the
-client's path: every mount waits for it.
+(`encode_request`) and shuts down its sending side; the daemon-to-be answers
+`+` once it has taken the request (anything else before that, or nothing,
+means no mount was attempted and the client mounts directly: a stranger, a
+server leaving, a command line main's `_servable` leaves to a direct start);
+then it writes what it writes to a direct parent: `\\0ready`, or the
+one-line reason it refused.  The client side (`mount_as_client`) is the
+cshare-overlay script's first step, before main and the option parser are
+imported, and imports no more than the standard library's C modules: every
+mount waits for it.
 """
 
 from __future__ import annotations
@@ -56,12 +64,18 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Callable
 
 #: The hidden first argument that makes cshare-overlay the server (cshare-overlay(1), NOTES).
 SERVER_FLAG = "--mount-server"
+#: The command lines of the server and of its spare (what ps shows).
+SERVER_NAME = b"cshare-overlay: mount server\0"
+SPARE_NAME = b"cshare-overlay: mount server (spare)\0"
 #: Bytes reserved for the forked daemons' command lines; a longer one mounts directly.
 ARGV_AREA = 65536
+#: Seconds a new spare waits for the CPUs to calm down before its rehearsal.
+REHEARSAL_DELAY = 0.05
 #: Seconds without a request before the server exits.
 DEFAULT_IDLE = 60.0
 #: A client that sends nothing for this long is dropped (it cannot stall the server).
@@ -69,6 +83,8 @@ REQUEST_TIMEOUT = 2.0
 MAX_REQUEST = 4 * ARGV_AREA
 _MAGIC = b"cshare-overlay-server 1"
 _ACCEPTED = b"+"
+#: What a daemon writes once mounted (main's _report_ready); anything else is its reason.
+READY = b"\0ready"
 _SOL_SOCKET = 1
 _SO_PEERCRED = 17
 
@@ -183,9 +199,32 @@ def decode_request(data: bytes) -> tuple[bytes, bytes, bytes, list[str], dict[by
 
 
 # ------------------------------------------------------------------ the client
+#: Arguments that are never a mount for the server (help, version, foreground):
+#: the client does not ask.  Only an economy: the server declines -f itself.
+_NOT_SERVED = frozenset({"-h", "--help", "-V", "--version", "-f", "-d"})
+
+
 def usable() -> bool:
-    """Whether this mount may go through a server (the caller checks the options)."""
+    """Whether this process may ask a server at all (root, or root of a user namespace)."""
     return os.environ.get("CSHARE_OVERLAY_SERVER", "1") != "0" and os.geteuid() == 0
+
+
+def mount_as_client(args: list[str]) -> int | None:
+    """cshare-overlay's first step, before it imports anything else of its own:
+    hand the mount to the server.  The exit code (0 mounted; 1, the reason
+    printed), or None: this process mounts directly (no server to use, which
+    is then started for the next mount; or the server declined, as it does
+    for what it would not mount as a direct start would, main's `_servable`)."""
+    if not usable() or any(a in _NOT_SERVED for a in args):
+        return None
+    result = mount_through_server(args)
+    if result is None:
+        return None
+    code, answer = result
+    if code:
+        reason = answer.decode(errors="replace") or "the mount process ended without an answer"
+        print(f"cshare-overlay: error: {reason}", file=sys.stderr)
+    return code
 
 
 def mount_through_server(args: list[str]) -> tuple[int, bytes] | None:
@@ -229,11 +268,13 @@ def _answer(sock: object) -> tuple[int, bytes] | None:
         if not chunk:
             break
         chunks.append(chunk)
+        if b"".join(chunks) == _ACCEPTED + READY:
+            break  # the last word; no need to wait for the daemon to close
     answer = b"".join(chunks)
     if not answer.startswith(_ACCEPTED):
         return None  # refused before forking, or the server was leaving: nothing was tried
     answer = answer[1:]
-    return (0, answer) if answer == b"\0ready" else (1, answer)
+    return (0, answer) if answer == READY else (1, answer)
 
 
 def start_server() -> None:
@@ -277,16 +318,32 @@ def set_cmdline(cmdline: bytes) -> bool:
     return True
 
 
-def serve(mount: Callable[[list[str], int], int], warm_up: Callable[[], None] | None = None) -> int:
-    """Run the server until it has been idle long enough.  `mount(argv, ready_fd)`
-    is what a forked daemon runs (main's mount path), returning its exit code;
-    `warm_up()` runs a daemon's first steps here once, before any fork (main's
-    `_warm_up`; `warm_up_trio` says why)."""
+class Requests:
+    """What the server runs for the requests it takes (main provides each)."""
+
+    def __init__(self, mount: Callable[[list[str], int], int],
+                 servable: Callable[[list[str]], str | None] | None = None,
+                 rehearse: Callable[[], None] | None = None) -> None:
+        #: `mount(argv, ready_fd)`: main's mount path, in the daemon; its exit code.
+        self.mount = mount
+        #: `servable(argv)`: why a command line is left to a direct start, else None.
+        self.servable = servable
+        #: `rehearse()`: a daemon's first steps without a mount, run by the spare.
+        self.rehearse = rehearse
+
+
+def serve(requests: Requests, warm_up: Callable[[], None] | None = None) -> int:
+    """Run the server until it has been idle long enough.  `warm_up()` runs a
+    daemon's first steps here once, before any fork (main's `_warm_up`;
+    `warm_up_trio` says why)."""
     import gc
     import signal
     import socket
     import threading
 
+    # Not the first client's directory: it may go away (the spare's rehearsal
+    # asks for its cwd), and a server there would keep its filesystem busy.
+    os.chdir("/")
     preload()
     try:
         warm_up_trio()
@@ -295,19 +352,20 @@ def serve(mount: Callable[[list[str], int], int], warm_up: Callable[[], None] | 
     except Exception:  # noqa: S110 (only an economy: the daemons work the same without it)
         pass
     install = installation()
-    own = fingerprint()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         listener.bind(socket_name(install))
     except OSError:
         return 0  # another server was started at the same moment: it serves
     listener.listen(64)
-    set_cmdline(b"cshare-overlay: mount server\0")
+    set_cmdline(SERVER_NAME)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the forked daemons
     # What the daemons share with us stays shared: the collector would touch
     # (and so copy) every page of these objects in each child.
     gc.freeze()
     idle = _idle_seconds()
+    server = _Server(listener, install, requests)
+    server.start_spare()
     while True:
         if threading.active_count() != 1:
             return 1  # a thread would not survive fork: stop serving, clients mount directly
@@ -317,7 +375,11 @@ def serve(mount: Callable[[list[str], int], int], warm_up: Callable[[], None] | 
         except TimeoutError:
             return 0
         with conn:
-            _handle(conn, listener, install, own, mount)
+            spent = server.hand_over(conn)
+        # Only now, with our copy of the connection closed: a spare forked
+        # while we held it would keep the client from ever seeing its end.
+        if spent:
+            server.start_spare()
 
 
 def _idle_seconds() -> float:
@@ -329,6 +391,7 @@ def _idle_seconds() -> float:
 
 def preload() -> None:
     """Import what every daemon imports, so that a forked one does not."""
+    import array  # noqa: F401 (socket.send_fds and recv_fds import it: the server's hand-over)
     import logging.handlers  # noqa: F401
 
     import pyfuse3  # noqa: F401
@@ -374,27 +437,114 @@ def warm_up_trio() -> None:
         os.close(writable)
 
 
-def _handle(conn: object, listener: object, install: bytes, own: bytes,
-            mount: Callable[[list[str], int], int]) -> None:
-    try:
-        if not peer_is_us(conn, own):
-            raise Refused("this mount server belongs to another user or namespace")
-        request = _read_request(conn)
-        their_install, cwd, cmdline, args, env = decode_request(request)
-        if their_install != install:
-            raise Refused("this mount server runs another installation of cshare-overlay")
-    except Refused as exc:
-        _send(conn, str(exc).encode())
-        return
-    except OSError:
-        return
-    if os.fork() == 0:
-        code = 1
+class _Server:
+    """The listening server's state: its socket, its code, and the spare.
+
+    Forking costs the request it serves: the fork itself, and then a copy of
+    every page the child writes (~700 on the way to a mount, a few µs each
+    on these virtual machines).  A spare, forked after the previous request,
+    pays the fork and its first copies before the next request comes, and
+    waits for a connection on its control socket.  It holds neither the
+    listener nor a connection, so it never answers on the name; when the
+    server goes, its control socket reads end-of-file and it leaves.
+    """
+
+    def __init__(self, listener: socket.socket, install: bytes, requests: Requests) -> None:
+        self.listener = listener
+        self.install = install
+        self.own = fingerprint()
+        self.requests = requests
+        self.spare: socket.socket | None = None  # our end of the spare's control socket
+
+    def hand_over(self, conn: socket.socket) -> bool:
+        """Give `conn` to the spare (with none, to a child forked for it).
+        True when the spare was used up, or found gone: start the next."""
+        import socket
+
+        if not peer_is_us(conn, self.own):
+            _send(conn, b"this mount server belongs to another user or namespace")
+            return False
+        had_spare = self.spare is not None
+        if self.spare is not None:
+            try:
+                socket.send_fds(self.spare, [b"c"], [conn.fileno()])
+                return True
+            except OSError:
+                pass  # the spare is gone (killed): fork for this one
+        if os.fork() == 0:
+            code = 1
+            try:
+                self._forget_server()
+                code = self.take(conn)
+            finally:
+                os._exit(code)
+        return had_spare
+
+    def start_spare(self) -> None:
+        import socket
+
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
         try:
-            listener.close()  # type: ignore[attr-defined]
-            code = _daemon(conn, cwd, cmdline, args, env, mount)
-        finally:
-            os._exit(code)
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        except OSError:
+            return
+        if os.fork() == 0:
+            code = 1
+            try:
+                ours.close()
+                self._forget_server()
+                code = self._wait_as_spare(theirs)
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.spare = ours
+
+    def _forget_server(self) -> None:
+        """In a child: close what belongs to the server."""
+        self.listener.close()
+        if self.spare is not None:
+            self.spare.close()
+
+    def _wait_as_spare(self, control: socket.socket) -> int:
+        import select
+        import socket
+
+        set_cmdline(SPARE_NAME)
+        # The rehearsal waits until the mount that made this spare has had
+        # its start: the CPUs are busy with it now.
+        if self.requests.rehearse is not None and not select.select([control], [], [], REHEARSAL_DELAY)[0]:
+            try:
+                self.requests.rehearse()
+            except Exception:  # noqa: S110 (only an economy, as the warm-up)
+                pass
+        try:
+            _, fds, _, _ = socket.recv_fds(control, 1, 1)
+        except OSError:
+            return 0
+        control.close()
+        if not fds:
+            return 0  # the server has gone
+        return self.take(socket.socket(fileno=fds[0]))
+
+    def take(self, conn: socket.socket) -> int:
+        """In a child of the server: read the request on `conn` and become its
+        daemon, or decline it before answering (the client then mounts itself)."""
+        try:
+            request = _read_request(conn)
+            their_install, cwd, cmdline, args, env = decode_request(request)
+            if their_install != self.install:
+                raise Refused("this mount server runs another installation of cshare-overlay")
+            reason = self.requests.servable(args) if self.requests.servable is not None else None
+            if reason is not None:
+                raise Refused(reason)
+        except Refused as exc:
+            _send(conn, str(exc).encode())
+            return 1
+        except OSError:
+            return 1
+        return _daemon(conn, cwd, cmdline, args, env, self.requests.mount)
 
 
 def _read_request(conn: object) -> bytes:

@@ -41,6 +41,11 @@ def servers() -> list[int]:
             and cmdline(int(p))[:1] == [b"cshare-overlay: mount server"]]
 
 
+def spares() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and own_ns(p)
+            and cmdline(int(p))[:1] == [b"cshare-overlay: mount server (spare)"]]
+
+
 def daemon_of(mnt: Path) -> int | None:
     needle = os.fsencode(str(mnt))
     for p in os.listdir("/proc"):
@@ -92,13 +97,18 @@ def mounted(mnt: Path) -> bool:
         return any(line.split()[4] == str(mnt) for line in f)
 
 
-def mount(base: Path, name: str, env: dict[str, str]) -> tuple[Path, str]:
+def mount(base: Path, name: str, env: dict[str, str], extra: str = "",
+          lower: Path | None = None) -> tuple[Path, str]:
+    """Mount `name`; "ok", "ok; " and what it printed, or its exit code and what it printed."""
     d = base / name
     for sub in ("upper", "work", "mnt"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([OVERLAY, "-o", f"lowerdir={base}/lower,upperdir={d}/upper,workdir={d}/work",
-                           str(d / "mnt")], env=env, capture_output=True, text=True, timeout=60)
-    return d / "mnt", proc.stderr.strip() if proc.returncode else "ok"
+    proc = subprocess.run([OVERLAY, "-o", f"lowerdir={lower or base / 'lower'},upperdir={d}/upper,"
+                           f"workdir={d}/work{extra}", str(d / "mnt")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    if proc.returncode:
+        return d / "mnt", f"exit {proc.returncode}: {proc.stderr.strip()}"
+    return d / "mnt", f"ok; {proc.stderr.strip()}" if proc.stderr.strip() else "ok"
 
 
 def read(mnt: Path) -> str:
@@ -125,10 +135,18 @@ def lifecycle(base: Path) -> dict[str, Any]:
     server = servers()[0] if servers() else None
     daemon1 = daemon_of(m1)
     out["daemon1_forked_by_server"] = daemon1 is not None and ppid(daemon1) == server
+    out["server_cwd"] = _link(f"/proc/{server}/cwd")
+    # The spare waiting now becomes the next mount's daemon; another takes its place.
+    out["one_spare_waits"] = wait(lambda: len(spares()) == 1)
+    spare = spares()[0] if spares() else None
+    out["spare_is_the_servers"] = spare is not None and ppid(spare) == server
     mounts = {}
     for name in ("two", "three", "four"):
         mnt, out[f"mount_{name}"] = mount(base, name, env)
         mounts[name] = mnt
+        if name == "two":
+            out["spare_became_daemon_two"] = spare is not None and daemon_of(mnt) == spare
+            out["a_new_spare_waits"] = wait(lambda: len(spares()) == 1 and spares()[0] != spare)
     daemons = {name: daemon_of(mnt) for name, mnt in mounts.items()}
     out["forked_by_server"] = {n: d is not None and ppid(d) == server for n, d in daemons.items()}
     out["distinct_daemons"] = len({d for d in daemons.values() if d}) == 3
@@ -144,10 +162,29 @@ def lifecycle(base: Path) -> dict[str, Any]:
     out["killed_mount_reads"] = read(mounts["two"])
     out["after_kill_reads"] = {n: read(m) for n, m in [("one", m1), ("three", mounts["three"])]}
     out["server_alive_after_kill"] = server is not None and os.path.exists(f"/proc/{server}")
+    # A killed spare: the server forks for the next request, and makes a new spare.
+    for p in spares():
+        os.kill(p, signal.SIGKILL)
+    wait(lambda: not spares())
     m5, out["mount_five"] = mount(base, "five", env)
     daemon5 = daemon_of(m5)
     out["five_forked_by_server"] = daemon5 is not None and ppid(daemon5) == server
     out["five_reads"] = read(m5)
+    out["spare_back_after_kill"] = wait(lambda: len(spares()) == 1 and spares()[0] != daemon5)
+    # A client through the server imports only the server module of its own.
+    d = base / "verbose"
+    for sub in ("upper", "work", "mnt"):
+        (d / sub).mkdir(parents=True)
+    proc = subprocess.run([OVERLAY, "-o", f"lowerdir={base}/lower,upperdir={d}/upper,workdir={d}/work",
+                           str(d / "mnt")], env=dict(env, PYTHONVERBOSE="1"), capture_output=True,
+                          text=True, timeout=60)
+    out["verbose_mount"] = proc.returncode
+    out["client_imports"] = sorted({line.split("'")[1] for line in proc.stderr.splitlines()
+                                    if line.startswith("import 'cshare_fuse")})
+    # What the server leaves to a direct start shows as one: a warning, an error.
+    _, out["warned_mount"] = mount(base, "warned", env, extra=",no_such_option")
+    missing = base / "missing"
+    _, out["refused_mount"] = mount(base, "refused", env, lower=missing)
     # umount and fusermount3 -u end their daemons as for a directly started one.
     subprocess.run(["umount", str(m1)], check=True)
     subprocess.run(["fusermount3", "-u", str(mounts["three"])], check=True)
@@ -156,6 +193,7 @@ def lifecycle(base: Path) -> dict[str, Any]:
     out["unmounted"] = not mounted(m1) and not mounted(mounts["three"])
     # Idle: nothing asked for 3 s; the server goes, its mounts stay.
     out["server_exits_when_idle"] = wait(lambda: server is not None and not os.path.exists(f"/proc/{server}"))
+    out["spare_leaves_with_server"] = wait(lambda: not spares())
     out["after_idle_reads"] = {n: read(m) for n, m in [("four", mounts["four"]), ("five", m5)]}
     m6, out["mount_six"] = mount(base, "six", env)
     out["six_reads"] = read(m6)

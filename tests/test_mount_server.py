@@ -7,6 +7,11 @@ podman gives them), so the server it finds is the one it started:
 - mounts after the first are forked by one server; their daemons are
   distinct processes showing their own command lines;
 - SIGKILL of one mount's daemon leaves the other mounts and the server serving;
+- the server keeps one spare forked ahead, which becomes the next mount's
+  daemon and is replaced (also when killed: the server then forks for the
+  request), and leaves with the server; the server works in /;
+- what the server leaves to a direct start (a warning, an error) shows the
+  same messages;
 - umount and fusermount3 -u end a daemon as before; the idle server exits
   and its mounts keep serving;
 - two users never share a server: bob squatting alice's socket name gets no
@@ -70,6 +75,20 @@ def check_lifecycle(out: dict[str, Any]) -> None:
     assert set(everything_ok.values()) == {"ok"}, everything_ok
     assert out["server_started"]
     assert out["daemon1_forked_by_server"] is False  # the first mount started the server, and mounted itself
+    assert out["server_cwd"] == "/"
+    # The spare: forked ahead by the server, it serves the next mount and is replaced,
+    # also when it was killed, and it leaves with the server.
+    assert out["one_spare_waits"] and out["spare_is_the_servers"]
+    assert out["spare_became_daemon_two"] and out["a_new_spare_waits"]
+    assert out["spare_back_after_kill"]
+    assert out["spare_leaves_with_server"]
+    # The client hands the mount over before it imports main and the option parser.
+    assert out["verbose_mount"] == 0
+    assert out["client_imports"] == ["cshare_fuse", "cshare_fuse.server"]
+    # Left to a direct start: the same warning and error as without a server.
+    assert out["warned_mount"] == "ok; cshare-overlay: warning: unknown option 'no_such_option' ignored"
+    assert out["refused_mount"].startswith("exit 1: cshare-overlay: error: lowerdir ")
+    assert "does not exist" in out["refused_mount"]
     assert out["forked_by_server"] == {"two": True, "three": True, "four": True}
     assert out["distinct_daemons"]
     assert out["reads"] == {"one": "lower", "two": "lower", "three": "lower", "four": "lower"}
@@ -198,8 +217,10 @@ def test_request_encoding_round_trips_and_rejects_garbage() -> None:
 
 def test_the_warm_up_leaves_no_thread_descriptor_or_signal_handler_behind(tmp_path: Path) -> None:
     """The server runs trio and a daemon's first steps once before forking
-    (server.warm_up_trio, main._warm_up); the fork rules hold only if that
-    leaves the process as it found it, and the scratch tree goes."""
+    (server.warm_up_trio, main._warm_up), and each spare rehearses the
+    latter (main._rehearse); the fork rules hold only if that leaves the
+    process as it found it, and the scratch trees go.  The rehearsal keeps
+    nothing of what it built."""
     probe = """
 import json, os, signal, threading
 from cshare_fuse import main, server
@@ -214,7 +235,10 @@ server.warm_up_trio()
 main._warm_up()
 # What the overlay answered: the scratch tree's directory and file.
 kinds = sorted(oct(a.st_mode >> 12) for a in main._warmed_up[2])
-print(json.dumps({"before": before, "after": state(), "kinds": kinds}))
+kept = len(main._warmed_up)
+main._rehearse()
+print(json.dumps({"before": before, "after": state(), "kinds": kinds,
+                  "kept": kept, "kept_after_rehearsal": len(main._warmed_up)}))
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, TMPDIR=str(tmp_path)))
@@ -223,4 +247,19 @@ print(json.dumps({"before": before, "after": state(), "kinds": kinds}))
     assert result["after"] == result["before"]
     assert result["after"]["threads"] == 1
     assert result["kinds"] == ["0o10", "0o4", "0o4", "0o4"]  # the file; the root, and dir twice
+    assert result["kept_after_rehearsal"] == result["kept"] == 3
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_server_leaves_to_a_direct_start_what_a_direct_start_prints_for(tmp_path: Path) -> None:
+    """main._servable: the server takes a plain mount, and declines (so that the
+    client mounts itself and prints what it prints) errors, warnings, -f and
+    the options only libfuse's fusermount3 mounts."""
+    from cshare_fuse.main import _servable
+
+    plain = ["-o", f"lowerdir={tmp_path},upperdir={tmp_path}/u,workdir={tmp_path}/w", str(tmp_path / "m")]
+    assert _servable(plain) is None
+    assert _servable(["-f", *plain]) is not None
+    assert _servable(["-o", "no_such_option", *plain]) is not None
+    assert _servable(["-o", "auto_unmount", *plain]) is not None
+    assert _servable([str(tmp_path / "m")]) is not None  # no lowerdir: an error

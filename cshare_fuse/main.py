@@ -470,14 +470,49 @@ def _warm_up(keep: bool = True) -> None:
             # The handlers ignore the request context on these paths.
             root = await ops.getattr(pyfuse3.ROOT_INODE, None)  # type: ignore[arg-type]
             entry = await ops.lookup(root.st_ino, b"dir", None)  # type: ignore[arg-type]
-            answers.extend([root, entry, await ops.getattr(entry.st_ino, None),  # type: ignore[arg-type]
-                            await ops.lookup(entry.st_ino, b"file", None)])  # type: ignore[arg-type]
+            file = await ops.lookup(entry.st_ino, b"file", None)  # type: ignore[arg-type]
+            answers.extend([root, entry, await ops.getattr(entry.st_ino, None), file])  # type: ignore[arg-type]
+            await what_a_container_start_asks(entry.st_ino, file.st_ino)
+
+        async def what_a_container_start_asks(dir_inode: int, file_inode: int) -> None:
+            """The rest of what podman and runc ask of a new root file system
+            (FUSE tracepoints over one `podman run`): a read of a lower file,
+            files made in a lower directory (its copy-up), a mode set, a
+            directory, a symbolic link read back, statfs, an absent xattr
+            and name."""
+            ctx = pyfuse3.RequestContext()  # uid 0, as podman's mount program runs
+            fh = (await ops.open(file_inode, os.O_RDONLY, ctx)).fh
+            await ops.read(fh, 0, 4096)
+            await ops.release(fh)
+            info, made = await ops.create(dir_inode, b"made", 0o644, os.O_WRONLY | os.O_CREAT, ctx)
+            await ops.write(info.fh, 0, b"x")
+            await ops.release(info.fh)
+            made.st_mode = 0o100600
+            await ops.setattr(made.st_ino, made, _ModeOnly(), None, ctx)  # type: ignore[arg-type]
+            await ops.mkdir(pyfuse3.ROOT_INODE, b"made-dir", 0o755, ctx)
+            link = await ops.symlink(pyfuse3.ROOT_INODE, b"made-link", b"dir/file", ctx)
+            await ops.readlink(link.st_ino, ctx)
+            await ops.statfs(ctx)
+            for absent in (ops.getxattr(dir_inode, b"user.absent", ctx),
+                           ops.lookup(pyfuse3.ROOT_INODE, b"absent", ctx)):
+                try:
+                    await absent
+                except pyfuse3.FUSEError:
+                    pass
 
         trio.run(first_requests)
         if keep:
             _warmed_up.extend([config, ops, answers])
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+class _ModeOnly:
+    """What a chmod's SetattrFields say (pyfuse3's own cannot be set from Python)."""
+
+    update_mode = True
+    update_uid = update_gid = update_size = False
+    update_atime = update_mtime = update_ctime = False
 
 
 def _rehearse() -> None:

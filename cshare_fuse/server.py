@@ -303,8 +303,16 @@ def _server_command() -> tuple[str, list[str]]:
 
 
 # ------------------------------------------------------------------ the server
+#: How much of the reserved area may hold something other than NUL (None: all
+#: of it, as exec left it).  The server clears it once; its children inherit
+#: the count, so a daemon writes its command line and as many NULs as the
+#: spare's name needs, not 64 KiB (16 pages to copy on its way to a mount).
+_area_used: int | None = None
+
+
 def set_cmdline(cmdline: bytes) -> bool:
     """Show `cmdline` (NUL-separated) as this process's command line, in the reserved area."""
+    global _area_used
     with open("/proc/self/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     # Fields 48 and 49 of stat (1-based, counted from the pid), i.e. after "pid (comm)".
@@ -312,9 +320,11 @@ def set_cmdline(cmdline: bytes) -> bool:
     size = arg_end - arg_start
     if len(cmdline) >= size:
         return False
+    used = size if _area_used is None else min(_area_used, size)
     with open("/proc/self/mem", "r+b", buffering=0) as mem:
         mem.seek(arg_start)
-        mem.write(cmdline + b"\0" * (size - len(cmdline)))
+        mem.write(cmdline + b"\0" * max(0, used - len(cmdline)))
+    _area_used = len(cmdline)
     return True
 
 

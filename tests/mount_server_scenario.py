@@ -154,6 +154,11 @@ def lifecycle(base: Path) -> dict[str, Any]:
     out["cmdline_names_lowerdir"] = all(
         any(a.startswith(b"lowerdir=" + os.fsencode(str(base))) for a in cmdline(d))
         for d in daemons.values() if d)
+    # Exactly the client's command line (interpreter, -S, script, then ours): nothing
+    # is left of the spare's or the server's name in the area it was written over.
+    out["cmdline_exact"] = all(cmdline(d)[1:] == [b"-S", os.fsencode(OVERLAY), b"-o", os.fsencode(
+        f"lowerdir={base}/lower,upperdir={base / n}/upper,workdir={base / n}/work"),
+        os.fsencode(str(mounts[n]))] for n, d in daemons.items() if d)
     # A crash of one mount: SIGKILL of its daemon.
     victim = daemons["two"]
     if victim:

@@ -92,7 +92,7 @@ def check_lifecycle(out: dict[str, Any]) -> None:
     assert out["forked_by_server"] == {"two": True, "three": True, "four": True}
     assert out["distinct_daemons"]
     assert out["reads"] == {"one": "lower", "two": "lower", "three": "lower", "four": "lower"}
-    assert out["cmdline_names_lowerdir"]
+    assert out["cmdline_names_lowerdir"] and out["cmdline_exact"]
     assert out["killed_mount_reads"].startswith("error")  # ENOTCONN: that mount is dead
     assert out["after_kill_reads"] == {"one": "lower", "three": "lower"}
     assert out["server_alive_after_kill"]

@@ -319,3 +319,72 @@ def test_converted_entry_reports_its_original_attributes(tmp_path: Path) -> None
     shown = source.stat(b"dev-null")
     assert stat.S_ISCHR(shown.mode) and stat.S_IMODE(shown.mode) == 0o660
     assert (shown.uid, shown.gid, shown.rdev) == (0, 6, os.makedev(1, 3))
+
+
+# ------------------------------------------------------------------ copy-up
+
+
+def _copy_up_one(tmp_path: Path, name: str) -> tuple[Path, Path, Path, tuple[int, int] | None]:
+    """Copy lower/d/NAME (data, mode 0640, times) up; (upper file, lower file, workdir, identity)."""
+    from cshare_fuse import copyup
+
+    lower_root, upper_root, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for d in (lower_root / "d", upper_root / "d", work):
+        d.mkdir(parents=True, exist_ok=True)
+    src = lower_root / "d" / name
+    src.write_bytes(b"lower data\n" * 100)
+    src.chmod(0o640)
+    os.utime(src, ns=(1_000_000_000, 2_000_000_000))
+    source = DataSource(str(lower_root))
+    real = Stat.from_os(os.lstat(src))
+    upper = UpperLayer(0, str(upper_root), honour_overrides=False)
+    policy = copyup.CopyPolicy(override_xattr=None, can_chown=os.geteuid() == 0)
+    identity = copyup.copy_up(source, f"d/{name}".encode(), real, real, upper, os.fsencode(work), policy)
+    return upper_root / "d" / name, src, work, identity
+
+
+def _same_copy(up: Path, src: Path, identity: tuple[int, int] | None) -> None:
+    assert up.read_bytes() == src.read_bytes()
+    st = os.lstat(up)
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == 2_000_000_000
+    assert identity == (st.st_dev, st.st_ino) and st.st_nlink == 1
+
+
+def test_a_file_is_copied_up_as_an_unnamed_file_in_its_directory(tmp_path: Path) -> None:
+    """The copy is an O_TMPFILE in the upper directory, linked once whole: no
+    staging name in the workdir is ever made (a rename would be needed)."""
+    from cshare_fuse import copyup
+
+    renames: list[object] = []
+    real_rename = os.rename
+
+    def spy(a: object, b: object) -> None:
+        renames.append(a)
+        real_rename(a, b)  # type: ignore[arg-type]
+
+    os.rename = spy  # type: ignore[assignment]
+    try:
+        up, src, work, identity = _copy_up_one(tmp_path, "f")
+    finally:
+        os.rename = real_rename
+    require(copyup._unnamed_copies, f"O_TMPFILE and linkat through /proc/self/fd on {tmp_path}")
+    _same_copy(up, src, identity)
+    assert renames == [] and list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("why", ["no-unnamed-files", "name-taken"])
+def test_a_file_copy_up_falls_back_to_a_staged_copy(tmp_path: Path, why: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where unnamed files cannot be made (or the name was taken meanwhile: the
+    copy replaces it, as the staged rename always did) the copy is staged in the
+    workdir and renamed: the same result, and nothing left in the workdir."""
+    from cshare_fuse import copyup
+
+    if why == "no-unnamed-files":
+        monkeypatch.setattr(copyup, "_unnamed_copies", False)
+    else:
+        (tmp_path / "upper" / "d").mkdir(parents=True)
+        (tmp_path / "upper" / "d" / "f").write_bytes(b"in the way\n")
+    up, src, work, identity = _copy_up_one(tmp_path, "f")
+    _same_copy(up, src, identity)
+    assert list(work.iterdir()) == []

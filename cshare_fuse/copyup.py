@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import stat as statmod
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,21 +165,29 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
     """
     destination = upper.real(path)
     parent = os.path.dirname(destination)
-    # A copy-up is not a change the user made to the directory: keep its times,
-    # as the kernel's overlay does.
-    before = os.lstat(parent)
     staged = staging_name(workdir)
     ftype = statmod.S_IFMT(want.mode)
     record_type = False
     identity: tuple[int, int] | None = None
-    named = False
+    # A copy-up is not a change the user made to the directory: keep its times,
+    # as the kernel's overlay does (read just before the name appears: a large
+    # copy runs in a thread while other requests may change the directory).
+    before: os.stat_result | None = None
     try:
         if ftype == statmod.S_IFREG:
-            copied = _copy_file(source, path, real, want, policy, parent, destination)
-            if copied is None:
-                copied = _copy_file(source, path, real, want, policy, staged, None)
-                assert copied is not None  # a staged copy always gets its name
-            identity, named = copied
+            unnamed = _copy_file(source, path, real, want, policy, parent, unnamed=True)
+            if unnamed is not None:
+                identity, fd = unnamed
+                try:
+                    before = os.lstat(parent)
+                    if not _name_unnamed(fd, destination):
+                        before = None
+                finally:
+                    os.close(fd)
+            if before is None:
+                staged_copy = _copy_file(source, path, real, want, policy, staged, unnamed=False)
+                assert staged_copy is not None  # only an unnamed copy can be refused
+                identity = staged_copy[0]
         elif ftype == statmod.S_IFDIR:
             os.mkdir(staged, 0o700)
         elif ftype == statmod.S_IFLNK:
@@ -195,7 +204,8 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
             if ftype != statmod.S_IFLNK or os.geteuid() == 0:
                 copy_xattrs(source, path, staged)
             apply_attributes(staged, want, policy, record_type=record_type)
-        if not named:
+        if before is None:
+            before = os.lstat(parent)
             os.rename(staged, destination)
         os.utime(parent, ns=(before.st_atime_ns, before.st_mtime_ns), follow_symlinks=False)
     except BaseException:
@@ -205,19 +215,20 @@ def copy_up(source: Layer, path: bytes, real: Stat, want: Stat, upper: UpperLaye
 
 
 def _copy_file(source: Layer, path: bytes, real: Stat, want: Stat, policy: CopyPolicy,
-               where: bytes, destination: bytes | None) -> tuple[tuple[int, int], bool] | None:
+               where: bytes, unnamed: bool) -> tuple[tuple[int, int], int] | None:
     """The copy of a regular file: data, xattrs, owner, mode and times, all set
-    through its descriptor; its (st_dev, st_ino), and whether it has its name.
+    through its descriptor; its (st_dev, st_ino), and the copy's descriptor
+    when it still has to be named (else -1: closed).
 
-    With `destination`, the copy is an unnamed file (O_TMPFILE) in the
-    directory `where`, the destination's, and gets its name only once whole
-    (linkat): nothing partial is ever seen, nothing is left after a crash, and
-    its inode is allocated beside its directory's.  A copy staged in the
-    workdir gets its inode in the workdir's group, where ext4 without a journal
-    first steps over every inode freed in the last minutes (`recently_deleted`):
+    `unnamed`: an unnamed file (O_TMPFILE) in the directory `where`, the
+    destination's, for the caller to name once whole (`_name_unnamed`):
+    nothing partial is ever seen, nothing is left after a crash, and its inode
+    is allocated beside its directory's.  A copy staged in the workdir gets
+    its inode in the workdir's group, where ext4 without a journal first
+    steps over every inode freed in the last minutes (`recently_deleted`):
     ~190 µs a create, most of a copy-up, after a tree was removed nearby.
-    None when this filesystem or process cannot: the caller stages the copy
-    at the path `where` (`destination` None) and renames it.
+    None when this filesystem cannot: the caller stages the copy at the path
+    `where` instead (`unnamed` False) and renames it.
     """
     src = _open_quietly(source, path)
     try:
@@ -227,13 +238,13 @@ def _copy_file(source: Layer, path: bytes, real: Stat, want: Stat, policy: CopyP
         # Created with its final permission bits (the daemon's umask is 0);
         # the owner's read/write bits are what the copy needs meanwhile.
         mode = (want.mode & 0o777) | 0o600
-        if destination is None:
-            dst = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        else:
-            unnamed = _open_unnamed(where, mode)
-            if unnamed is None:
+        if unnamed:
+            opened = _open_unnamed(where, mode)
+            if opened is None:
                 return None
-            dst = unnamed
+            dst = opened
+        else:
+            dst = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
             if statmod.S_ISREG(real.mode) and real.size:
                 copy_data(src, dst, real.size)
@@ -241,13 +252,15 @@ def _copy_file(source: Layer, path: bytes, real: Stat, want: Stat, policy: CopyP
             copy_xattrs(source, path, dst)
             apply_attributes(dst, want, policy, record_type=False, have=have,
                              times=(fresh.st_atime_ns, fresh.st_mtime_ns))
-            if destination is not None and not _name_unnamed(dst, destination):
-                return None
-        finally:
+        except BaseException:
             os.close(dst)
+            raise
+        if not unnamed:
+            os.close(dst)
+            dst = -1
     finally:
         os.close(src)
-    return (have.st_dev, have.st_ino), destination is not None
+    return (have.st_dev, have.st_ino), dst
 
 
 #: Whether unnamed files can be made and named here (O_TMPFILE, /proc/self/fd);
@@ -269,6 +282,7 @@ def _open_unnamed(directory: bytes, mode: int) -> int | None:
 
 
 _proc_fds: tuple[int, int] = (-1, -1)  # (pid, fd on /proc/self/fd): a fork's child opens its own
+_proc_fds_lock = threading.Lock()  # large copies run in threads
 
 
 def _name_unnamed(fd: int, destination: bytes) -> bool:
@@ -279,8 +293,10 @@ def _name_unnamed(fd: int, destination: bytes) -> bool:
     kernel's protected_hardlinks forbids), or the name is taken."""
     global _unnamed_copies, _proc_fds
     try:
-        if _proc_fds[0] != os.getpid():
-            _proc_fds = (os.getpid(), os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        with _proc_fds_lock:
+            if _proc_fds[0] != os.getpid():
+                _proc_fds = (os.getpid(),
+                             os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
         os.link(str(fd), destination, src_dir_fd=_proc_fds[1], follow_symlinks=True)
     except FileExistsError:
         return False  # staged and renamed over it instead, as before

@@ -262,15 +262,11 @@ def mount_through_server(args: list[str]) -> tuple[int, bytes] | None:
 
 
 def _answer(sock: object) -> tuple[int, bytes] | None:
-    chunks: list[bytes] = []
-    while True:
-        chunk = sock.recv(4096)  # type: ignore[attr-defined]
-        if not chunk:
-            break
-        chunks.append(chunk)
-        if b"".join(chunks) == _ACCEPTED + READY:
+    answer = b""
+    while chunk := sock.recv(4096):  # type: ignore[attr-defined]
+        answer += chunk  # a few bytes: "+", then "\0ready" or one line
+        if answer == _ACCEPTED + READY:
             break  # the last word; no need to wait for the daemon to close
-    answer = b"".join(chunks)
     if not answer.startswith(_ACCEPTED):
         return None  # refused before forking, or the server was leaving: nothing was tried
     answer = answer[1:]
@@ -481,13 +477,7 @@ class _Server:
                 return True
             except OSError:
                 pass  # the spare is gone (killed): fork for this one
-        if os.fork() == 0:
-            code = 1
-            try:
-                self._forget_server()
-                code = self.take(conn)
-            finally:
-                os._exit(code)
+        self._fork_child(lambda: self.take(conn))
         return had_spare
 
     def start_spare(self) -> None:
@@ -500,22 +490,23 @@ class _Server:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         except OSError:
             return
-        if os.fork() == 0:
-            code = 1
-            try:
-                ours.close()
-                self._forget_server()
-                code = self._wait_as_spare(theirs)
-            finally:
-                os._exit(code)
+        self._fork_child(lambda: self._wait_as_spare(theirs), ours)
         theirs.close()
         self.spare = ours
 
-    def _forget_server(self) -> None:
-        """In a child: close what belongs to the server."""
-        self.listener.close()
-        if self.spare is not None:
-            self.spare.close()
+    def _fork_child(self, run: Callable[[], int], *also_ours: socket.socket) -> None:
+        """Fork a child that closes what belongs to the server (the listener,
+        the spare's control socket, `also_ours`), runs `run` and exits with
+        its code, never returning into the server's loop."""
+        if os.fork() == 0:
+            code = 1
+            try:
+                for sock in (self.listener, self.spare, *also_ours):
+                    if sock is not None:
+                        sock.close()
+                code = run()
+            finally:
+                os._exit(code)
 
     def _wait_as_spare(self, control: socket.socket) -> int:
         import select

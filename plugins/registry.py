@@ -59,6 +59,7 @@ from plugins.registry_toc import (
     parse_toc,
     toc_location,
 )
+from plugins.registry_worker import WorkerPool
 
 _OPEN_MODIFIERS = os.O_NOATIME | os.O_NONBLOCK
 
@@ -133,6 +134,8 @@ _images = Images()
 #: One FileCache per cache directory for all layers of a mount (it checks and fills
 #: its directories when made).
 _caches: dict[str, FileCache] = {}
+#: The mount's fetch workers, for windows fetched ahead by any of its layers.
+_workers = WorkerPool()
 
 
 def _cache_at(root: str) -> FileCache:
@@ -180,7 +183,8 @@ class RegistrySource(IndexedSource[Entry]):
         self.dev = (1 << 61) | int(self.layer_digest[7:19], 16)  # one per layer: see raw_stat
         self.fetcher = Fetcher(self.client, self.cache, spec.repository, self.layer_digest,
                                data_entries(self.index), self._layer_name(), _logger(),
-                               wait_limit=spec.timeout * (spec.attempts + 1))
+                               wait_limit=spec.timeout * (spec.attempts + 1),
+                               workers=_workers)
 
     def describe(self) -> str:
         return f"//registry/{self.which}/{self.spec_path}"

@@ -14,7 +14,10 @@ background thread fetches the next window, so a tree read in order overlaps
 the network, decompression and hashing with the reads.
 
 Threads: any number may call `fd_for`; a file being fetched by one is waited
-for by the others (no file is fetched twice at once).
+for by the others (no file is fetched twice at once).  A window fetched ahead
+is handed to a fetch worker process when the mount has them
+(registry_worker), so that its per-file work does not take the interpreter
+from the request loop; an open's own fetch is made in the opening thread.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from plugins.registry_cache import DigestMismatch, FileCache
 from plugins.registry_http import RegistryClient
 from plugins.registry_toc import Entry
+from plugins.registry_worker import Span, WorkerPool
 
 READAHEAD_MIN = 64 << 10
 READAHEAD_MAX = 4 << 20
@@ -44,10 +49,11 @@ class Fetcher:
 
     def __init__(self, client: RegistryClient, cache: FileCache, repository: str,
                  blob: str, order: Plan, layer_name: str, log: logging.Logger,
-                 wait_limit: float) -> None:
+                 wait_limit: float, workers: WorkerPool | None = None) -> None:
         self.client, self.cache, self.repository, self.blob = client, cache, repository, blob
         self.order, self.layer_name, self.log = order, layer_name, log
         self.wait_limit = wait_limit
+        self.workers = workers
         self.position = {path: i for i, (path, _) in enumerate(order)}
         self.lock = threading.Lock()
         self.verified: dict[str, tuple[int, int, int]] = {}  # digest -> (ino, mtime, ctime)
@@ -161,13 +167,27 @@ class Fetcher:
         if path in failures:
             raise OSError(errno.EIO, f"{os.fsdecode(path)} does not match its digest")
 
-    def _get(self, plan: Plan) -> set[bytes]:
-        """One range request for `plan`; logs and returns the paths that failed to verify."""
+    def _get(self, plan: Plan, ahead: bool = False) -> set[bytes]:
+        """One range request for `plan`; logs and returns the paths that failed to verify.
+
+        `ahead`: a window fetched ahead of the reader, done in a fetch worker
+        when the mount has them (registry_worker), else in this thread."""
         start, end = plan[0][1].offset, plan[-1][1].end_offset
         published: dict[str, tuple[int, int, int]] = {}
-        failures = self.client.stream_range(self.repository, self.blob, start, end,
-                                            lambda blocks: self._store(plan, start, blocks,
-                                                                       published))
+        entries = [e for _, e in plan]
+        broken: list[tuple[int, str]] | None = None
+        if ahead and self.workers is not None and self.workers.unavailable is None:
+            spans = [Span(e.digest, e.size, e.offset, e.end_offset) for e in entries]
+            try:
+                broken = self.workers.fetch(self.client, self.cache.root, self.repository,
+                                            self.blob, spans, published, self.wait_limit)
+            except RuntimeError as exc:  # no worker can be had: fetch here from now on
+                self.log.warning("%s; windows are fetched ahead in the daemon", exc)
+        if broken is None:
+            broken = self.client.stream_range(
+                self.repository, self.blob, start, end,
+                lambda blocks: store_range(self.cache, entries, start, blocks, published))
+        failures = [(plan[n][0], reason) for n, reason in broken]
         for failed_path, reason in failures:
             self.log.error("%s: %s: %s; not served", self.layer_name, os.fsdecode(failed_path),
                            reason)
@@ -181,43 +201,6 @@ class Fetcher:
                 self.ahead.add(other.digest)
             self.frontier = max(self.frontier, self.position[plan[-1][0]] + 1)
         return failed
-
-    def _store(self, plan: Plan, start: int, blocks: Iterator[bytes],
-               published: dict[str, tuple[int, int, int]]) -> list[tuple[bytes, str]]:
-        """Route the bytes of one range to each planned file's writer; (path, reason) failures.
-
-        `published` gets the cache file identity of each file published."""
-        writers = [self.cache.writer(e.digest, e.size) for _, e in plan]
-        broken: dict[int, str] = {}
-        try:
-            pos, i = start, 0
-            for block in blocks:
-                view, block_end = memoryview(block), pos + len(block)
-                while i < len(plan) and pos < block_end:
-                    e = plan[i][1]
-                    lo, hi = max(pos, e.offset), min(block_end, e.end_offset)
-                    if lo < hi and i not in broken:
-                        try:
-                            writers[i].feed(view[lo - pos:hi - pos])
-                        except DigestMismatch as exc:
-                            broken[i] = str(exc)
-                    if e.end_offset > block_end:
-                        break
-                    i += 1
-                pos = block_end
-            for n, writer in enumerate(writers):
-                if n not in broken:
-                    try:
-                        writer.finish()
-                    except DigestMismatch as exc:
-                        broken[n] = str(exc)
-                    else:
-                        assert writer.identity is not None
-                        published[writer.digest] = writer.identity
-        finally:
-            for writer in writers:
-                writer.abort()  # a no-op for the published ones
-        return [(plan[n][0], reason) for n, reason in sorted(broken.items())]
 
     # -- background prefetch ----------------------------------------------------------
     def _schedule_prefetch(self) -> None:
@@ -243,10 +226,62 @@ class Fetcher:
                     if not plan:  # too big to fetch ahead, or taken: go past it
                         self.frontier = start + 1
             if plan:
-                self._get(plan)
+                self._get(plan, ahead=True)
         except Exception as exc:  # a prefetch is only a guess: its opens will retry
             self.log.debug("%s: prefetch failed: %s", self.layer_name, exc)
         finally:
             self._release([e.digest for _, e in plan])
             with self.lock:
                 self.prefetching = False
+
+
+class _Planned(Protocol):
+    """What storing a range needs of each planned file (a TOC Entry, or a worker's Span)."""
+
+    @property
+    def digest(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def end_offset(self) -> int: ...
+
+
+def store_range(cache: FileCache, plan: Sequence[_Planned], start: int, blocks: Iterator[bytes],
+                published: dict[str, tuple[int, int, int]]) -> list[tuple[int, str]]:
+    """Route the bytes of one range (from `start`) to each planned file's cache writer.
+
+    Returns (index into plan, reason) for each file that did not verify;
+    `published` gets the cache file identity of each file published."""
+    writers = [cache.writer(e.digest, e.size) for e in plan]
+    broken: dict[int, str] = {}
+    try:
+        pos, i = start, 0
+        for block in blocks:
+            view, block_end = memoryview(block), pos + len(block)
+            while i < len(plan) and pos < block_end:
+                e = plan[i]
+                lo, hi = max(pos, e.offset), min(block_end, e.end_offset)
+                if lo < hi and i not in broken:
+                    try:
+                        writers[i].feed(view[lo - pos:hi - pos])
+                    except DigestMismatch as exc:
+                        broken[i] = str(exc)
+                if e.end_offset > block_end:
+                    break
+                i += 1
+            pos = block_end
+        for n, writer in enumerate(writers):
+            if n not in broken:
+                try:
+                    writer.finish()
+                except DigestMismatch as exc:
+                    broken[n] = str(exc)
+                else:
+                    assert writer.identity is not None
+                    published[writer.digest] = writer.identity
+    finally:
+        for writer in writers:
+            writer.abort()  # a no-op for the published ones
+    return sorted(broken.items())

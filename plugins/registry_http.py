@@ -95,7 +95,8 @@ class RegistryClient:
         if conn is not None:
             conn.close()
 
-    def _count(self, n: int) -> None:
+    def count_received(self, n: int) -> None:
+        """Add n to bytes_received (also for bytes a fetch worker received for this client)."""
         with self._count_lock:
             self.bytes_received += n
 
@@ -144,7 +145,7 @@ class RegistryClient:
             body = response.read(limit + 1)
         except (OSError, http.client.HTTPException) as exc:
             raise Transient(f"reading from {self.base_url}: {_reason(exc)}") from None
-        self._count(len(body))
+        self.count_received(len(body))
         if len(body) > limit:
             self._drop_connection()
             raise RegistryError(f"answer from {self.base_url} is larger than {limit} bytes")
@@ -212,7 +213,7 @@ class RegistryClient:
                 raise Transient(f"reading from {self.base_url}: {_reason(exc)}") from None
             if not block:
                 raise Transient(f"{self.base_url} closed the connection {left} bytes early")
-            self._count(len(block))
+            self.count_received(len(block))
             left -= len(block)
             yield block
 

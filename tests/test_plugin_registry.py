@@ -484,3 +484,78 @@ def test_image_tocs_are_checked_and_fall_back_to_the_layer_fetch() -> None:
     with pytest.raises(registry_toc.TocError, match="does not match"):
         tocs.take(0, str(layers[0]["digest"]), where[0], lambda: blobs[0][:-1] + b"\0", 5)
     assert time.monotonic() - start < 1
+
+
+def _layer_spans(pushed: Pushed, client: RegistryClient) -> tuple[str, list[object]]:
+    """(blob digest, Spans) of the regular files of the pushed image's largest layer, in blob order."""
+    from plugins.registry_worker import Span
+
+    layer = max(pushed.layers, key=lambda la: int(la["size"]))  # type: ignore[call-overload]
+    where = registry_toc.toc_location(layer["annotations"])  # type: ignore[arg-type]
+    assert where is not None
+    blob = str(layer["digest"])
+    tree = registry_toc.build_tree(registry_toc.decode_toc(
+        client.blob_range(REPO, blob, where.offset, where.offset + where.length), where))
+    spans, seen, last_end = [], set(), 0
+    for _, e in registry_toc.data_entries(tree):
+        if e.offset >= last_end and e.digest not in seen:
+            spans.append(Span(e.digest, e.size, e.offset, e.end_offset))
+            seen.add(e.digest)
+            last_end = e.end_offset
+    return blob, spans
+
+
+def test_fetch_worker_publishes_only_verified_files_and_is_replaced_when_it_fails(
+        pushed: Pushed, tmp_path: Path) -> None:
+    """A window fetched ahead in a worker process: what it publishes hashes right, a wrong digest is
+    reported and never published, a stopped worker is given up on in bounded time and replaced."""
+    import hashlib
+    import signal
+
+    from plugins.registry_cache import FileCache
+    from plugins.registry_worker import Span, WorkerFailed, WorkerPool
+
+    client = RegistryClient(pushed.registry.address, tls_verify=False, timeout=5, attempts=2)
+    blob, spans = _layer_spans(pushed, client)
+    assert len(spans) >= 3
+    cache = FileCache(str(tmp_path / "cache"))
+    pool = WorkerPool()
+    wrong = "sha256:" + "0" * 64
+    plan = [Span(wrong, spans[0].size, spans[0].offset, spans[0].end_offset), *spans[1:]]  # type: ignore[attr-defined]
+    published: dict[str, tuple[int, int, int]] = {}
+    before = client.bytes_received
+    failures = pool.fetch(client, cache.root, REPO, blob, plan, published, 30)
+    assert [i for i, _ in failures] == [0] and "hash" in failures[0][1]
+    assert not cache.present(wrong) and wrong not in published
+    assert set(published) == {s.digest for s in plan[1:]}
+    for s in plan[1:]:
+        path = Path(cache.path(s.digest))
+        assert "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == s.digest
+        st = path.stat()
+        assert published[s.digest] == (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    assert client.bytes_received - before == plan[-1].end_offset - plan[0].offset  # counted here
+    assert os.listdir(cache.tmp) == []
+    worker = pool._idle[0]
+    worker.proc.send_signal(signal.SIGSTOP)  # hung: the pool gives up on it at the time limit
+    start = time.monotonic()
+    with pytest.raises(WorkerFailed, match="no answer in time"):
+        pool.fetch(client, cache.root, REPO, blob, spans[:1], {}, 1.0)  # type: ignore[arg-type]
+    assert time.monotonic() - start < 5 and worker.proc.poll() is not None
+    published = {}
+    assert pool.fetch(client, cache.root, REPO, blob, spans[:1], published, 30) == []  # type: ignore[arg-type]
+    assert list(published) == [spans[0].digest]  # type: ignore[attr-defined]
+    replacement = pool._idle[0].proc
+    assert replacement.pid != worker.proc.pid
+    pool.close()
+    assert replacement.poll() is not None
+
+
+def test_fetch_worker_exits_when_its_pipe_closes() -> None:
+    """A worker whose pipe closes (as when its daemon dies, even by SIGKILL) exits instead of lingering."""
+    from plugins.registry_worker import _Worker
+
+    worker = _Worker()
+    assert worker.alive()
+    assert worker.proc.stdin is not None
+    worker.proc.stdin.close()
+    assert worker.proc.wait(timeout=10) == 0

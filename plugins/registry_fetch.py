@@ -10,8 +10,9 @@ window), and every file of that request is verified before it is published.
 Readahead adapts as a kernel's does: the window starts at 64 KiB, doubles (up
 to 4 MiB) each time a file fetched ahead is then opened, and halves on an open
 that needed a fetch.  While opens keep landing on files fetched ahead, one
-background thread fetches the next window, so a tree read in order overlaps
-the network, decompression and hashing with the reads.
+background thread has the next window fetched (by a fetch worker process,
+registry_worker), so a tree read in order overlaps the network,
+decompression and hashing with the reads.
 
 Threads: any number may call `fd_for`; a file being fetched by one is waited
 for by the others (no file is fetched twice at once).  A window fetched ahead
@@ -193,7 +194,8 @@ class Fetcher:
                            reason)
         failed = {p for p, _ in failures}
         with self.lock:
-            for other_path, other in plan[1:]:
+            # An open records its own file (fd_for); a window fetched ahead is all ahead.
+            for other_path, other in (plan if ahead else plan[1:]):
                 identity = published.get(other.digest)
                 if other_path in failed or identity is None:
                     continue
